@@ -1,0 +1,26 @@
+//! vessel-proto: the host <-> guest agent protocol.
+//!
+//! Both sides use these types: the host side (VMM launcher, CLI, shim) and
+//! `vessel-agent` inside the guest. The crate is std + serde only, so the
+//! host does not pull in the agent's guest-only dependencies.
+//!
+//! # Framing
+//!
+//! Every message is a frame: a 4-byte big-endian length `N` followed by `N`
+//! bytes of JSON (see [`frame`]). Frames larger than [`MAX_FRAME`] are
+//! rejected before anything is allocated. See README.md in this crate for why
+//! this framing was chosen over ttrpc/protobuf.
+
+pub mod client;
+pub mod frame;
+pub mod messages;
+
+pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};
+pub use messages::*;
+
+/// vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+/// The host's vsock context id.
+pub const HOST_CID: u32 = 2;
+/// Protocol version; bumped on incompatible changes.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,290 @@
+//! Shared fixtures for vessel's end-to-end tests (and for `cargo xtask
+//! demo`/`bench`): locate the built artifacts, start a `vessel-vmm` process
+//! with its sockets and logs in a private directory, talk to the agent, and
+//! clean up everything on drop.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use vessel_proto::client::{AgentClient, ClientError};
+use vessel_proto::AGENT_PORT;
+
+/// How long a cold boot may take on the slowest hosts we support.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Paths of the binaries and guest artifacts under test.
+#[derive(Clone, Debug)]
+pub struct Artifacts {
+    /// `vessel-vmm` binary.
+    pub vmm: PathBuf,
+    /// Guest kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Initramfs with the agent as /init.
+    pub initrd: PathBuf,
+}
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+impl Artifacts {
+    /// Paths from `VESSEL_VMM`, `VESSEL_KERNEL`, `VESSEL_INITRD`, or the
+    /// places `cargo xtask build` writes them. Errors name what is missing.
+    pub fn locate() -> Result<Artifacts, String> {
+        let root = workspace_root();
+        let pick = |var: &str, default: PathBuf| -> PathBuf {
+            std::env::var_os(var).map(PathBuf::from).unwrap_or(default)
+        };
+        let a = Artifacts {
+            vmm: pick("VESSEL_VMM", root.join("target/release/vessel-vmm")),
+            kernel: pick("VESSEL_KERNEL", root.join("target/guest-kernel/vmlinux")),
+            initrd: pick("VESSEL_INITRD", root.join("target/vessel/initramfs.cpio")),
+        };
+        for (what, p) in [
+            ("vessel-vmm", &a.vmm),
+            ("guest kernel", &a.kernel),
+            ("initramfs", &a.initrd),
+        ] {
+            if !p.exists() {
+                return Err(format!(
+                    "{what} not found at {} (run `cargo xtask build` or `cargo xtask test`)",
+                    p.display()
+                ));
+            }
+        }
+        Ok(a)
+    }
+}
+
+/// True when KVM tests should run. Panics (fails the test loudly) when
+/// `/dev/kvm` is missing, unless `VESSEL_SKIP_KVM=1` asks to skip.
+pub fn kvm_available_or_skip() -> bool {
+    if Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("VESSEL_SKIP_KVM").as_deref() == Ok("1") {
+        eprintln!("skipped: /dev/kvm is missing and VESSEL_SKIP_KVM=1");
+        return false;
+    }
+    panic!("/dev/kvm is missing: these tests boot real microVMs (set VESSEL_SKIP_KVM=1 to skip them explicitly)");
+}
+
+/// Options for one VM.
+#[derive(Clone, Debug)]
+pub struct VmOptions {
+    /// Guest memory.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Extra kernel command line.
+    pub cmdline: String,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        VmOptions {
+            mem_mib: 128,
+            vcpus: 1,
+            cmdline: String::new(),
+        }
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A running `vessel-vmm` and its private directory.
+pub struct VmProcess {
+    child: Child,
+    exit: Option<ExitStatus>,
+    /// Private directory holding the socket and logs.
+    pub dir: PathBuf,
+    /// vsock Unix socket.
+    pub uds: PathBuf,
+    /// Guest serial console output.
+    pub serial: PathBuf,
+    /// VMM log (JSON lines).
+    pub log: PathBuf,
+    /// When the process was spawned.
+    pub started: Instant,
+}
+
+impl VmProcess {
+    /// Starts a VM.
+    pub fn spawn(art: &Artifacts, opts: &VmOptions) -> io::Result<VmProcess> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("vessel-vm-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let uds = dir.join("vsock.sock");
+        let serial = dir.join("serial.log");
+        let log = dir.join("vmm.log");
+        let started = Instant::now();
+        let child = Command::new(&art.vmm)
+            .arg("--kernel")
+            .arg(&art.kernel)
+            .arg("--initrd")
+            .arg(&art.initrd)
+            .arg("--mem-mib")
+            .arg(opts.mem_mib.to_string())
+            .arg("--vcpus")
+            .arg(opts.vcpus.to_string())
+            .arg("--cmdline")
+            .arg(&opts.cmdline)
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .arg("--serial-out")
+            .arg(&serial)
+            .arg("--log")
+            .arg(&log)
+            .arg("--log-format")
+            .arg("json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        Ok(VmProcess {
+            child,
+            exit: None,
+            dir,
+            uds,
+            serial,
+            log,
+            started,
+        })
+    }
+
+    /// PID of the VMM.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the agent answers a connection, or the VMM exits, or `timeout`.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<AgentClient, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Err(format!(
+                    "vessel-vmm exited with {status} before the agent was ready; serial: {}",
+                    self.serial_tail()
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "agent not ready after {timeout:?}; serial: {}",
+                    self.serial_tail()
+                ));
+            }
+            match AgentClient::wait_ready(&self.uds, AGENT_PORT, left.min(Duration::from_secs(2))) {
+                Ok(c) => return Ok(c),
+                Err(ClientError::Timeout) | Err(ClientError::NotReady) => continue,
+                Err(e) => {
+                    if self.try_wait().is_some() {
+                        continue;
+                    }
+                    return Err(format!("cannot connect to the agent: {e}"));
+                }
+            }
+        }
+    }
+
+    /// A new connection to the agent (the VM must be ready).
+    pub fn connect(&self) -> Result<AgentClient, ClientError> {
+        AgentClient::connect(&self.uds, AGENT_PORT, Duration::from_secs(10))
+    }
+
+    /// Exit status if the VMM has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    /// Waits up to `timeout` for the VMM to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// What the VMM wrote to stderr (after it exited).
+    pub fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The guest serial output so far.
+    pub fn serial_output(&self) -> String {
+        fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn serial_tail(&self) -> String {
+        let s = self.serial_output();
+        let start = s.len().saturating_sub(2000);
+        s.get(start..).unwrap_or_default().to_string()
+    }
+
+    /// Boot timeline milestones from the VMM log: (name, ms since VMM start).
+    pub fn timeline(&self) -> Vec<(String, f64)> {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        parse_timeline(&text)
+    }
+}
+
+/// Extracts `timeline` events from JSON log lines.
+pub fn parse_timeline(log: &str) -> Vec<(String, f64)> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("target").and_then(|t| t.as_str()) == Some("timeline"))
+        .filter_map(|v| {
+            let f = v.get("fields")?;
+            let name = f.get("milestone")?.as_str()?.to_string();
+            let ms = f.get("ms")?.as_str()?.parse::<f64>().ok()?;
+            Some((name, ms))
+        })
+        .collect()
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_lines_are_parsed() {
+        let log = r#"{"timestamp":"x","level":"INFO","fields":{"message":"boot timeline","milestone":"agent_ready","ms":"1234.5"},"target":"timeline"}
+{"timestamp":"x","level":"INFO","fields":{"message":"other"},"target":"vessel_vmm"}
+not json"#;
+        assert_eq!(
+            parse_timeline(log),
+            vec![("agent_ready".to_string(), 1234.5)]
+        );
+    }
+}

@@ -1,0 +1,574 @@
+//! The boot path in one place: create the VM, guest memory, devices and
+//! vCPUs, load the kernel and initramfs, write the boot structures; then
+//! [`Microvm::run`] starts the vCPU threads and runs the event loop until
+//! the guest resets or something fatal happens.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::boot_params::{self, InitrdLocation};
+use crate::arch::layout::{
+    self, HIMEM_START, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
+use crate::arch::{mptable, regs};
+use crate::devices::bus::DeviceBus;
+use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::host::HostKind;
+use crate::timeline::{self, Milestone};
+use crate::vstate::memory::create_guest_memory;
+use crate::vstate::vcpu::{Vcpu, VcpuStop};
+use crate::vstate::vm::Vm;
+
+/// virtio-mmio QueueNotify register offset (virtio 1.2, 4.2.2).
+const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+/// Smallest guest we boot.
+pub const MIN_MEM_MIB: u64 = 32;
+/// Largest guest we boot (1 TiB).
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+/// Most vCPUs per guest.
+pub const MAX_VCPUS: u8 = 32;
+/// Kernel command line every guest gets. It keeps boot work small: no PCI
+/// or module probing, no console chatter (each byte is a port I/O exit), no
+/// timer/TSC checks, and the RNG trusts the seed we pass in `setup_data`.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1 pci=off nomodule \
+8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable no_timer_check nokaslr \
+random.trust_bootloader=on random.trust_cpu=on cryptomgr.notests";
+
+/// Errors of building a microVM. Each message is meant for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Invalid configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The kernel image cannot be read.
+    #[error("cannot open kernel {path}")]
+    KernelOpen {
+        /// Path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel image is not a loadable ELF vmlinux.
+    #[error("kernel {path} is not an uncompressed x86_64 ELF vmlinux")]
+    KernelLoad {
+        /// Path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// The initramfs cannot be read.
+    #[error("cannot read initramfs {path}")]
+    Initrd {
+        /// Path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Kernel and initramfs do not fit in guest memory.
+    #[error("guest memory of {mem_mib} MiB is too small for the kernel and initramfs")]
+    TooLittleMemory {
+        /// Configured memory.
+        mem_mib: u64,
+    },
+    /// The serial output file cannot be created.
+    #[error("cannot create serial output file {path}")]
+    SerialOut {
+        /// Path given.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM VM set-up.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// Guest memory allocation.
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    /// Boot parameters.
+    #[error(transparent)]
+    BootParams(#[from] boot_params::BootParamsError),
+    /// Page tables and GDT.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// vsock device.
+    #[error("vsock device")]
+    Vsock(#[source] crate::devices::virtio::vsock::VsockError),
+    /// An eventfd, epoll or thread could not be created.
+    #[error("{what}")]
+    Os {
+        /// Operation.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The event loop could not be set up.
+    #[error("event loop: {0}")]
+    EventManager(String),
+}
+
+fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Os { what, source }
+}
+
+/// vsock device settings.
+#[derive(Clone, Debug)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// Host Unix socket for host-initiated connections.
+    pub uds_path: PathBuf,
+}
+
+/// Everything needed to boot a microVM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Uncompressed ELF vmlinux.
+    pub kernel: PathBuf,
+    /// Optional initramfs (newc cpio).
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended last (so it can override).
+    pub extra_cmdline: String,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// Serial output file (stderr when `None`).
+    pub serial_out: Option<PathBuf>,
+    /// Host kind; detected when `None`.
+    pub host_kind: Option<HostKind>,
+}
+
+impl VmConfig {
+    /// Checks the values before anything is created.
+    pub fn validate(&self) -> Result<(), BuildError> {
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(BuildError::Config(format!(
+                "guest memory must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB, got {}",
+                self.mem_mib
+            )));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(BuildError::Config(format!(
+                "vcpus must be between 1 and {MAX_VCPUS}, got {}",
+                self.vcpus
+            )));
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
+                return Err(BuildError::Config(format!(
+                    "vsock cid must be between 3 and {}, got {}",
+                    u32::MAX - 1,
+                    v.cid
+                )));
+            }
+            if v.uds_path.exists() {
+                return Err(BuildError::Config(format!(
+                    "vsock socket path {} already exists",
+                    v.uds_path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The full guest kernel command line for this configuration.
+pub fn kernel_cmdline(host: HostKind, virtio_devices: &[(u64, u32)], extra: &str) -> String {
+    let mut parts = vec![BASE_CMDLINE.to_string()];
+    let host_part = host.kernel_cmdline();
+    if !host_part.is_empty() {
+        parts.push(host_part.to_string());
+    }
+    for (base, irq) in virtio_devices {
+        parts.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+    let extra = extra.trim();
+    if !extra.is_empty() {
+        parts.push(extra.to_string());
+    }
+    parts.join(" ")
+}
+
+/// Where the initramfs goes: page aligned, at the top of low RAM, above the kernel.
+pub fn initrd_address(mem_size: u64, kernel_end: u64, initrd_size: u64) -> Option<u64> {
+    let top = layout::low_ram_end(mem_size);
+    let addr = top.checked_sub(initrd_size)? & !0xfff;
+    (addr >= kernel_end).then_some(addr)
+}
+
+/// How the VM ended.
+#[derive(Debug)]
+pub enum VmOutcome {
+    /// The guest rebooted or powered off.
+    GuestReset,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// A vCPU hit a fatal error.
+    VcpuError(crate::vstate::vcpu::VcpuError),
+    /// The VMM got a termination signal.
+    Signal(i32),
+    /// The event loop failed.
+    EventLoop(String),
+}
+
+impl VmOutcome {
+    /// Process exit status for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmOutcome::GuestReset => 0,
+            VmOutcome::TripleFault => 2,
+            VmOutcome::VcpuError(_) | VmOutcome::EventLoop(_) => 1,
+            VmOutcome::Signal(sig) => 128 + sig,
+        }
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Wakes the event loop: a vCPU stopped, or a termination signal arrived.
+struct StopWatcher {
+    evt: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.evt, EventSet::IN)) {
+            tracing::error!("cannot watch the stop eventfd: {e:?}");
+        }
+    }
+}
+
+/// Raw fd of the stop eventfd, for the async-signal-safe signal handler.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+/// Last termination signal received.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_term_signal(sig: libc::c_int) {
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+    let fd = STOP_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live u64.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn install_term_handlers(evt: &EventFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    STOP_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction is valid; we set a handler that only
+        // touches atomics and calls write(2).
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_term_signal as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        // SAFETY: valid signal number and a fully initialised sigaction.
+        if unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A built microVM, ready to run.
+pub struct Microvm {
+    _vm: Vm,
+    _mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    bus: Arc<DeviceBus>,
+    event_manager: EventManager<Subscriber>,
+    stop_evt: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+    vsock_uds: Option<PathBuf>,
+}
+
+/// Builds a microVM from `cfg`.
+pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
+    cfg.validate()?;
+    let host = cfg.host_kind.unwrap_or_else(HostKind::detect);
+    tracing::info!(?host, "host kind");
+    let mem_size = cfg.mem_mib << 20;
+
+    // Open inputs first so bad paths fail before any resource is created.
+    let mut kernel = File::open(&cfg.kernel).map_err(|source| BuildError::KernelOpen {
+        path: cfg.kernel.clone(),
+        source,
+    })?;
+    let initrd_bytes = match &cfg.initrd {
+        Some(path) => Some(std::fs::read(path).map_err(|source| BuildError::Initrd {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let serial_out: Box<dyn Write + Send> = match &cfg.serial_out {
+        Some(path) => Box::new(File::create(path).map_err(|source| BuildError::SerialOut {
+            path: path.clone(),
+            source,
+        })?),
+        None => Box::new(std::io::stderr()),
+    };
+
+    let vm = Vm::new()?;
+    let mem = create_guest_memory(mem_size)?;
+    vm.register_memory(&mem)?;
+
+    let loaded =
+        Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            BuildError::KernelLoad {
+                path: cfg.kernel.clone(),
+                source,
+            }
+        })?;
+    let entry = loaded.kernel_load.0;
+    let kernel_end = loaded.kernel_end;
+    if kernel_end >= layout::low_ram_end(mem_size) {
+        return Err(BuildError::TooLittleMemory {
+            mem_mib: cfg.mem_mib,
+        });
+    }
+    let initrd = match &initrd_bytes {
+        Some(bytes) => {
+            let size = bytes.len() as u64;
+            let addr =
+                initrd_address(mem_size, kernel_end, size).ok_or(BuildError::TooLittleMemory {
+                    mem_mib: cfg.mem_mib,
+                })?;
+            mem.write_slice(bytes, GuestAddress(addr)).map_err(|e| {
+                BuildError::BootParams(boot_params::BootParamsError::GuestMemory(e))
+            })?;
+            Some(InitrdLocation {
+                addr,
+                size: u32::try_from(size).map_err(|_| BuildError::TooLittleMemory {
+                    mem_mib: cfg.mem_mib,
+                })?,
+            })
+        }
+        None => None,
+    };
+    // Leave the guest at least 16 MiB to run in besides kernel and initramfs.
+    let used = kernel_end + initrd.map_or(0, |i| u64::from(i.size));
+    if used + (16 << 20) > mem_size {
+        return Err(BuildError::TooLittleMemory {
+            mem_mib: cfg.mem_mib,
+        });
+    }
+
+    // Devices.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial = SerialDevice::new(serial_irq, serial_out);
+    let mut bus = DeviceBus::new(serial);
+    let mut event_manager: EventManager<Subscriber> =
+        EventManager::new().map_err(|e| BuildError::EventManager(format!("{e:?}")))?;
+    let mut virtio_slots = Vec::new();
+
+    if let Some(vcfg) = &cfg.vsock {
+        let base = VIRTIO_MMIO_BASE + virtio_slots.len() as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + virtio_slots.len() as u32;
+        let mut vsock = Vsock::new(vcfg.cid, vcfg.uds_path.clone()).map_err(BuildError::Vsock)?;
+        vsock.set_on_first_response(Box::new(|_port| timeline::mark(Milestone::AgentReady)));
+        for (i, evt) in vsock.queue_events().iter().enumerate() {
+            vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
+        }
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let interrupt = Arc::new(Interrupt::new(irq_evt));
+        let vsock = Arc::new(Mutex::new(vsock));
+        let device: Arc<Mutex<dyn VirtioDevice>> = vsock.clone();
+        let transport = MmioTransport::new(mem.clone(), device, interrupt);
+        bus.add_mmio(base, Arc::new(Mutex::new(transport)));
+        let sub: Subscriber = vsock;
+        event_manager.add_subscriber(sub);
+        virtio_slots.push((base, irq));
+    }
+
+    let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher: Subscriber = Arc::new(Mutex::new(StopWatcher {
+        evt: stop_evt.clone(),
+        stop: stop.clone(),
+    }));
+    event_manager.add_subscriber(watcher);
+    install_term_handlers(&stop_evt).map_err(os_err("sigaction"))?;
+
+    // Boot structures.
+    let cmdline = kernel_cmdline(host, &virtio_slots, &cfg.extra_cmdline);
+    tracing::info!(%cmdline, "kernel command line");
+    let seed = boot_params::host_rng_seed().map_err(os_err("getrandom"))?;
+    boot_params::write_boot_data(&mem, mem_size, &cmdline, initrd, seed)?;
+    regs::write_boot_structures(&mem)?;
+    mptable::setup_mptable(&mem, cfg.vcpus)?;
+
+    let bus = Arc::new(bus);
+    let cpuid = vm.supported_cpuid()?;
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for id in 0..cfg.vcpus {
+        let vcpu = Vcpu::new(id, vm.create_vcpu(id)?, bus.clone());
+        vcpu.configure(&cpuid, cfg.vcpus, (id == 0).then_some(entry))?;
+        vcpus.push(vcpu);
+    }
+    timeline::mark(Milestone::VmSetupDone);
+    Ok(Microvm {
+        _vm: vm,
+        _mem: mem,
+        vcpus,
+        bus,
+        event_manager,
+        stop_evt,
+        stop,
+        vsock_uds: cfg.vsock.as_ref().map(|v| v.uds_path.clone()),
+    })
+}
+
+impl Microvm {
+    /// Runs the guest until it resets, a vCPU fails, or a signal arrives.
+    /// vCPU threads that are still running when this returns end with the
+    /// process.
+    pub fn run(mut self) -> VmOutcome {
+        let (tx, rx) = mpsc::channel::<VcpuStop>();
+        for (index, mut vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let tx = tx.clone();
+            let stop_evt = self.stop_evt.clone();
+            let name = format!("vcpu{index}");
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                let stop = vcpu.run();
+                let _ = tx.send(stop);
+                let _ = stop_evt.write(1);
+            });
+            if let Err(e) = spawned {
+                return VmOutcome::EventLoop(format!("cannot start a vCPU thread: {e}"));
+            }
+        }
+        drop(tx);
+        let outcome = loop {
+            if let Err(e) = self.event_manager.run() {
+                break VmOutcome::EventLoop(format!("{e:?}"));
+            }
+            if !self.stop.load(Ordering::SeqCst) {
+                continue;
+            }
+            self.stop.store(false, Ordering::SeqCst);
+            if let Ok(stop) = rx.try_recv() {
+                break match stop {
+                    VcpuStop::GuestReset => VmOutcome::GuestReset,
+                    VcpuStop::TripleFault => VmOutcome::TripleFault,
+                    VcpuStop::Error(e) => VmOutcome::VcpuError(e),
+                };
+            }
+            let sig = STOP_SIGNAL.swap(0, Ordering::SeqCst);
+            if sig != 0 {
+                break VmOutcome::Signal(sig);
+            }
+        };
+        self.bus.flush_serial();
+        self.cleanup();
+        outcome
+    }
+
+    /// Removes host resources that outlive the process (the vsock socket).
+    fn cleanup(&self) {
+        if let Some(path) = &self.vsock_uds {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            kernel: PathBuf::from("/nonexistent"),
+            initrd: None,
+            extra_cmdline: String::new(),
+            mem_mib: 128,
+            vcpus: 1,
+            vsock: None,
+            serial_out: None,
+            host_kind: Some(HostKind::Hardware),
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert!(cfg().validate().is_ok());
+        let mut c = cfg();
+        c.mem_mib = 8;
+        assert!(c.validate().unwrap_err().to_string().contains("between 32"));
+        let mut c = cfg();
+        c.vcpus = 0;
+        assert!(c.validate().is_err());
+        let mut c = cfg();
+        c.vsock = Some(VsockConfig {
+            cid: 2,
+            uds_path: PathBuf::from("/tmp/x"),
+        });
+        assert!(c.validate().is_err());
+        let dir = std::env::temp_dir();
+        let mut c = cfg();
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds_path: dir,
+        });
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
+    }
+
+    #[test]
+    fn cmdline_composition() {
+        let c = kernel_cmdline(HostKind::Hardware, &[(0xd000_0000, 5)], " loglevel=7 ");
+        assert!(c.starts_with(BASE_CMDLINE));
+        assert!(c.contains("virtio_mmio.device=4K@0xd0000000:5"));
+        assert!(c.ends_with("loglevel=7"));
+        assert!(!c.contains("clearcpuid"));
+        let p = kernel_cmdline(HostKind::Pvm, &[], "");
+        assert!(p.contains("clearcpuid=") && p.contains("nopti"));
+    }
+
+    #[test]
+    fn initrd_placement() {
+        let mem = 128u64 << 20;
+        let a = initrd_address(mem, 32 << 20, 1_000_001).unwrap();
+        assert_eq!(a % 4096, 0);
+        assert!(a + 1_000_001 <= mem);
+        assert!(initrd_address(mem, 120 << 20, 16 << 20).is_none());
+        assert!(initrd_address(mem, 0, mem + 1).is_none());
+    }
+}

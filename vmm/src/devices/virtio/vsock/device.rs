@@ -1,0 +1,342 @@
+//! The vsock device: three queues (rx, tx, event) moving packets between
+//! guest memory and the [`Muxer`], driven by the VMM's event loop.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::muxer::{EpollChange, Muxer};
+use super::packet::{Packet, HDR_SIZE, MAX_PKT_DATA};
+use super::VsockError;
+use crate::devices::virtio::{
+    device_type, ActivateError, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING,
+};
+
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+enum DeviceState {
+    Inactive,
+    Active {
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    },
+}
+
+/// The virtio-vsock device.
+pub struct Vsock {
+    cid: u64,
+    acked_features: u64,
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    timer: TimerFd,
+    timer_armed: bool,
+    state: DeviceState,
+    muxer: Muxer,
+    bad_chains: u64,
+}
+
+impl Vsock {
+    /// A device for guest `cid`, with its host socket at `uds_path`.
+    pub fn new(cid: u64, uds_path: PathBuf) -> Result<Vsock, VsockError> {
+        let muxer = Muxer::new(cid, uds_path)?;
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::Io);
+        Ok(Vsock {
+            cid,
+            acked_features: 0,
+            queue_evts: vec![evt()?, evt()?, evt()?],
+            activate_evt: evt()?,
+            timer: TimerFd::new().map_err(|e| VsockError::Io(e.into()))?,
+            timer_armed: false,
+            state: DeviceState::Inactive,
+            muxer,
+            bad_chains: 0,
+        })
+    }
+
+    /// Called once when the guest accepts its first host connection.
+    pub fn set_on_first_response(&mut self, f: Box<dyn FnOnce(u32) + Send>) {
+        self.muxer.set_on_first_response(f);
+    }
+
+    fn log_bad_chain(&mut self, what: &str, err: impl std::fmt::Debug) {
+        self.bad_chains += 1;
+        if self.bad_chains.is_power_of_two() {
+            tracing::warn!(
+                count = self.bad_chains,
+                "vsock: invalid {what} descriptor chain: {err:?}"
+            );
+        }
+    }
+
+    /// Moves guest TX packets to the muxer. Returns whether used buffers were added.
+    fn process_tx(&mut self) -> bool {
+        let DeviceState::Active { mem, queues, .. } = &mut self.state else {
+            return false;
+        };
+        let mut used = false;
+        let mut bad = Vec::new();
+        while !self.muxer.control_full() {
+            let Some(mut chain) = queues[TXQ].pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA as u32) {
+                Ok(pkt) => match Packet::from_guest(&pkt) {
+                    Ok(p) => self.muxer.handle_guest_packet(p),
+                    Err(e) => bad.push(e),
+                },
+                Err(e) => bad.push(format!("{e:?}")),
+            }
+            if let Err(e) = queues[TXQ].add_used(&*mem, head, 0) {
+                bad.push(format!("add_used: {e:?}"));
+                break;
+            }
+            used = true;
+        }
+        for e in bad {
+            self.log_bad_chain("tx", e);
+        }
+        used
+    }
+
+    /// Fills guest RX buffers from the muxer. Returns whether used buffers were added.
+    fn process_rx(&mut self) -> bool {
+        let DeviceState::Active { mem, queues, .. } = &mut self.state else {
+            return false;
+        };
+        let mut used = false;
+        let mut bad = Vec::new();
+        while self.muxer.has_rx() {
+            let Some(mut chain) = queues[RXQ].pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut len = 0u32;
+            match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA as u32) {
+                Ok(mut vp) => {
+                    let room = vp.data_slice().map_or(0, |s| s.len()).min(MAX_PKT_DATA);
+                    match self.muxer.next_rx(room) {
+                        Some(p) => {
+                            let hdr_ok = vp.set_header_from_raw(&p.hdr.to_bytes()).is_ok();
+                            let data_ok = p.data.is_empty()
+                                || vp
+                                    .data_slice()
+                                    .is_some_and(|s| s.write_slice(&p.data, 0).is_ok());
+                            if hdr_ok && data_ok {
+                                len = (HDR_SIZE + p.data.len()) as u32;
+                            } else {
+                                bad.push("cannot write packet into rx buffer".to_string());
+                            }
+                        }
+                        None => {
+                            queues[RXQ].go_to_previous_position();
+                            break;
+                        }
+                    }
+                }
+                Err(e) => bad.push(format!("{e:?}")),
+            }
+            if let Err(e) = queues[RXQ].add_used(&*mem, head, len) {
+                bad.push(format!("add_used: {e:?}"));
+                break;
+            }
+            used = true;
+        }
+        for e in bad {
+            self.log_bad_chain("rx", e);
+        }
+        used
+    }
+
+    /// Runs both directions until nothing moves, then signals the guest.
+    fn kick(&mut self) {
+        let mut any = false;
+        loop {
+            let tx = self.process_tx();
+            let rx = self.process_rx();
+            any |= tx || rx;
+            if !tx && !rx {
+                break;
+            }
+        }
+        if any {
+            if let DeviceState::Active { interrupt, .. } = &self.state {
+                if let Err(e) = interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
+                    tracing::error!("vsock: cannot raise interrupt: {e}");
+                }
+            }
+        }
+    }
+
+    /// Drops every connection and tells the guest with a transport reset
+    /// event (after a snapshot restore, host-side connections are gone).
+    pub fn reset_connections_and_send_transport_reset(&mut self) {
+        self.muxer.reset_all();
+        let DeviceState::Active {
+            mem,
+            queues,
+            interrupt,
+        } = &mut self.state
+        else {
+            return;
+        };
+        let Some(chain) = queues[EVQ].pop_descriptor_chain(&*mem) else {
+            tracing::warn!("vsock: no event buffer for the transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let mut written = 0;
+        if let Some(desc) = chain.clone().find(|d| d.is_write_only() && d.len() >= 4) {
+            if mem.write_obj(EVENT_TRANSPORT_RESET, desc.addr()).is_ok() {
+                written = 4;
+            }
+        }
+        if queues[EVQ].add_used(&*mem, head, written).is_ok() {
+            let _ = interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+        }
+    }
+
+    fn apply_epoll_changes(&mut self, ops: &mut EventOps) {
+        for change in self.muxer.take_epoll_changes() {
+            let r = match change {
+                EpollChange::Add(fd, set) => ops.add(Events::new_raw(fd, set)),
+                EpollChange::Remove(fd) => ops.remove(Events::empty_raw(fd)),
+            };
+            if let Err(e) = r {
+                tracing::warn!("vsock: epoll update failed: {e:?}");
+            }
+        }
+        self.muxer.bury();
+        let want = self.muxer.has_deadlines();
+        if want != self.timer_armed {
+            let r = if want {
+                self.timer.reset(SWEEP_INTERVAL, Some(SWEEP_INTERVAL))
+            } else {
+                self.timer.clear()
+            };
+            if r.is_ok() {
+                self.timer_armed = want;
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        0
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| cfg.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        tracing::debug!("vsock: guest write to read-only config space ignored");
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != QUEUE_SIZES.len() || !queues.iter().all(|q| q.ready()) {
+            return Err(ActivateError::BadQueue(
+                "vsock needs its three queues ready".into(),
+            ));
+        }
+        self.state = DeviceState::Active {
+            mem,
+            interrupt,
+            queues,
+        };
+        self.muxer.set_active(true);
+        self.activate_evt.write(1).map_err(ActivateError::Backend)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.muxer.set_active(false);
+        self.muxer.reset_all();
+        self.state = DeviceState::Inactive;
+        true
+    }
+
+    fn is_activated(&self) -> bool {
+        matches!(self.state, DeviceState::Active { .. })
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut fds: Vec<i32> = self.queue_evts.iter().map(|e| e.as_raw_fd()).collect();
+        fds.push(self.activate_evt.as_raw_fd());
+        fds.push(self.muxer.listener_fd());
+        fds.push(self.timer.as_raw_fd());
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("vsock: cannot register fd {fd}: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        let set = events.event_set();
+        if let Some(i) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
+            let _ = self.queue_evts[i].read();
+        } else if fd == self.activate_evt.as_raw_fd() {
+            let _ = self.activate_evt.read();
+        } else if fd == self.muxer.listener_fd() {
+            self.muxer.on_listener_ready();
+        } else if fd == self.timer.as_raw_fd() {
+            let _ = self.timer.wait();
+            self.muxer.sweep(Instant::now());
+        } else {
+            self.muxer.on_stream_event(fd, set);
+        }
+        if self.is_activated() {
+            self.kick();
+        }
+        self.apply_epoll_changes(ops);
+    }
+}

@@ -1,0 +1,12 @@
+//! vessel-vmm: the virtual machine monitor of vessel.
+//!
+//! One process runs one microVM: KVM vCPU threads, guest memory, a 8250
+//! UART, an i8042 (for reboot) and virtio-mmio devices (vsock), driven by one
+//! event-loop thread. See `builder` for the boot path.
+
+pub mod arch;
+pub mod builder;
+pub mod devices;
+pub mod host;
+pub mod timeline;
+pub mod vstate;

@@ -1,0 +1,156 @@
+//! `vessel-vmm`: boots one microVM and runs it until the guest resets.
+//!
+//! Exit status: 0 when the guest rebooted or powered off, 1 on errors
+//! (reported as one line on stderr), 2 on a guest triple fault, 128+N when
+//! stopped by signal N.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use vessel_vmm::builder::{build_microvm, VmConfig, VsockConfig};
+use vessel_vmm::host::HostKind;
+use vessel_vmm::timeline;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum HostKindArg {
+    Auto,
+    Pvm,
+    Hardware,
+}
+
+/// vessel's virtual machine monitor: one KVM microVM per process.
+#[derive(Debug, Parser)]
+#[command(name = "vessel-vmm", version)]
+struct Args {
+    /// Uncompressed ELF guest kernel (vmlinux).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (newc cpio) whose /init is the vessel agent.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line arguments (appended last).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest vsock context id.
+    #[arg(long, default_value_t = 3)]
+    vsock_cid: u64,
+    /// Host Unix socket of the vsock device ("CONNECT <port>" protocol); no vsock without it.
+    #[arg(long)]
+    vsock_uds: Option<PathBuf>,
+    /// File that receives the guest serial console (default: stderr).
+    #[arg(long)]
+    serial_out: Option<PathBuf>,
+    /// Log file (default: stderr).
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace (or a tracing filter).
+    /// Default: info into a --log file, warn on stderr.
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Host kind; `auto` detects it (PVM hosts need extra guest kernel switches).
+    #[arg(long, value_enum, default_value_t = HostKindArg::Auto)]
+    host_kind: HostKindArg,
+}
+
+fn init_logging(args: &Args) -> anyhow::Result<()> {
+    let level = args
+        .log_level
+        .clone()
+        .unwrap_or_else(|| if args.log.is_some() { "info" } else { "warn" }.to_string());
+    let filter = EnvFilter::try_new(&level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let result = match (&args.log, args.log_format) {
+        (Some(path), format) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("cannot open log file {}: {e}", path.display()))?;
+            let builder = builder.with_writer(std::sync::Mutex::new(file));
+            match format {
+                LogFormat::Text => builder.try_init(),
+                LogFormat::Json => builder.json().try_init(),
+            }
+        }
+        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
+        (None, LogFormat::Json) => builder.with_writer(std::io::stderr).json().try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+fn run(args: Args) -> anyhow::Result<i32> {
+    init_logging(&args)?;
+    let cfg = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        extra_cmdline: args.cmdline,
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+        vsock: args.vsock_uds.map(|uds_path| VsockConfig {
+            cid: args.vsock_cid,
+            uds_path,
+        }),
+        serial_out: args.serial_out,
+        host_kind: match args.host_kind {
+            HostKindArg::Auto => None,
+            HostKindArg::Pvm => Some(HostKind::Pvm),
+            HostKindArg::Hardware => Some(HostKind::Hardware),
+        },
+    };
+    let vm = build_microvm(&cfg)?;
+    let outcome = vm.run();
+    let code = outcome.exit_code();
+    match &outcome {
+        vessel_vmm::builder::VmOutcome::GuestReset => tracing::info!("guest reset, exiting"),
+        other => tracing::warn!(?other, "VM stopped"),
+    }
+    if let vessel_vmm::builder::VmOutcome::VcpuError(e) = &outcome {
+        eprintln!("vessel-vmm: error: {}", error_chain(e));
+    }
+    Ok(code)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    timeline::start();
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("vessel-vmm: error: {}", chain.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}

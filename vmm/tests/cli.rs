@@ -1,0 +1,106 @@
+//! Bad input to `vessel-vmm`: a one-line error on stderr and a non-zero
+//! exit, before any VM runs.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vessel-vmm"))
+        .args(args)
+        .output()
+        .expect("run vessel-vmm")
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vessel-vmm-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(
+        !out.status.success(),
+        "expected failure, got {}",
+        out.status
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].starts_with("vessel-vmm: error: "), "{err}");
+    assert!(lines[0].contains(needle), "{err:?} lacks {needle:?}");
+}
+
+fn kvm_or_skip() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var("VESSEL_SKIP_KVM").as_deref() == Ok("1") {
+        return false;
+    }
+    panic!("/dev/kvm is missing (set VESSEL_SKIP_KVM=1 to skip KVM tests explicitly)");
+}
+
+#[test]
+fn missing_kernel() {
+    let out = vmm(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_one_line_error(&out, "cannot open kernel /nonexistent/vmlinux");
+}
+
+#[test]
+fn non_elf_kernel() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let d = tempdir("nonelf");
+    let k = d.join("vmlinux");
+    std::fs::write(
+        &k,
+        b"this is not an ELF file at all, just text padding it out",
+    )
+    .unwrap();
+    let out = vmm(&["--kernel", k.to_str().unwrap()]);
+    assert_one_line_error(&out, "is not an uncompressed x86_64 ELF vmlinux");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn too_little_memory() {
+    let out = vmm(&["--kernel", "/nonexistent", "--mem-mib", "8"]);
+    assert_one_line_error(&out, "guest memory must be between 32 and");
+}
+
+#[test]
+fn existing_socket_path() {
+    let d = tempdir("sock");
+    let sock = d.join("vsock.sock");
+    std::fs::write(&sock, b"").unwrap();
+    let k = d.join("vmlinux");
+    std::fs::write(&k, b"x").unwrap();
+    let out = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--vsock-uds",
+        sock.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "already exists");
+    assert!(sock.exists(), "an existing path must not be removed");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn unwritable_log_path() {
+    let out = vmm(&[
+        "--kernel",
+        "/nonexistent",
+        "--log",
+        "/nonexistent-dir/vmm.log",
+    ]);
+    assert_one_line_error(&out, "cannot open log file /nonexistent-dir/vmm.log");
+}
+
+#[test]
+fn bad_vcpu_count() {
+    let out = vmm(&["--kernel", "/nonexistent", "--vcpus", "0"]);
+    assert_one_line_error(&out, "vcpus must be between 1 and");
+}
