@@ -52,6 +52,7 @@ pub fn listen(port: u32) -> nix::Result<OwnedFd> {
 /// Accepts connections forever, one thread per connection.
 pub fn serve(listener: OwnedFd, ctx: Context) -> ! {
     let _ = ctx.listening_ms.set(boottime_ms());
+    announce_ready();
     let ctx = Arc::new(ctx);
     let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
     let mut consecutive_errors = 0u32;
@@ -90,6 +91,21 @@ pub fn serve(listener: OwnedFd, ctx: Context) -> ! {
             }
         }
     }
+}
+
+/// Tells a waiting host that we listen: connect to the host's ready port
+/// and close. Without a host listener this is one refused connect.
+fn announce_ready() {
+    let Ok(fd) = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return;
+    };
+    let addr = VsockAddr::new(vessel_proto::HOST_CID, vessel_proto::READY_PORT);
+    let _ = nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr);
 }
 
 fn error(id: u64, code: ErrorCode, message: String) -> Response {

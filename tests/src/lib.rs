@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use vessel_proto::client::{AgentClient, ClientError};
-use vessel_proto::AGENT_PORT;
+use vessel_proto::{AGENT_PORT, READY_PORT};
 
 /// How long a cold boot may take on the slowest hosts we support.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(480);
 
 /// Paths of the binaries and guest artifacts under test.
 #[derive(Clone, Debug)]
@@ -112,6 +112,7 @@ pub struct VmProcess {
     pub log: PathBuf,
     /// When the process was spawned.
     pub started: Instant,
+    ready: std::os::unix::net::UnixListener,
 }
 
 impl VmProcess {
@@ -124,6 +125,10 @@ impl VmProcess {
         let uds = dir.join("vsock.sock");
         let serial = dir.join("serial.log");
         let log = dir.join("vmm.log");
+        // The agent connects here once it listens (see vessel_proto::READY_PORT).
+        let ready =
+            std::os::unix::net::UnixListener::bind(format!("{}_{READY_PORT}", uds.display()))?;
+        ready.set_nonblocking(true)?;
         let started = Instant::now();
         let child = Command::new(&art.vmm)
             .arg("--kernel")
@@ -156,6 +161,7 @@ impl VmProcess {
             serial,
             log,
             started,
+            ready,
         })
     }
 
@@ -164,9 +170,31 @@ impl VmProcess {
         self.child.id()
     }
 
-    /// Waits until the agent answers a connection, or the VMM exits, or `timeout`.
+    /// Waits until the agent announces itself on the ready port and answers
+    /// a connection, or the VMM exits, or `timeout`. Waiting costs the guest
+    /// nothing: no connection attempts are made before the announcement.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<AgentClient, String> {
         let deadline = Instant::now() + timeout;
+        loop {
+            match self.ready.accept() {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("ready socket: {e}")),
+            }
+            if let Some(status) = self.try_wait() {
+                return Err(format!(
+                    "vessel-vmm exited with {status} before the agent was ready; serial: {}",
+                    self.serial_tail()
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "agent not ready after {timeout:?}; serial: {}",
+                    self.serial_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         loop {
             if let Some(status) = self.try_wait() {
                 return Err(format!(

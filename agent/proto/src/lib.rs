@@ -20,6 +20,10 @@ pub use messages::*;
 
 /// vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
+/// Host vsock port the agent connects to once it listens on [`AGENT_PORT`]:
+/// a host waiting for the agent listens on `<vsock uds>_1025` instead of
+/// polling, because every refused connection attempt costs guest kernel time.
+pub const READY_PORT: u32 = 1025;
 /// The host's vsock context id.
 pub const HOST_CID: u32 = 2;
 /// Protocol version; bumped on incompatible changes.

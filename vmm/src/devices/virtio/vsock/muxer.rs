@@ -206,7 +206,8 @@ impl Muxer {
         &self.uds_path
     }
 
-    /// Called once, the first time the guest accepts a host connection.
+    /// Called once, the first time a connection is established in either
+    /// direction (the agent accepts one, or connects to the ready port).
     pub fn set_on_first_response(&mut self, f: Box<dyn FnOnce(u32) + Send>) {
         self.on_first_response = Some(f);
     }
@@ -447,6 +448,10 @@ impl Muxer {
                 self.conns.insert(key, c);
                 self.register(key);
                 self.push_control(key, OP_RESPONSE, 0);
+                if let Some(f) = self.on_first_response.take() {
+                    tracing::info!(target: "timeline", port = key.local_port, "agent ready");
+                    f(key.peer_port);
+                }
             }
             Err(e) => {
                 tracing::debug!(%path, "vsock: guest connection refused: {e}");
