@@ -469,6 +469,18 @@ impl MmioTransport {
 }
 
 #[cfg(test)]
+impl MmioTransport {
+    /// The driver's view of queue `i`, for tests.
+    fn queue(&self, i: usize) -> Option<&Queue> {
+        self.queues.get(i)
+    }
+}
+
+#[cfg(test)]
+#[path = "mmio_tests.rs"]
+mod register_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::devices::virtio::ActivateError;

@@ -1,15 +1,17 @@
 //! The vsock device: three queues (rx, tx, event) moving packets between
 //! guest memory and the [`Muxer`], driven by the VMM's event loop.
 
-use std::os::fd::AsRawFd;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -49,6 +51,8 @@ pub struct Vsock {
     state: DeviceState,
     muxer: Muxer,
     bad_chains: u64,
+    /// A transport reset event waits for an event queue buffer.
+    transport_reset_pending: bool,
 }
 
 impl Vsock {
@@ -61,11 +65,12 @@ impl Vsock {
             acked_features: 0,
             queue_evts: vec![evt()?, evt()?, evt()?],
             activate_evt: evt()?,
-            timer: TimerFd::new().map_err(|e| VsockError::Io(e.into()))?,
+            timer: nonblocking_timer()?,
             timer_armed: false,
             state: DeviceState::Inactive,
             muxer,
             bad_chains: 0,
+            transport_reset_pending: false,
         })
     }
 
@@ -164,58 +169,96 @@ impl Vsock {
         used
     }
 
-    /// Runs both directions until nothing moves, then signals the guest.
+    /// Runs both directions until nothing moves, then signals the guest
+    /// unless it asked not to be interrupted (VRING_AVAIL_F_NO_INTERRUPT).
     fn kick(&mut self) {
-        let mut any = false;
+        let (mut tx_used, mut rx_used) = (false, false);
         loop {
             let tx = self.process_tx();
             let rx = self.process_rx();
-            any |= tx || rx;
+            tx_used |= tx;
+            rx_used |= rx;
             if !tx && !rx {
                 break;
             }
         }
-        if any {
-            if let DeviceState::Active { interrupt, .. } = &self.state {
-                if let Err(e) = interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
-                    tracing::error!("vsock: cannot raise interrupt: {e}");
+        let ev_used = self.deliver_transport_reset();
+        let DeviceState::Active {
+            mem,
+            interrupt,
+            queues,
+        } = &mut self.state
+        else {
+            return;
+        };
+        let mut signal = false;
+        for (used, q) in [(rx_used, RXQ), (tx_used, TXQ), (ev_used, EVQ)] {
+            if used {
+                if let Some(q) = queues.get_mut(q) {
+                    signal |= guest_wants_interrupt(mem, q);
                 }
+            }
+        }
+        if signal {
+            if let Err(e) = interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
+                tracing::error!("vsock: cannot raise interrupt: {e}");
             }
         }
     }
 
     /// Drops every connection and tells the guest with a transport reset
     /// event (after a snapshot restore, host-side connections are gone).
+    /// If the guest has no event buffer posted, the event is sent as soon as
+    /// it posts one.
     pub fn reset_connections_and_send_transport_reset(&mut self) {
         self.muxer.reset_all();
-        let DeviceState::Active {
-            mem,
-            queues,
-            interrupt,
-        } = &mut self.state
-        else {
-            return;
+        self.transport_reset_pending = true;
+        self.kick();
+        // Let the event loop apply the epoll removals and close the streams.
+        let _ = self.activate_evt.write(1);
+    }
+
+    /// Writes a pending transport reset event; returns whether a used
+    /// buffer was added to the event queue.
+    fn deliver_transport_reset(&mut self) -> bool {
+        if !self.transport_reset_pending {
+            return false;
+        }
+        let DeviceState::Active { mem, queues, .. } = &mut self.state else {
+            return false;
         };
-        let Some(chain) = queues[EVQ].pop_descriptor_chain(&*mem) else {
-            tracing::warn!("vsock: no event buffer for the transport reset");
-            return;
+        let Some(q) = queues.get_mut(EVQ) else {
+            return false;
+        };
+        let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+            tracing::debug!("vsock: transport reset waits for an event buffer");
+            return false;
         };
         let head = chain.head_index();
         let mut written = 0;
         if let Some(desc) = chain.clone().find(|d| d.is_write_only() && d.len() >= 4) {
-            if mem.write_obj(EVENT_TRANSPORT_RESET, desc.addr()).is_ok() {
+            if mem
+                .write_obj(EVENT_TRANSPORT_RESET.to_le(), desc.addr())
+                .is_ok()
+            {
                 written = 4;
+                self.transport_reset_pending = false;
             }
         }
-        if queues[EVQ].add_used(&*mem, head, written).is_ok() {
-            let _ = interrupt.trigger(VIRTIO_MMIO_INT_VRING);
+        if let Err(e) = q.add_used(&*mem, head, written) {
+            tracing::warn!("vsock: cannot return an event buffer: {e:?}");
+            return false;
         }
+        true
     }
 
     fn apply_epoll_changes(&mut self, ops: &mut EventOps) {
         for change in self.muxer.take_epoll_changes() {
             let r = match change {
-                EpollChange::Add(fd, set) => ops.add(Events::new_raw(fd, set)),
+                EpollChange::Add(fd, set) => ops.add(Events::new_raw(fd, set)).inspect_err(|_| {
+                    // Without readiness events the stream cannot be served.
+                    self.muxer.registration_failed(fd);
+                }),
                 EpollChange::Remove(fd) => ops.remove(Events::empty_raw(fd)),
             };
             if let Err(e) = r {
@@ -298,6 +341,12 @@ impl VirtioDevice for Vsock {
         self.muxer.set_active(false);
         self.muxer.reset_all();
         self.state = DeviceState::Inactive;
+        self.transport_reset_pending = false;
+        // Called from a vCPU thread: wake the event loop so that it removes
+        // the streams from epoll and closes them now.
+        if let Err(e) = self.activate_evt.write(1) {
+            tracing::warn!("vsock: cannot wake the event loop: {e}");
+        }
         true
     }
 
@@ -329,6 +378,8 @@ impl MutEventSubscriber for Vsock {
         } else if fd == self.muxer.listener_fd() {
             self.muxer.on_listener_ready();
         } else if fd == self.timer.as_raw_fd() {
+            // Non-blocking: the timer may have been re-armed or cleared since
+            // epoll reported it, and a blocking read would then stall the loop.
             let _ = self.timer.wait();
             self.muxer.sweep(Instant::now());
         } else {
@@ -339,4 +390,39 @@ impl MutEventSubscriber for Vsock {
         }
         self.apply_epoll_changes(ops);
     }
+}
+
+/// A timerfd whose reads never block.
+fn nonblocking_timer() -> Result<TimerFd, VsockError> {
+    let timer = TimerFd::new().map_err(|e| VsockError::Io(e.into()))?;
+    set_nonblocking(timer.as_raw_fd()).map_err(VsockError::Io)?;
+    Ok(timer)
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL on a valid fd we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on a valid fd we own; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the driver wants an interrupt for new used buffers on `q`.
+/// Without VIRTIO_F_EVENT_IDX that is the avail ring's NO_INTERRUPT flag.
+fn guest_wants_interrupt(mem: &GuestMemoryMmap, q: &mut Queue) -> bool {
+    // needs_notification() also orders our used ring writes before the
+    // flag read, so a driver re-enabling interrupts is never missed.
+    if !q.needs_notification(mem).unwrap_or(true) {
+        return false;
+    }
+    let flags = mem
+        .read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .map(u16::from_le)
+        .unwrap_or(0);
+    u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
 }

@@ -29,3 +29,6 @@ pub enum VsockError {
     #[error("vsock i/o")]
     Io(#[source] std::io::Error),
 }
+
+#[cfg(test)]
+mod device_tests;

@@ -12,7 +12,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,6 +34,9 @@ const LOCAL_PORT_BASE: u32 = 1 << 30;
 const MAX_CONNECT_LINE: usize = 32;
 /// How long a host client may take to send its CONNECT line, and the guest to answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a slow host reader gets to drain what a closing guest sent
+/// (Linux guests give up and reset after 8 s themselves).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control packets queued for the guest before we stop taking its TX packets.
 const CONTROL_QUEUE_HIGH: usize = 1024;
 /// Send a credit update once this much was consumed since the last one.
@@ -64,6 +69,9 @@ enum ConnState {
     Connecting { deadline: Instant },
     /// Data flows.
     Established,
+    /// The guest shut down both directions while data for the host stream
+    /// was still buffered: flush it, then answer OP_RST.
+    Closing { deadline: Instant },
 }
 
 struct Connection {
@@ -85,6 +93,10 @@ struct Connection {
     peer_fwd_cnt: u32,
     credit_requested: bool,
     host_eof: bool,
+    /// The host peer closed both directions (EPOLLHUP), not just its write side.
+    host_hup: bool,
+    /// We told the guest that we will neither send nor receive any more.
+    sent_full_shutdown: bool,
     peer_shut_send: bool,
     peer_shut_rcv: bool,
 }
@@ -106,6 +118,8 @@ impl Connection {
             peer_fwd_cnt: 0,
             credit_requested: false,
             host_eof: false,
+            host_hup: false,
+            sent_full_shutdown: false,
             peer_shut_send: false,
             peer_shut_rcv: false,
         }
@@ -153,6 +167,54 @@ pub fn parse_connect_line(line: &[u8]) -> Option<u32> {
     port.parse().ok()
 }
 
+/// Connects to a host listener without blocking the event loop: a Unix
+/// stream connect completes at once, or fails (EAGAIN) when the listener's
+/// backlog is full.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data, for which all zeroes is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "unusable socket path",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: a plain system call without pointers; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we just created and nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    let len = libc::socklen_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket path too long"))?;
+    // SAFETY: `addr` is a valid sockaddr_un that outlives the call and `len`
+    // does not exceed its size (checked above).
+    let rc = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 /// The connection table of one vsock device.
 pub struct Muxer {
     guest_cid: u64,
@@ -167,18 +229,35 @@ pub struct Muxer {
     epoll_changes: Vec<EpollChange>,
     graveyard: Vec<UnixStream>,
     on_first_response: Option<Box<dyn FnOnce(u32) + Send>>,
+    agent_ready: bool,
+    /// Where the next round-robin pass over the connections starts.
+    rr_cursor: usize,
+    /// (device, inode) of the socket we bound, so Drop only unlinks our own.
+    socket_id: Option<(u64, u64)>,
 }
 
 impl Muxer {
     /// Binds the host socket at `uds_path` (which must not exist).
     pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Muxer, VsockError> {
-        if uds_path.exists() {
+        // symlink_metadata: a dangling symlink also counts as existing.
+        if std::fs::symlink_metadata(&uds_path).is_ok() {
             return Err(VsockError::SocketExists(uds_path));
         }
-        let listener = UnixListener::bind(&uds_path).map_err(|source| VsockError::Bind {
-            path: uds_path.clone(),
-            source,
-        })?;
+        let listener = match UnixListener::bind(&uds_path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                return Err(VsockError::SocketExists(uds_path));
+            }
+            Err(source) => {
+                return Err(VsockError::Bind {
+                    path: uds_path,
+                    source,
+                })
+            }
+        };
+        let socket_id = std::fs::symlink_metadata(&uds_path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         listener.set_nonblocking(true).map_err(VsockError::Io)?;
         Ok(Muxer {
             guest_cid,
@@ -193,6 +272,9 @@ impl Muxer {
             epoll_changes: Vec::new(),
             graveyard: Vec::new(),
             on_first_response: None,
+            agent_ready: false,
+            rr_cursor: 0,
+            socket_id,
         })
     }
 
@@ -379,10 +461,7 @@ impl Muxer {
                         self.reset_conn(key);
                         return;
                     }
-                    if let Some(f) = self.on_first_response.take() {
-                        tracing::info!(target: "timeline", port = key.peer_port, "agent ready");
-                        f(key.peer_port);
-                    }
+                    self.note_agent_ready(key.peer_port);
                 } else {
                     self.reset_conn(key);
                 }
@@ -416,13 +495,50 @@ impl Muxer {
                 if conn.peer_shut_send && conn.to_host.is_empty() {
                     let _ = conn.stream.shutdown(std::net::Shutdown::Write);
                 }
+                if conn.peer_shut_rcv {
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Read);
+                }
                 if conn.peer_shut_rcv && conn.peer_shut_send {
-                    let _ = conn.flush_to_host();
-                    self.reset_conn(key);
+                    if !conn.flush_to_host() || conn.to_host.is_empty() {
+                        self.reset_conn(key);
+                    } else {
+                        // Keep what the guest sent: finish writing it first.
+                        conn.state = ConnState::Closing {
+                            deadline: Instant::now() + CLOSE_TIMEOUT,
+                        };
+                    }
                 }
             }
             OP_RST => self.remove(key),
             _ => self.reset_conn(key),
+        }
+    }
+
+    /// The first established connection (either direction) means the agent
+    /// is up: log it for the boot timeline and run the callback once.
+    fn note_agent_ready(&mut self, port: u32) {
+        if self.agent_ready {
+            return;
+        }
+        self.agent_ready = true;
+        tracing::info!(target: "timeline", port, "agent ready");
+        if let Some(f) = self.on_first_response.take() {
+            f(port);
+        }
+    }
+
+    /// The event loop could not watch `fd`: drop whatever it belongs to
+    /// (there is no epoll registration to remove).
+    pub fn registration_failed(&mut self, fd: RawFd) {
+        if let Some(p) = self.pending.remove(&fd) {
+            self.graveyard.push(p.stream);
+            return;
+        }
+        if let Some(key) = self.fd_to_conn.remove(&fd) {
+            self.push_control(key, OP_RST, 0);
+            if let Some(c) = self.conns.remove(&key) {
+                self.graveyard.push(c.stream);
+            }
         }
     }
 
@@ -440,7 +556,7 @@ impl Muxer {
             return;
         }
         let path = format!("{}_{}", self.uds_path.display(), key.local_port);
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        match connect_nonblocking(Path::new(&path)) {
             Ok(stream) => {
                 let mut c = Connection::new(stream, ConnState::Established, false);
                 c.peer_buf_alloc = hdr.buf_alloc;
@@ -448,10 +564,7 @@ impl Muxer {
                 self.conns.insert(key, c);
                 self.register(key);
                 self.push_control(key, OP_RESPONSE, 0);
-                if let Some(f) = self.on_first_response.take() {
-                    tracing::info!(target: "timeline", port = key.local_port, "agent ready");
-                    f(key.peer_port);
-                }
+                self.note_agent_ready(key.local_port);
             }
             Err(e) => {
                 tracing::debug!(%path, "vsock: guest connection refused: {e}");
@@ -466,72 +579,95 @@ impl Muxer {
         if let Some(p) = self.control.pop_front() {
             return Some(p);
         }
+        // Round robin over the connections so that one busy stream cannot
+        // starve the others (the map's order is stable while it is unchanged).
         let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
-        for key in keys {
-            let Some(c) = self.conns.get_mut(&key) else {
+        let start = self.rr_cursor % keys.len().max(1);
+        for i in 0..keys.len() {
+            let pos = (start + i) % keys.len();
+            let Some(&key) = keys.get(pos) else {
                 continue;
             };
-            if c.state != ConnState::Established || c.peer_shut_rcv {
-                continue;
+            if let Some(p) = self.pull(key, max_data) {
+                self.rr_cursor = pos + 1;
+                return Some(p);
             }
-            let credit = c.peer_credit() as usize;
-            let want_data = !c.early.is_empty() || (c.readable && !c.host_eof);
-            if !want_data {
-                continue;
+        }
+        None
+    }
+
+    /// The next packet of one connection, if it has something to send.
+    fn pull(&mut self, key: ConnKey, max_data: usize) -> Option<Packet> {
+        let c = self.conns.get_mut(&key)?;
+        if c.state != ConnState::Established || c.peer_shut_rcv {
+            return None;
+        }
+        let credit = c.peer_credit() as usize;
+        let want_data = !c.early.is_empty() || (c.readable && !c.host_eof);
+        if !want_data {
+            return None;
+        }
+        if credit == 0 {
+            if !c.credit_requested {
+                c.credit_requested = true;
+                let hdr = self.header(key, OP_CREDIT_REQUEST);
+                return Some(Packet {
+                    hdr,
+                    data: Vec::new(),
+                });
             }
-            if credit == 0 {
-                if !c.credit_requested {
-                    c.credit_requested = true;
-                    let mut hdr = self.header(key, OP_CREDIT_REQUEST);
-                    hdr.fwd_cnt = self.conns.get(&key).map_or(0, |c| c.fwd_cnt);
+            return None;
+        }
+        let n = credit.min(max_data).min(MAX_PKT_DATA);
+        if n == 0 {
+            // An RX buffer without room for data; reading 0 bytes would look like EOF.
+            return None;
+        }
+        let mut data;
+        if !c.early.is_empty() {
+            let take = n.min(c.early.len());
+            data = c.early.drain(..take).collect::<Vec<u8>>();
+        } else {
+            data = vec![0u8; n];
+            match c.stream.read(&mut data) {
+                Ok(0) => {
+                    c.host_eof = true;
+                    if c.peer_shut_send {
+                        // Both directions are finished.
+                        self.reset_conn(key);
+                        return self.control.pop_front();
+                    }
+                    // A host peer that closed (rather than shut down its
+                    // write side) will not read either.
+                    let mut flags = SHUTDOWN_SEND;
+                    if c.host_hup {
+                        flags |= SHUTDOWN_RCV;
+                        c.sent_full_shutdown = true;
+                    }
+                    let mut hdr = self.header(key, OP_SHUTDOWN);
+                    hdr.flags = flags;
                     return Some(Packet {
                         hdr,
                         data: Vec::new(),
                     });
                 }
-                continue;
-            }
-            let n = credit.min(max_data).min(MAX_PKT_DATA);
-            let mut data;
-            if !c.early.is_empty() {
-                let take = n.min(c.early.len());
-                data = c.early.drain(..take).collect::<Vec<u8>>();
-            } else {
-                data = vec![0u8; n];
-                match c.stream.read(&mut data) {
-                    Ok(0) => {
-                        c.host_eof = true;
-                        let done = c.peer_shut_send;
-                        if done {
-                            self.reset_conn(key);
-                            return self.control.pop_front();
-                        }
-                        let mut hdr = self.header(key, OP_SHUTDOWN);
-                        hdr.flags = SHUTDOWN_SEND;
-                        return Some(Packet {
-                            hdr,
-                            data: Vec::new(),
-                        });
-                    }
-                    Ok(got) => data.truncate(got),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        c.readable = false;
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => {
-                        self.reset_conn(key);
-                        return self.control.pop_front();
-                    }
+                Ok(got) => data.truncate(got),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readable = false;
+                    return None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return None,
+                Err(_) => {
+                    self.reset_conn(key);
+                    return self.control.pop_front();
                 }
             }
-            c.tx_cnt = c.tx_cnt.wrapping_add(data.len() as u32);
-            c.last_fwd_cnt_sent = c.fwd_cnt;
-            let mut hdr = self.header(key, OP_RW);
-            hdr.len = data.len() as u32;
-            return Some(Packet { hdr, data });
         }
-        None
+        c.tx_cnt = c.tx_cnt.wrapping_add(data.len() as u32);
+        c.last_fwd_cnt_sent = c.fwd_cnt;
+        let mut hdr = self.header(key, OP_RW);
+        hdr.len = data.len() as u32;
+        Some(Packet { hdr, data })
     }
 
     /// New host clients on the listening socket.
@@ -584,7 +720,11 @@ impl Muxer {
                     p.line.extend_from_slice(&buf[..n]);
                     if let Some(nl) = p.line.iter().position(|b| *b == b'\n') {
                         let rest = p.line.split_off(nl + 1);
-                        let port = parse_connect_line(&p.line[..nl]);
+                        let port = if nl <= MAX_CONNECT_LINE {
+                            parse_connect_line(&p.line[..nl])
+                        } else {
+                            None
+                        };
                         let Some(p) = self.pending.remove(&fd) else {
                             return;
                         };
@@ -656,6 +796,19 @@ impl Muxer {
                 return;
             }
         }
+        if events.contains(EventSet::HANG_UP) {
+            c.host_hup = true;
+            // We already forwarded the host's EOF as a half-close; now it is
+            // gone entirely, so it will not read either.
+            if c.host_eof && !c.sent_full_shutdown && c.state == ConnState::Established {
+                c.sent_full_shutdown = true;
+                self.push_control(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                return;
+            }
+        }
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
         if events.contains(EventSet::OUT) {
             c.writable = true;
             if !c.flush_to_host() {
@@ -664,6 +817,10 @@ impl Muxer {
             }
             if c.to_host.is_empty() && c.peer_shut_send {
                 let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                if matches!(c.state, ConnState::Closing { .. }) {
+                    self.reset_conn(key);
+                    return;
+                }
             }
             self.maybe_credit_update(key);
         }
@@ -696,7 +853,9 @@ impl Muxer {
             .conns
             .iter()
             .filter(|(_, c)| match c.state {
-                ConnState::Connecting { deadline } => deadline <= now,
+                ConnState::Connecting { deadline } | ConnState::Closing { deadline } => {
+                    deadline <= now
+                }
                 ConnState::Established => false,
             })
             .map(|(k, _)| *k)
@@ -736,7 +895,13 @@ impl Muxer {
 
 impl Drop for Muxer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        // Only unlink the socket we created, not one that replaced it.
+        let current = std::fs::symlink_metadata(&self.uds_path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if current.is_some() && current == self.socket_id {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 
@@ -1036,5 +1201,17 @@ mod tests {
         m.sweep(Instant::now());
         assert_eq!(m.connection_count(), 0);
         assert!(!m.has_deadlines());
+    }
+
+    #[test]
+    fn rx_buffer_without_data_room_is_not_eof() {
+        let (mut m, mut client, _local, _d) = connected("zero-room");
+        client.write_all(b"abc").unwrap();
+        let p = m.next_rx(0);
+        assert_ne!(
+            p.map(|p| p.hdr.op),
+            Some(OP_SHUTDOWN),
+            "a 0-byte rx buffer made us report host EOF"
+        );
     }
 }
