@@ -1,39 +1,50 @@
 //! The vsock server: accept connections, one thread each, and answer
-//! requests. Connection handling is generic over `Read + Write` so it is
-//! tested on the host with Unix socket pairs.
+//! requests. Connection handling is generic over `Read + Write` (and the
+//! accept loop over any source of connections), so it is tested on the host
+//! with Unix sockets.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
-use std::sync::{Arc, OnceLock};
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::socket::{
-    accept4, bind, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+    accept4, bind, connect, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
 };
 use vessel_proto::frame::{read_frame_bytes, write_frame};
 use vessel_proto::{
-    ErrorCode, ErrorReply, FrameError, PingReply, Request, RequestBody, Response, ResponseBody,
-    Uname, PROTOCOL_VERSION,
+    decode_request, ErrorCode, ErrorReply, FrameError, PingReply, RequestBody, Response,
+    ResponseBody, Uname, HOST_CID, PROTOCOL_VERSION, READY_PORT,
 };
 
-use crate::init::{boottime_ms, log};
+use crate::init::{boottime_ms, log, log_fmt};
 
 /// `VMADDR_CID_ANY`.
 const CID_ANY: u32 = u32::MAX;
 
+/// Stack of a connection thread: requests are small and serde_json limits
+/// nesting to 128 levels.
+const CONN_STACK: usize = 256 * 1024;
+
+/// Read buffer of a connection: a whole small frame (header and body) then
+/// costs one `read`.
+const CONN_READ_BUF: usize = 4096;
+
 /// What request handlers need.
 pub struct Context {
-    /// Verbose logging.
+    /// Verbose logging (`vessel.debug`).
     pub debug: bool,
     /// Guest CLOCK_BOOTTIME (ms) when /init started.
     pub init_started_ms: u64,
     /// Guest CLOCK_BOOTTIME (ms) when the listener was ready.
-    pub listening_ms: OnceLock<u64>,
-    /// Powers the VM off (tests inject a stub).
+    pub listening_ms: Option<u64>,
+    /// Stops the VM after `Shutdown` was answered. Production: [`power_off`];
+    /// tests inject a stub so they do not reboot the host.
     pub shutdown: Box<dyn Fn() + Send + Sync>,
 }
 
-/// Creates the vsock listener.
+/// Creates the vsock listener on `port` (any CID): three system calls.
 pub fn listen(port: u32) -> nix::Result<OwnedFd> {
     let fd = socket(
         AddressFamily::Vsock,
@@ -41,61 +52,14 @@ pub fn listen(port: u32) -> nix::Result<OwnedFd> {
         SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &VsockAddr::new(CID_ANY, port),
-    )?;
+    bind(fd.as_raw_fd(), &VsockAddr::new(CID_ANY, port))?;
     nix::sys::socket::listen(&fd, Backlog::new(64)?)?;
     Ok(fd)
 }
 
-/// Accepts connections forever, one thread per connection.
-pub fn serve(listener: OwnedFd, ctx: Context) -> ! {
-    let _ = ctx.listening_ms.set(boottime_ms());
-    announce_ready();
-    let ctx = Arc::new(ctx);
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
-    let mut consecutive_errors = 0u32;
-    loop {
-        match accept4(raw, SockFlag::SOCK_CLOEXEC) {
-            Ok(fd) => {
-                consecutive_errors = 0;
-                // SAFETY: accept4 returned a new file descriptor that nothing
-                // else owns.
-                let stream = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-                let ctx = ctx.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("conn".into())
-                    .stack_size(256 * 1024)
-                    .spawn(move || {
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            handle_connection(stream, &ctx)
-                        }));
-                        if r.is_err() {
-                            log("connection handler panicked; connection dropped");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    log(&format!("cannot start a connection thread: {e}"));
-                }
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => {
-                consecutive_errors += 1;
-                if consecutive_errors == 1 || ctx.debug {
-                    log(&format!("accept: {e}"));
-                }
-                if consecutive_errors > 3 {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-            }
-        }
-    }
-}
-
 /// Tells a waiting host that we listen: connect to the host's ready port
 /// and close. Without a host listener this is one refused connect.
-fn announce_ready() {
+pub fn announce_ready() {
     let Ok(fd) = socket(
         AddressFamily::Vsock,
         SockType::Stream,
@@ -104,8 +68,84 @@ fn announce_ready() {
     ) else {
         return;
     };
-    let addr = VsockAddr::new(vessel_proto::HOST_CID, vessel_proto::READY_PORT);
-    let _ = nix::sys::socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr);
+    let _ = connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, READY_PORT));
+}
+
+/// Accepted vsock connections, forever.
+pub struct Incoming {
+    listener: OwnedFd,
+}
+
+impl Incoming {
+    /// Accepts on `listener`.
+    pub fn new(listener: OwnedFd) -> Incoming {
+        Incoming { listener }
+    }
+}
+
+impl Iterator for Incoming {
+    type Item = io::Result<File>;
+
+    fn next(&mut self) -> Option<io::Result<File>> {
+        loop {
+            match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+                // SAFETY: accept4 returned a new descriptor that nothing else
+                // owns; the File takes ownership.
+                Ok(fd) => return Some(Ok(unsafe { File::from_raw_fd(fd) })),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+    }
+}
+
+/// Serves every connection from `incoming`, each in its own thread. Accept
+/// errors are logged (the first of a run, or all with `debug`) and, when
+/// they repeat (e.g. out of descriptors), slowed down.
+pub fn serve<S, I>(incoming: I, ctx: Arc<Context>)
+where
+    S: Read + Write + Send + 'static,
+    I: IntoIterator<Item = io::Result<S>>,
+{
+    let mut consecutive_errors = 0u32;
+    for conn in incoming {
+        match conn {
+            Ok(stream) => {
+                consecutive_errors = 0;
+                spawn_connection(stream, ctx.clone());
+            }
+            Err(e) => {
+                consecutive_errors += 1;
+                if consecutive_errors == 1 || ctx.debug {
+                    log_fmt(format_args!("accept: {e}"));
+                }
+                if consecutive_errors > 3 {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+/// Serves one connection in a new thread. A panic in the handler is caught
+/// and ends only that connection: PID 1 must never exit.
+fn spawn_connection<S: Read + Write + Send + 'static>(stream: S, ctx: Arc<Context>) {
+    if ctx.debug {
+        log_fmt(format_args!("connection accepted at {} ms", boottime_ms()));
+    }
+    let spawned = std::thread::Builder::new()
+        .stack_size(CONN_STACK)
+        .spawn(move || {
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                handle_connection(stream, &ctx)
+            }));
+            if served.is_err() {
+                log("connection handler panicked; connection dropped");
+            }
+        });
+    if let Err(e) = spawned {
+        log_fmt(format_args!("cannot start a connection thread: {e}"));
+    }
 }
 
 fn error(id: u64, code: ErrorCode, message: String) -> Response {
@@ -115,29 +155,34 @@ fn error(id: u64, code: ErrorCode, message: String) -> Response {
     }
 }
 
-/// Serves one connection until the peer closes it or the stream is unusable.
-pub fn handle_connection<S: Read + Write>(mut stream: S, ctx: &Context) {
+/// Serves one connection until the peer closes it or the stream is out of
+/// step with the framing.
+pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
+    let mut reader = BufReader::with_capacity(CONN_READ_BUF, stream);
     loop {
-        let body = match read_frame_bytes(&mut stream) {
-            Ok(b) => b,
+        let body = match read_frame_bytes(&mut reader) {
+            Ok(body) => body,
             Err(FrameError::Closed) => return,
             Err(e) => {
-                // The stream may be out of step with frame boundaries: answer
-                // once and close.
+                let desync = e.is_desync();
+                // Answer when the peer may still read: not after an I/O error.
                 if !matches!(e, FrameError::Io(_)) {
-                    let _ = write_frame(
-                        &mut stream,
-                        &error(0, ErrorCode::InvalidRequest, e.to_string()),
-                    );
+                    let reply = error(0, ErrorCode::InvalidRequest, e.to_string());
+                    if write_frame(reader.get_mut(), &reply).is_err() {
+                        return;
+                    }
                 }
-                if ctx.debug {
-                    log(&format!("closing connection: {e}"));
+                if desync {
+                    if ctx.debug {
+                        log_fmt(format_args!("closing connection: {e}"));
+                    }
+                    return;
                 }
-                return;
+                continue;
             }
         };
         let (response, after) = dispatch(&body, ctx);
-        if write_frame(&mut stream, &response).is_err() {
+        if write_frame(reader.get_mut(), &response).is_err() {
             return;
         }
         if let Some(action) = after {
@@ -149,48 +194,34 @@ pub fn handle_connection<S: Read + Write>(mut stream: S, ctx: &Context) {
 type After<'a> = Option<&'a (dyn Fn() + Send + Sync)>;
 
 /// Decodes one frame body and answers it; the second value is an action to
-/// run after the reply was sent.
+/// run once the reply has been sent.
 pub fn dispatch<'a>(body: &[u8], ctx: &'a Context) -> (Response, After<'a>) {
-    let req: Request = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => {
-            // Tell an unknown request type apart from garbage, keeping the id.
-            let value: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-            let id = value
-                .as_ref()
-                .and_then(|v| v.get("id"))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0);
-            let code = if value.as_ref().and_then(|v| v.get("body")).is_some() {
-                ErrorCode::Unsupported
-            } else {
-                ErrorCode::InvalidRequest
-            };
-            return (error(id, code, format!("cannot decode request: {e}")), None);
+    let req = match decode_request(body) {
+        Ok(req) => req,
+        Err(rejected) => {
+            if ctx.debug {
+                log_fmt(format_args!("rejected request: {}", rejected.error.message));
+            }
+            return (rejected.into_response(), None);
         }
     };
-    match req.body {
+    let (body, after): (ResponseBody, After<'a>) = match req.body {
         RequestBody::Ping => (
-            Response {
-                id: req.id,
-                body: ResponseBody::Pong(PingReply {
-                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
-                    protocol_version: PROTOCOL_VERSION,
-                    uname: uname(),
-                    init_started_ms: Some(ctx.init_started_ms),
-                    listening_ms: ctx.listening_ms.get().copied(),
-                }),
-            },
+            ResponseBody::Pong(PingReply {
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                protocol_version: PROTOCOL_VERSION,
+                uname: uname(),
+                init_started_ms: Some(ctx.init_started_ms),
+                listening_ms: ctx.listening_ms,
+            }),
             None,
         ),
-        RequestBody::Shutdown => (
-            Response {
-                id: req.id,
-                body: ResponseBody::ShuttingDown,
-            },
-            Some(&*ctx.shutdown),
-        ),
-    }
+        RequestBody::Shutdown => {
+            log("shutting down");
+            (ResponseBody::ShuttingDown, Some(&*ctx.shutdown))
+        }
+    };
+    (Response { id: req.id, body }, after)
 }
 
 fn uname() -> Uname {
@@ -206,32 +237,45 @@ fn uname() -> Uname {
     }
 }
 
-/// Syncs filesystems and reboots; the VMM treats the reset as a clean exit.
+/// Syncs filesystems and reboots: with `reboot=k` the guest resets through
+/// the keyboard controller, which the VMM treats as a clean exit (status 0).
+/// Returns only if the reboot failed.
 pub fn power_off() {
     nix::unistd::sync();
     let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
-    log(&format!("reboot: {e}"));
+    log_fmt(format_args!("reboot: {e}"));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixStream;
+    use std::os::unix::net::{UnixListener, UnixStream};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vessel_proto::frame::{read_frame, write_frame_bytes};
+    use vessel_proto::Request;
 
-    fn ctx(counter: Arc<AtomicUsize>) -> Context {
+    fn ctx(shutdowns: Arc<AtomicUsize>) -> Context {
         Context {
             debug: false,
             init_started_ms: 5,
-            listening_ms: OnceLock::new(),
+            listening_ms: Some(6),
             shutdown: Box::new(move || {
-                counter.fetch_add(1, Ordering::SeqCst);
+                shutdowns.fetch_add(1, Ordering::SeqCst);
             }),
         }
     }
 
-    fn run(frames: impl FnOnce(&mut UnixStream) + Send + 'static) -> (Vec<Response>, usize) {
+    fn ping(id: u64) -> Request {
+        Request {
+            id,
+            body: RequestBody::Ping,
+        }
+    }
+
+    /// Runs `handle_connection` on one end of a socket pair, writes what
+    /// `frames` writes on the other, then half-closes and collects every
+    /// response. Returns them and how often shutdown was called.
+    fn run(frames: impl FnOnce(&mut UnixStream)) -> (Vec<Response>, usize) {
         let (a, mut b) = UnixStream::pair().unwrap();
         let count = Arc::new(AtomicUsize::new(0));
         let c = ctx(count.clone());
@@ -246,66 +290,103 @@ mod tests {
         (out, count.load(Ordering::SeqCst))
     }
 
+    fn error_code(r: &Response) -> Option<ErrorCode> {
+        match &r.body {
+            ResponseBody::Error(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
     #[test]
     fn ping_and_shutdown() {
         let (out, shutdowns) = run(|s| {
-            write_frame(
-                s,
-                &Request {
-                    id: 1,
-                    body: RequestBody::Ping,
-                },
-            )
-            .unwrap();
-            write_frame(
-                s,
-                &Request {
-                    id: 2,
-                    body: RequestBody::Shutdown,
-                },
-            )
-            .unwrap();
+            write_frame(s, &ping(1)).unwrap();
+            let shutdown = Request {
+                id: 2,
+                body: RequestBody::Shutdown,
+            };
+            write_frame(s, &shutdown).unwrap();
         });
         assert_eq!(out.len(), 2);
+        assert_eq!(out[0].id, 1);
         match &out[0].body {
             ResponseBody::Pong(p) => {
                 assert_eq!(p.uname.sysname, "Linux");
+                assert_eq!(p.uname, uname());
+                assert_eq!(p.agent_version, env!("CARGO_PKG_VERSION"));
+                assert_eq!(p.protocol_version, PROTOCOL_VERSION);
                 assert_eq!(p.init_started_ms, Some(5));
-                assert_eq!(out[0].id, 1);
+                assert_eq!(p.listening_ms, Some(6));
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            out[1],
-            Response {
-                id: 2,
-                body: ResponseBody::ShuttingDown
-            }
-        );
+        let want = Response {
+            id: 2,
+            body: ResponseBody::ShuttingDown,
+        };
+        assert_eq!(out[1], want);
         assert_eq!(shutdowns, 1);
     }
 
     #[test]
-    fn unknown_type_and_bad_json_keep_the_connection() {
-        let (out, _) = run(|s| {
+    fn shutdown_runs_after_the_reply_is_sent() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let tx = std::sync::Mutex::new(tx);
+        let c = Context {
+            shutdown: Box::new(move || {
+                // Blocks the handler until the test has read the reply.
+                let _ = tx.lock().map(|t| t.send(()));
+                std::thread::sleep(Duration::from_millis(50));
+            }),
+            ..ctx(Arc::new(AtomicUsize::new(0)))
+        };
+        let server = std::thread::spawn(move || handle_connection(a, &c));
+        let req = Request {
+            id: 9,
+            body: RequestBody::Shutdown,
+        };
+        write_frame(&mut b, &req).unwrap();
+        let r: Response = read_frame(&mut b).unwrap();
+        assert_eq!(r.body, ResponseBody::ShuttingDown);
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        drop(b);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn unknown_type_bad_json_and_empty_frames_keep_the_connection() {
+        let (out, shutdowns) = run(|s| {
             write_frame_bytes(s, br#"{"id":4,"body":{"Frobnicate":{}}}"#).unwrap();
             write_frame_bytes(s, b"not json").unwrap();
-            write_frame(
-                s,
-                &Request {
-                    id: 5,
-                    body: RequestBody::Ping,
-                },
-            )
-            .unwrap();
+            s.write_all(&0u32.to_be_bytes()).unwrap();
+            write_frame_bytes(s, br#"{"id":"x"}"#).unwrap();
+            write_frame(s, &ping(5)).unwrap();
         });
-        assert_eq!(out.len(), 3);
-        assert!(matches!(&out[0].body, ResponseBody::Error(e) if e.code == ErrorCode::Unsupported));
+        assert_eq!(out.len(), 5, "{out:?}");
         assert_eq!(out[0].id, 4);
-        assert!(
-            matches!(&out[1].body, ResponseBody::Error(e) if e.code == ErrorCode::InvalidRequest)
-        );
-        assert!(matches!(out[2].body, ResponseBody::Pong(_)));
+        assert_eq!(error_code(&out[0]), Some(ErrorCode::Unsupported));
+        for r in &out[1..4] {
+            assert_eq!(error_code(r), Some(ErrorCode::InvalidRequest), "{r:?}");
+        }
+        assert_eq!(out[4].id, 5);
+        assert!(matches!(out[4].body, ResponseBody::Pong(_)));
+        assert_eq!(shutdowns, 0);
+    }
+
+    #[test]
+    fn deeply_nested_json_is_rejected_without_overflowing_the_stack() {
+        // Served in a thread with the production stack size.
+        let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let c = Arc::new(ctx(Arc::new(AtomicUsize::new(0))));
+        spawn_connection(a, c);
+        write_frame_bytes(&mut b, nested.as_bytes()).unwrap();
+        let r: Response = read_frame(&mut b).unwrap();
+        assert_eq!(error_code(&r), Some(ErrorCode::InvalidRequest));
+        write_frame(&mut b, &ping(3)).unwrap();
+        let r: Response = read_frame(&mut b).unwrap();
+        assert_eq!(r.id, 3);
     }
 
     #[test]
@@ -315,16 +396,86 @@ mod tests {
             s.write_all(b"junk after").unwrap();
         });
         assert_eq!(out.len(), 1);
+        assert_eq!(error_code(&out[0]), Some(ErrorCode::InvalidRequest));
         assert!(matches!(&out[0].body, ResponseBody::Error(e) if e.message.contains("exceeds")));
     }
 
     #[test]
     fn truncated_frame_is_answered_and_closed() {
         let (out, _) = run(|s| {
+            write_frame(s, &ping(1)).unwrap();
             s.write_all(&100u32.to_be_bytes()).unwrap();
             s.write_all(b"{\"id\":").unwrap();
         });
+        assert_eq!(out.len(), 2);
+        assert!(matches!(out[0].body, ResponseBody::Pong(_)));
+        assert!(matches!(&out[1].body, ResponseBody::Error(e) if e.message.contains("truncated")));
+    }
+
+    #[test]
+    fn truncated_header_is_answered_and_closed() {
+        let (out, _) = run(|s| s.write_all(&[0, 0]).unwrap());
         assert_eq!(out.len(), 1);
         assert!(matches!(&out[0].body, ResponseBody::Error(e) if e.message.contains("truncated")));
+    }
+
+    #[test]
+    fn peer_gone_mid_conversation_ends_the_handler() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let c = ctx(Arc::new(AtomicUsize::new(0)));
+        let server = std::thread::spawn(move || handle_connection(a, &c));
+        write_frame(&mut b, &ping(1)).unwrap();
+        drop(b);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn panicking_handler_is_contained() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let c = Context {
+            shutdown: Box::new(|| panic!("injected")),
+            ..ctx(Arc::new(AtomicUsize::new(0)))
+        };
+        spawn_connection(a, Arc::new(c));
+        let req = Request {
+            id: 1,
+            body: RequestBody::Shutdown,
+        };
+        write_frame(&mut b, &req).unwrap();
+        let r: Response = read_frame(&mut b).unwrap();
+        assert_eq!(r.body, ResponseBody::ShuttingDown);
+        // The handler panicked after replying: the connection is closed.
+        assert!(matches!(
+            read_frame::<_, Response>(&mut b),
+            Err(FrameError::Closed)
+        ));
+    }
+
+    #[test]
+    fn concurrent_connections_are_served() {
+        let dir = std::env::temp_dir().join(format!("vessel-agent-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let c = Arc::new(ctx(Arc::new(AtomicUsize::new(0))));
+        let server = std::thread::spawn(move || serve(listener.incoming().take(3), c));
+        // Three clients connected at once, each waiting for its first reply
+        // while the others are open, then interleaving requests.
+        let mut clients: Vec<UnixStream> = (0..3)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        for round in 0..5u64 {
+            for (i, s) in clients.iter_mut().enumerate() {
+                write_frame(s, &ping(round * 10 + i as u64)).unwrap();
+            }
+            for (i, s) in clients.iter_mut().enumerate() {
+                let r: Response = read_frame(s).unwrap();
+                assert_eq!(r.id, round * 10 + i as u64);
+            }
+        }
+        drop(clients);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,13 +1,17 @@
-//! The initramfs: a newc cpio archive written by our own code, holding the
-//! static `vessel-agent` as `/init` and the few directories it needs.
+//! The initramfs: a newc ("070701") cpio archive written by our own code,
+//! holding the static `vessel-agent` as `/init`, the directories it mounts
+//! on, and a `/dev/console` node so the kernel can give /init a console
+//! before devtmpfs is mounted.
 //!
-//! The archive is deterministic (fixed inode numbers, mtime 0), so the same
-//! agent binary always gives the same bytes.
+//! The archive is deterministic (fixed inode numbers, uid/gid 0, mtime 0), so
+//! the same agent binary always gives the same bytes. It is not compressed:
+//! the guest kernel would decompress it at emulated speed on some hosts.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{cargo, run_cmd};
 
@@ -18,15 +22,33 @@ const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
 
-/// One archive entry.
+/// newc magic.
+const MAGIC: &[u8; 6] = b"070701";
+/// Name of the entry that ends a newc archive.
+const TRAILER: &str = "TRAILER!!!";
+
+/// One archive entry; names are relative to the root ("dev/console").
+#[derive(Clone, Copy, Debug)]
 pub enum Entry<'a> {
-    /// A directory with its mode bits.
+    /// A directory with its permission bits.
     Dir(&'a str, u32),
-    /// A regular file with mode bits and contents.
+    /// A regular file with permission bits and contents.
     File(&'a str, u32, &'a [u8]),
-    /// A character device node: mode bits, major, minor.
+    /// A character device node: permission bits, major, minor.
     CharDev(&'a str, u32, u32, u32),
 }
+
+/// What the initramfs holds besides /init, parents before children.
+const LAYOUT: [Entry<'static>; 8] = [
+    Entry::Dir("dev", 0o755),
+    Entry::CharDev("dev/console", 0o600, 5, 1),
+    Entry::Dir("proc", 0o555),
+    Entry::Dir("sys", 0o555),
+    Entry::Dir("run", 0o755),
+    Entry::Dir("tmp", 0o1777),
+    Entry::Dir("mnt", 0o755),
+    Entry::Dir("etc", 0o755),
+];
 
 fn pad4(out: &mut Vec<u8>) {
     while !out.len().is_multiple_of(4) {
@@ -34,63 +56,110 @@ fn pad4(out: &mut Vec<u8>) {
     }
 }
 
-fn header(
-    out: &mut Vec<u8>,
+/// The fixed fields of one header.
+struct Header<'a> {
     ino: u32,
     mode: u32,
     nlink: u32,
     filesize: u32,
     rdev: (u32, u32),
-    name: &str,
-) {
-    let namesize = name.len() as u32 + 1;
-    let fields = [
-        ino, mode, 0, 0, nlink, 0, filesize, 0, 0, rdev.0, rdev.1, namesize, 0,
-    ];
-    out.extend_from_slice(b"070701");
-    for f in fields {
-        out.extend_from_slice(format!("{f:08x}").as_bytes());
-    }
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    pad4(out);
+    name: &'a str,
 }
 
-/// Serializes entries as a newc archive with its trailer.
+impl Header<'_> {
+    /// Appends the header, the NUL-terminated name and padding to 4 bytes.
+    fn write(&self, out: &mut Vec<u8>) -> Result<()> {
+        if self.name.is_empty() || self.name.contains('\0') {
+            bail!("invalid cpio entry name {:?}", self.name);
+        }
+        let namesize = u32::try_from(self.name.len() + 1).context("cpio entry name too long")?;
+        let (uid, gid, mtime, devmajor, devminor, check) = (0, 0, 0, 0, 0, 0);
+        let fields = [
+            self.ino,
+            self.mode,
+            uid,
+            gid,
+            self.nlink,
+            mtime,
+            self.filesize,
+            devmajor,
+            devminor,
+            self.rdev.0,
+            self.rdev.1,
+            namesize,
+            check,
+        ];
+        out.extend_from_slice(MAGIC);
+        for f in fields {
+            write!(out, "{f:08x}")?;
+        }
+        out.extend_from_slice(self.name.as_bytes());
+        out.push(0);
+        pad4(out);
+        Ok(())
+    }
+}
+
+/// Serializes `entries` as a newc archive, with inode numbers 1, 2, … in
+/// order, and the trailer.
 pub fn write_newc(entries: &[Entry]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        let ino = i as u32 + 1;
-        match e {
-            Entry::Dir(name, perm) => header(&mut out, ino, S_IFDIR | perm, 2, 0, (0, 0), name),
+        let ino = u32::try_from(i + 1).context("too many cpio entries")?;
+        let (name, mode, nlink, data, rdev): (&str, u32, u32, &[u8], (u32, u32)) = match *e {
+            Entry::Dir(name, perm) => (name, S_IFDIR | perm, 2, &[], (0, 0)),
             Entry::CharDev(name, perm, major, minor) => {
-                header(&mut out, ino, S_IFCHR | perm, 1, 0, (*major, *minor), name)
+                (name, S_IFCHR | perm, 1, &[], (major, minor))
             }
-            Entry::File(name, perm, data) => {
-                let size = u32::try_from(data.len()).context("file too large for newc")?;
-                header(&mut out, ino, S_IFREG | perm, 1, size, (0, 0), name);
-                out.extend_from_slice(data);
-                pad4(&mut out);
-            }
+            Entry::File(name, perm, data) => (name, S_IFREG | perm, 1, data, (0, 0)),
+        };
+        let filesize = u32::try_from(data.len())
+            .with_context(|| format!("{name} is too large for a newc archive"))?;
+        Header {
+            ino,
+            mode,
+            nlink,
+            filesize,
+            rdev,
+            name,
         }
+        .write(&mut out)?;
+        out.extend_from_slice(data);
+        pad4(&mut out);
     }
-    header(&mut out, 0, 0, 1, 0, (0, 0), "TRAILER!!!");
+    Header {
+        ino: 0,
+        mode: 0,
+        nlink: 1,
+        filesize: 0,
+        rdev: (0, 0),
+        name: TRAILER,
+    }
+    .write(&mut out)?;
     Ok(out)
 }
 
-/// Builds the static agent; returns the binary's path.
-pub fn build_agent(root: &Path) -> Result<PathBuf> {
+/// Builds the static agent (installing the musl target first if needed) and
+/// returns `target/x86_64-unknown-linux-musl/release/vessel-agent`. The
+/// agent's build script strips its symbols.
+pub fn build_agent(workspace_root: &Path) -> Result<PathBuf> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
         .context("cannot run rustup")?;
+    if !installed.status.success() {
+        bail!(
+            "`rustup target list --installed` failed with {}",
+            installed.status
+        );
+    }
     if !String::from_utf8_lossy(&installed.stdout)
         .lines()
         .any(|l| l.trim() == AGENT_TARGET)
     {
         run_cmd(Command::new("rustup").args(["target", "add", AGENT_TARGET]))?;
     }
-    run_cmd(cargo().current_dir(root).args([
+    run_cmd(cargo().current_dir(workspace_root).args([
         "build",
         "--release",
         "-p",
@@ -98,38 +167,47 @@ pub fn build_agent(root: &Path) -> Result<PathBuf> {
         "--target",
         AGENT_TARGET,
     ]))?;
-    let built = root
+    let agent = workspace_root
         .join("target")
         .join(AGENT_TARGET)
         .join("release/vessel-agent");
-    // Symbols are useless in the guest and cost unpacking time there.
-    let stripped = built.with_file_name("vessel-agent.stripped");
-    run_cmd(Command::new("strip").arg("-o").arg(&stripped).arg(&built))?;
-    Ok(stripped)
+    if !agent.is_file() {
+        bail!("cargo did not produce {}", agent.display());
+    }
+    Ok(agent)
 }
 
-/// Writes the initramfs with `agent` as /init to `out` (atomically).
-pub fn build(_root: &Path, agent: &Path, out: &Path) -> Result<()> {
+/// Writes the initramfs with `agent` as /init to `out`, atomically (a
+/// temporary file in the same directory, synced, then renamed).
+pub fn build(_workspace_root: &Path, agent: &Path, out: &Path) -> Result<()> {
     let agent_bytes =
         std::fs::read(agent).with_context(|| format!("reading {}", agent.display()))?;
-    let entries = [
-        Entry::Dir("dev", 0o755),
-        Entry::CharDev("dev/console", 0o600, 5, 1),
-        Entry::Dir("proc", 0o555),
-        Entry::Dir("sys", 0o555),
-        Entry::Dir("run", 0o755),
-        Entry::Dir("tmp", 0o1777),
-        Entry::Dir("mnt", 0o755),
-        Entry::Dir("etc", 0o755),
-        Entry::File("init", 0o755, &agent_bytes),
-    ];
+    let mut entries = LAYOUT.to_vec();
+    entries.push(Entry::File("init", 0o755, &agent_bytes));
     let bytes = write_newc(&entries)?;
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file_name = out
+        .file_name()
+        .with_context(|| format!("{} has no file name", out.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = written.and_then(|()| Ok(std::fs::rename(&tmp, out)?)) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("writing {}", out.display())));
     }
-    let tmp = out.with_extension("cpio.tmp");
-    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
     Ok(())
 }
 
@@ -137,47 +215,65 @@ pub fn build(_root: &Path, agent: &Path, out: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Size of a newc header: the magic and 13 fields of 8 hex digits.
+    const HEADER_LEN: usize = 6 + 13 * 8;
+
+    /// One entry read back from an archive.
+    #[derive(Debug)]
     struct Parsed {
+        ino: u32,
         name: String,
         mode: u32,
-        rdevmajor: u32,
+        uid: u32,
+        mtime: u32,
+        rdev: (u32, u32),
         data: Vec<u8>,
     }
 
-    fn parse(mut buf: &[u8]) -> Vec<Parsed> {
+    /// A strict newc reader: checks magic, NUL-terminated names, padding of
+    /// header+name and of data to 4 bytes, and that the trailer ends the
+    /// archive exactly.
+    fn parse(buf: &[u8]) -> Vec<Parsed> {
+        assert_eq!(buf.len() % 4, 0, "archive length not padded");
         let mut out = Vec::new();
-        let total = buf.len();
+        let mut off = 0;
         loop {
-            assert_eq!(&buf[..6], b"070701");
+            let h = &buf[off..off + HEADER_LEN];
+            assert_eq!(&h[..6], MAGIC, "bad magic at {off}");
             let field = |i: usize| {
-                u32::from_str_radix(
-                    std::str::from_utf8(&buf[6 + i * 8..14 + i * 8]).unwrap(),
-                    16,
-                )
-                .unwrap()
+                let hex = std::str::from_utf8(&h[6 + i * 8..14 + i * 8]).unwrap();
+                u32::from_str_radix(hex, 16).unwrap()
             };
-            let mode = field(1);
-            let filesize = field(6) as usize;
-            let rdevmajor = field(9);
             let namesize = field(11) as usize;
-            let name = std::str::from_utf8(&buf[110..110 + namesize - 1])
+            let filesize = field(6) as usize;
+            let name_start = off + HEADER_LEN;
+            let name = &buf[name_start..name_start + namesize];
+            assert_eq!(name.last(), Some(&0), "name not NUL-terminated");
+            let name = std::str::from_utf8(&name[..namesize - 1])
                 .unwrap()
                 .to_string();
-            assert_eq!(buf[110 + namesize - 1], 0);
-            let mut off = 110 + namesize;
-            off = off.div_ceil(4) * 4;
-            let data = buf[off..off + filesize].to_vec();
-            off = (off + filesize).div_ceil(4) * 4;
-            assert_eq!((total - buf.len() + off) % 4, 0);
-            buf = &buf[off..];
-            if name == "TRAILER!!!" {
-                assert!(buf.is_empty());
+            let data_start = (name_start + namesize).div_ceil(4) * 4;
+            assert!(
+                buf[name_start + namesize..data_start]
+                    .iter()
+                    .all(|&b| b == 0),
+                "padding after the name of {name} is not zero"
+            );
+            let data = buf[data_start..data_start + filesize].to_vec();
+            off = (data_start + filesize).div_ceil(4) * 4;
+            assert!(buf[data_start + filesize..off].iter().all(|&b| b == 0));
+            assert_eq!(field(12), 0, "check field");
+            if name == TRAILER {
+                assert_eq!(off, buf.len(), "bytes after the trailer");
                 return out;
             }
             out.push(Parsed {
+                ino: field(0),
                 name,
-                mode,
-                rdevmajor,
+                mode: field(1),
+                uid: field(2),
+                mtime: field(5),
+                rdev: (field(9), field(10)),
                 data,
             });
         }
@@ -190,21 +286,81 @@ mod tests {
             Entry::CharDev("dev/console", 0o600, 5, 1),
             Entry::File("init", 0o755, b"hello"),
             Entry::File("x", 0o644, b""),
+            Entry::File("abcd", 0o644, b"1234"),
         ])
         .unwrap();
         let p = parse(&bytes);
-        assert_eq!(p.len(), 4);
+        assert_eq!(p.len(), 5);
         assert_eq!(p[0].name, "dev");
         assert_eq!(p[0].mode, S_IFDIR | 0o755);
         assert_eq!(p[1].mode, S_IFCHR | 0o600);
-        assert_eq!(p[1].rdevmajor, 5);
+        assert_eq!(p[1].rdev, (5, 1));
         assert_eq!(p[2].data, b"hello");
         assert_eq!(p[3].data, b"");
+        assert_eq!(p[4].data, b"1234");
+        for (i, e) in p.iter().enumerate() {
+            assert_eq!(e.ino as usize, i + 1);
+            assert_eq!((e.uid, e.mtime), (0, 0));
+        }
     }
 
     #[test]
-    fn archive_is_deterministic() {
-        let e = [Entry::File("init", 0o755, b"abc")];
-        assert_eq!(write_newc(&e).unwrap(), write_newc(&e).unwrap());
+    fn names_are_checked() {
+        assert!(write_newc(&[Entry::Dir("", 0o755)]).is_err());
+        assert!(write_newc(&[Entry::Dir("a\0b", 0o755)]).is_err());
+    }
+
+    #[test]
+    fn build_writes_a_reproducible_initramfs() {
+        let dir = std::env::temp_dir().join(format!("vessel-initramfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let agent = dir.join("agent");
+        let agent_bytes: Vec<u8> = (0..10_001u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&agent, &agent_bytes).unwrap();
+        let out = dir.join("out/initramfs.cpio");
+        build(&dir, &agent, &out).unwrap();
+        let first = std::fs::read(&out).unwrap();
+        build(&dir, &agent, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), first, "not reproducible");
+
+        let p = parse(&first);
+        let names: Vec<&str> = p.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "dev",
+                "dev/console",
+                "proc",
+                "sys",
+                "run",
+                "tmp",
+                "mnt",
+                "etc",
+                "init"
+            ]
+        );
+        let get = |n: &str| p.iter().find(|e| e.name == n).unwrap();
+        assert_eq!(get("dev/console").mode, S_IFCHR | 0o600);
+        assert_eq!(get("dev/console").rdev, (5, 1));
+        assert_eq!(get("tmp").mode, S_IFDIR | 0o1777);
+        assert_eq!(get("init").mode, S_IFREG | 0o755);
+        assert_eq!(get("init").data, agent_bytes);
+        // No temporary file is left next to the output.
+        let left: Vec<_> = std::fs::read_dir(dir.join("out"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["initramfs.cpio"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn missing_agent_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("vessel-initramfs-m-{}", std::process::id()));
+        let out = dir.join("initramfs.cpio");
+        let e = build(&dir, &dir.join("nope"), &out).unwrap_err();
+        assert!(format!("{e:#}").contains("nope"));
+        assert!(!out.exists());
     }
 }

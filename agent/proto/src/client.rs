@@ -8,10 +8,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::frame::{read_frame, read_frame_bytes, write_frame, write_frame_bytes, FrameError};
-use crate::messages::{PingReply, Request, RequestBody, Response, ResponseBody};
+use crate::messages::{ErrorReply, PingReply, Request, RequestBody, Response, ResponseBody};
 
-/// Longest handshake answer line we accept.
+/// Longest handshake answer line accepted (`OK 4294967295` is 13 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
+
+/// Pause between attempts of [`AgentClient::wait_ready`].
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Read/write timeout of a client returned by [`AgentClient::wait_ready`]
+/// (change it with [`AgentClient::set_timeout`]).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of the agent client.
 #[derive(Debug, thiserror::Error)]
@@ -23,18 +30,37 @@ pub enum ClientError {
     /// The socket file does not exist or refuses connections.
     #[error("cannot connect to the VMM socket")]
     Connect(#[source] io::Error),
-    /// Waiting for the agent took too long.
+    /// The handshake or a reply did not come in time, or
+    /// [`AgentClient::wait_ready`] ran out of time.
     #[error("timed out waiting for the agent")]
     Timeout,
     /// The peer said something that is not our protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The agent answered with an error.
+    #[error("agent error ({:?}): {}", .0.code, .0.message)]
+    Remote(ErrorReply),
     /// Framing or decoding failed.
     #[error("frame")]
     Frame(#[from] FrameError),
     /// I/O on the socket failed.
     #[error("i/o error")]
     Io(#[from] io::Error),
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Maps a frame error, turning socket timeouts into [`ClientError::Timeout`].
+fn frame_err(e: FrameError) -> ClientError {
+    match e {
+        FrameError::Io(io) if is_timeout(&io) => ClientError::Timeout,
+        other => ClientError::Frame(other),
+    }
 }
 
 /// A connection to the agent.
@@ -44,6 +70,9 @@ pub struct AgentClient {
     next_id: u64,
 }
 
+/// Reads the handshake answer one byte at a time, so that nothing after the
+/// newline (the agent's first frame) is consumed. `None`: the stream closed
+/// before a whole line.
 fn read_line(stream: &mut UnixStream) -> Result<Option<String>, ClientError> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -59,14 +88,7 @@ fn read_line(stream: &mut UnixStream) -> Result<Option<String>, ClientError> {
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(ClientError::Timeout)
-            }
+            Err(e) if is_timeout(&e) => return Err(ClientError::Timeout),
             Err(e) => return Err(ClientError::Io(e)),
         }
     }
@@ -75,44 +97,56 @@ fn read_line(stream: &mut UnixStream) -> Result<Option<String>, ClientError> {
         .map_err(|_| ClientError::Protocol("handshake line is not UTF-8".into()))
 }
 
+/// Checks the handshake answer: `OK <host port>`.
+fn check_ok_line(line: &str) -> Result<(), ClientError> {
+    match line.strip_prefix("OK ").map(str::parse::<u32>) {
+        Some(Ok(_)) => Ok(()),
+        _ => Err(ClientError::Protocol(format!(
+            "unexpected handshake answer {line:?}"
+        ))),
+    }
+}
+
 impl AgentClient {
     /// Connects to `port` in the guest through the VMM socket at `uds_path`.
     /// `timeout` bounds the handshake and every later read and write.
+    ///
+    /// Errors: [`ClientError::Connect`] when the socket is missing or
+    /// refuses, [`ClientError::NotReady`] when the VMM closes the stream
+    /// without `OK` (nothing listens on `port` in the guest yet),
+    /// [`ClientError::Timeout`], [`ClientError::Protocol`] for any other
+    /// answer, [`ClientError::Io`].
     pub fn connect(
         uds_path: &Path,
         port: u32,
         timeout: Duration,
     ) -> Result<AgentClient, ClientError> {
-        let mut stream = UnixStream::connect(uds_path).map_err(ClientError::Connect)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
+        let stream = UnixStream::connect(uds_path).map_err(ClientError::Connect)?;
+        let mut client = AgentClient { stream, next_id: 1 };
+        client.set_timeout(Some(timeout))?;
+        let stream = &mut client.stream;
         if let Err(e) = stream.write_all(format!("CONNECT {port}\n").as_bytes()) {
-            // The VMM drops clients while the guest cannot take connections.
+            // The VMM may drop the stream before reading the request.
             return Err(match e.kind() {
                 io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => ClientError::NotReady,
+                _ if is_timeout(&e) => ClientError::Timeout,
                 _ => ClientError::Io(e),
             });
         }
-        match read_line(&mut stream)? {
+        match read_line(stream)? {
             None => Err(ClientError::NotReady),
             Some(line) => {
-                let ok = line
-                    .strip_prefix("OK ")
-                    .map(|p| p.trim().parse::<u32>().is_ok())
-                    .unwrap_or(false);
-                if ok {
-                    Ok(AgentClient { stream, next_id: 1 })
-                } else {
-                    Err(ClientError::Protocol(format!(
-                        "unexpected handshake answer {line:?}"
-                    )))
-                }
+                check_ok_line(&line)?;
+                Ok(client)
             }
         }
     }
 
-    /// Retries [`AgentClient::connect`] every 20 ms while the socket is
-    /// missing or the agent does not listen yet, up to `timeout` in all.
+    /// Retries [`AgentClient::connect`] every [`RETRY_INTERVAL`] while the
+    /// socket file is missing, refuses connections, or the agent does not
+    /// listen yet ([`ClientError::NotReady`]), until `timeout` has passed in
+    /// all ([`ClientError::Timeout`]). Other errors end the wait at once. The
+    /// returned client uses [`DEFAULT_IO_TIMEOUT`].
     pub fn wait_ready(
         uds_path: &Path,
         port: u32,
@@ -124,25 +158,43 @@ impl AgentClient {
             if left.is_zero() {
                 return Err(ClientError::Timeout);
             }
-            match Self::connect(uds_path, port, left.max(Duration::from_millis(100))) {
-                Ok(c) => {
-                    c.stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-                    c.stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+            // Once the VMM has taken the stream, the guest may need a while to
+            // answer: the handshake gets all the time that is left.
+            match Self::connect(uds_path, port, left) {
+                Ok(mut c) => {
+                    c.set_timeout(Some(DEFAULT_IO_TIMEOUT))?;
                     return Ok(c);
                 }
-                Err(ClientError::NotReady) | Err(ClientError::Connect(_)) => {}
+                Err(ClientError::NotReady) => {}
+                Err(ClientError::Connect(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) => {}
                 Err(e) => return Err(e),
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let left = deadline.saturating_duration_since(Instant::now());
+            std::thread::sleep(RETRY_INTERVAL.min(left));
         }
     }
 
-    /// Sends a request and waits for its response.
+    /// Sets the read and write timeout of later calls (`None`: no timeout).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        // A zero timeout is an error for the socket API: use the smallest one.
+        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+        self.stream.set_read_timeout(timeout)?;
+        self.stream.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
+    /// Sends a request and waits for its response. An `Error` answer is
+    /// `Ok(ResponseBody::Error(..))`; a response whose id is not the
+    /// request's is a [`ClientError::Protocol`] error.
     pub fn call(&mut self, body: RequestBody) -> Result<ResponseBody, ClientError> {
         let id = self.next_id;
-        self.next_id += 1;
-        write_frame(&mut self.stream, &Request { id, body })?;
-        let resp: Response = read_frame(&mut self.stream)?;
+        self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+        write_frame(&mut self.stream, &Request { id, body }).map_err(frame_err)?;
+        let resp: Response = read_frame(&mut self.stream).map_err(frame_err)?;
         if resp.id != id {
             return Err(ClientError::Protocol(format!(
                 "response id {} does not match request id {id}",
@@ -152,28 +204,32 @@ impl AgentClient {
         Ok(resp.body)
     }
 
-    /// Sends a raw JSON frame body (for tests of the agent's input checks).
+    /// Sends a raw JSON frame body and returns the decoded answer, whatever
+    /// its id (for tests of the agent's input checks).
     pub fn call_raw_json(&mut self, json: &str) -> Result<ResponseBody, ClientError> {
-        write_frame_bytes(&mut self.stream, json.as_bytes())?;
-        let body = read_frame_bytes(&mut self.stream)?;
+        write_frame_bytes(&mut self.stream, json.as_bytes()).map_err(frame_err)?;
+        let body = read_frame_bytes(&mut self.stream).map_err(frame_err)?;
         let resp: Response = serde_json::from_slice(&body).map_err(FrameError::Json)?;
         Ok(resp.body)
     }
 
-    /// `Ping`.
+    /// `Ping`: the agent's version and the guest's uname.
     pub fn ping(&mut self) -> Result<PingReply, ClientError> {
         match self.call(RequestBody::Ping)? {
             ResponseBody::Pong(p) => Ok(p),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
             other => Err(ClientError::Protocol(format!(
                 "unexpected answer to Ping: {other:?}"
             ))),
         }
     }
 
-    /// `Shutdown`: the VM powers off after answering.
+    /// `Shutdown`: the agent answers, syncs and reboots the guest, which
+    /// ends the VMM with status 0.
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         match self.call(RequestBody::Shutdown)? {
             ResponseBody::ShuttingDown => Ok(()),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
             other => Err(ClientError::Protocol(format!(
                 "unexpected answer to Shutdown: {other:?}"
             ))),
@@ -184,63 +240,183 @@ impl AgentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::ErrorCode;
     use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::thread::JoinHandle;
 
-    fn server(answer: &'static [u8]) -> (std::path::PathBuf, std::thread::JoinHandle<Vec<u8>>) {
+    /// A socket path in a private directory, removed with the directory
+    /// when dropped.
+    struct SockPath(PathBuf);
+
+    impl std::ops::Deref for SockPath {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for SockPath {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for SockPath {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn sock_path() -> SockPath {
+        static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "vessel-proto-{}-{:?}",
+            "vessel-proto-{}-{}",
             std::process::id(),
-            std::thread::current().id()
+            N.fetch_add(1, Ordering::SeqCst)
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("s.sock");
+        SockPath(dir.join("s.sock"))
+    }
+
+    fn pong(id: u64) -> Response {
+        Response {
+            id,
+            body: ResponseBody::Pong(PingReply {
+                agent_version: "t".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Accepts one stream and reads its 13-byte `CONNECT 1024\n` line.
+    fn accept_connect(l: &UnixListener) -> (UnixStream, Vec<u8>) {
+        let (mut s, _) = l.accept().unwrap();
+        let mut got = vec![0u8; 13];
+        s.read_exact(&mut got).unwrap();
+        (s, got)
+    }
+
+    /// A fake VMM for one stream: reads `CONNECT`, writes `answer`, then
+    /// (when `reply` is given) answers one request. Returns the `CONNECT`
+    /// line it got.
+    fn fake_vmm(
+        answer: &'static [u8],
+        reply: Option<fn(u64) -> Response>,
+    ) -> (SockPath, JoinHandle<Vec<u8>>) {
+        let path = sock_path();
         let l = UnixListener::bind(&path).unwrap();
         let h = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut got = vec![0u8; 13];
-            s.read_exact(&mut got).unwrap();
+            let (mut s, got) = accept_connect(&l);
             s.write_all(answer).unwrap();
-            if answer.starts_with(b"OK") {
+            if let Some(reply) = reply {
                 let req: Request = read_frame(&mut s).unwrap();
-                write_frame(
-                    &mut s,
-                    &Response {
-                        id: req.id,
-                        body: ResponseBody::Pong(PingReply {
-                            agent_version: "t".into(),
-                            ..Default::default()
-                        }),
-                    },
-                )
-                .unwrap();
+                write_frame(&mut s, &reply(req.id)).unwrap();
             }
             got
         });
         (path, h)
     }
 
+    fn connect(path: &Path) -> Result<AgentClient, ClientError> {
+        AgentClient::connect(path, 1024, Duration::from_secs(5))
+    }
+
     #[test]
     fn handshake_ok_then_ping() {
-        let (path, h) = server(b"OK 1073741824\n");
-        let mut c = AgentClient::connect(&path, 1024, Duration::from_secs(5)).unwrap();
+        let (path, h) = fake_vmm(b"OK 1073741824\n", Some(pong));
+        let mut c = connect(&path).unwrap();
         assert_eq!(c.ping().unwrap().agent_version, "t");
         assert_eq!(h.join().unwrap(), b"CONNECT 1024\n");
     }
 
     #[test]
+    fn handshake_does_not_read_past_the_newline() {
+        // The OK line and a frame arrive in one write: the frame must be
+        // left intact for the frame reader.
+        let path = sock_path();
+        let l = UnixListener::bind(&path).unwrap();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = accept_connect(&l);
+            let mut out = b"OK 5\n".to_vec();
+            write_frame(&mut out, &pong(42)).unwrap();
+            s.write_all(&out).unwrap();
+        });
+        let mut c = connect(&path).unwrap();
+        let r: Response = read_frame(&mut c.stream).unwrap();
+        assert_eq!(r, pong(42));
+        h.join().unwrap();
+    }
+
+    #[test]
     fn closed_without_ok_is_not_ready() {
-        let (path, h) = server(b"");
-        let r = AgentClient::connect(&path, 1024, Duration::from_secs(5));
+        let (path, h) = fake_vmm(b"", None);
+        let r = connect(&path);
+        assert!(matches!(r, Err(ClientError::NotReady)), "{r:?}");
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn partial_line_then_close_is_not_ready() {
+        let (path, h) = fake_vmm(b"OK 12", None);
+        let r = connect(&path);
         assert!(matches!(r, Err(ClientError::NotReady)), "{r:?}");
         h.join().unwrap();
     }
 
     #[test]
     fn garbage_answer_is_a_protocol_error() {
-        let (path, h) = server(b"HELLO\n");
-        let r = AgentClient::connect(&path, 1024, Duration::from_secs(5));
+        for answer in [&b"HELLO\n"[..], b"OK\n", b"OK x\n", b"ok 5\n", b"OK 5 6\n"] {
+            let (path, h) = fake_vmm(answer, None);
+            let r = connect(&path);
+            assert!(matches!(r, Err(ClientError::Protocol(_))), "{r:?}");
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn endless_answer_line_is_a_protocol_error() {
+        let (path, h) = fake_vmm(&[b'A'; 200], None);
+        let r = connect(&path);
         assert!(matches!(r, Err(ClientError::Protocol(_))), "{r:?}");
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn silent_peer_times_out() {
+        let path = sock_path();
+        let _l = UnixListener::bind(&path).unwrap();
+        let r = AgentClient::connect(&path, 1024, Duration::from_millis(50));
+        assert!(matches!(r, Err(ClientError::Timeout)), "{r:?}");
+    }
+
+    #[test]
+    fn mismatched_response_id_is_a_protocol_error() {
+        let (path, h) = fake_vmm(b"OK 7\n", Some(|id| pong(id + 1)));
+        let mut c = connect(&path).unwrap();
+        assert!(matches!(c.ping(), Err(ClientError::Protocol(_))));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn error_answer_is_a_remote_error() {
+        let reply = |id| Response {
+            id,
+            body: ResponseBody::Error(ErrorReply {
+                code: ErrorCode::Internal,
+                message: "no".into(),
+            }),
+        };
+        let (path, h) = fake_vmm(b"OK 7\n", Some(reply));
+        let mut c = connect(&path).unwrap();
+        match c.shutdown() {
+            Err(ClientError::Remote(e)) => assert_eq!(e.message, "no"),
+            other => panic!("{other:?}"),
+        }
         h.join().unwrap();
     }
 
@@ -252,5 +428,37 @@ mod tests {
             Duration::from_millis(100),
         );
         assert!(matches!(r, Err(ClientError::Timeout)), "{r:?}");
+    }
+
+    #[test]
+    fn wait_ready_retries_until_the_agent_listens() {
+        // The socket appears late; the VMM then closes two streams without
+        // OK (agent not listening yet) and answers the third.
+        let path = sock_path();
+        let p = path.to_path_buf();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            let l = UnixListener::bind(&p).unwrap();
+            for _ in 0..2 {
+                drop(accept_connect(&l));
+            }
+            let (mut s, _) = accept_connect(&l);
+            s.write_all(b"OK 3\n").unwrap();
+            let req: Request = read_frame(&mut s).unwrap();
+            write_frame(&mut s, &pong(req.id)).unwrap();
+        });
+        let t = Instant::now();
+        let mut c = AgentClient::wait_ready(&path, 1024, Duration::from_secs(10)).unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(60));
+        assert_eq!(c.ping().unwrap().agent_version, "t");
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn wait_ready_stops_on_other_errors() {
+        let (path, h) = fake_vmm(b"NO\n", None);
+        let r = AgentClient::wait_ready(&path, 1024, Duration::from_secs(5));
+        assert!(matches!(r, Err(ClientError::Protocol(_))), "{r:?}");
+        h.join().unwrap();
     }
 }

@@ -1,4 +1,9 @@
 //! Length-prefixed JSON frames.
+//!
+//! A frame is a 4-byte big-endian length `N` followed by `N` bytes of JSON
+//! (one message), with `0 < N <= MAX_FRAME`. The length is checked before
+//! the body buffer is allocated, so a hostile or corrupted peer cannot make
+//! the reader allocate more than [`MAX_FRAME`] bytes.
 
 use std::io::{self, Read, Write};
 
@@ -17,7 +22,7 @@ pub enum FrameError {
     /// The stream ended inside a frame.
     #[error("truncated frame: expected {expected} bytes, got {got}")]
     Truncated {
-        /// Bytes the frame needed.
+        /// Bytes the frame (header or body) needed.
         expected: usize,
         /// Bytes that arrived.
         got: usize,
@@ -37,10 +42,12 @@ pub enum FrameError {
 }
 
 impl FrameError {
-    /// True when the stream is no longer aligned on a frame boundary (or
-    /// gone), so the connection must be closed rather than answered.
+    /// True when the stream is no longer aligned on a frame boundary (or is
+    /// gone), so the connection must be closed. An empty frame or a body
+    /// that is not valid JSON leaves the stream in step: the reader can
+    /// answer with an error and read the next frame.
     pub fn is_desync(&self) -> bool {
-        !matches!(self, FrameError::Json(_))
+        !matches!(self, FrameError::Json(_) | FrameError::Empty)
     }
 }
 
@@ -58,7 +65,12 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize, FrameError> {
     Ok(got)
 }
 
-/// Reads one raw frame body.
+/// Reads one raw frame body without decoding it.
+///
+/// Errors: [`FrameError::Closed`] at a clean EOF between frames,
+/// [`FrameError::Truncated`] at an EOF inside a header or body,
+/// [`FrameError::TooLarge`] (nothing allocated, the body left unread),
+/// [`FrameError::Empty`], [`FrameError::Io`].
 pub fn read_frame_bytes<R: Read>(r: &mut R) -> Result<Vec<u8>, FrameError> {
     let mut header = [0u8; 4];
     match read_full(r, &mut header)? {
@@ -87,7 +99,7 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameErr
     serde_json::from_slice(&body).map_err(FrameError::Json)
 }
 
-/// Writes a raw frame body (one `write_all` of header and body together).
+/// Writes a raw frame body: header and body in one `write_all`, then a flush.
 pub fn write_frame_bytes<W: Write>(w: &mut W, body: &[u8]) -> Result<(), FrameError> {
     if body.len() > MAX_FRAME {
         return Err(FrameError::TooLarge(body.len()));
@@ -96,6 +108,7 @@ pub fn write_frame_bytes<W: Write>(w: &mut W, body: &[u8]) -> Result<(), FrameEr
         return Err(FrameError::Empty);
     }
     let mut buf = Vec::with_capacity(4 + body.len());
+    // MAX_FRAME fits in u32, checked above.
     buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
     buf.extend_from_slice(body);
     w.write_all(&buf).map_err(FrameError::Io)?;
@@ -114,20 +127,49 @@ mod tests {
     use crate::messages::{Request, RequestBody};
     use std::io::Cursor;
 
+    fn req(id: u64) -> Request {
+        Request {
+            id,
+            body: RequestBody::Ping,
+        }
+    }
+
     #[test]
     fn round_trip() {
         let mut buf = Vec::new();
-        let req = Request {
-            id: 9,
-            body: RequestBody::Ping,
-        };
-        write_frame(&mut buf, &req).unwrap();
+        write_frame(&mut buf, &req(9)).unwrap();
         assert_eq!(
             u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize,
             buf.len() - 4
         );
+        assert_eq!(&buf[4..], br#"{"id":9,"body":"Ping"}"#);
         let back: Request = read_frame(&mut Cursor::new(buf)).unwrap();
-        assert_eq!(back, req);
+        assert_eq!(back, req(9));
+    }
+
+    #[test]
+    fn several_frames_in_one_stream() {
+        let mut buf = Vec::new();
+        for id in 1..=3 {
+            write_frame(&mut buf, &req(id)).unwrap();
+        }
+        let mut cur = Cursor::new(buf);
+        for id in 1..=3 {
+            assert_eq!(read_frame::<_, Request>(&mut cur).unwrap().id, id);
+        }
+        assert!(matches!(
+            read_frame::<_, Request>(&mut cur),
+            Err(FrameError::Closed)
+        ));
+    }
+
+    #[test]
+    fn max_frame_is_accepted() {
+        let body = vec![b' '; MAX_FRAME];
+        let mut buf = Vec::new();
+        write_frame_bytes(&mut buf, &body).unwrap();
+        let back = read_frame_bytes(&mut Cursor::new(buf)).unwrap();
+        assert_eq!(back.len(), MAX_FRAME);
     }
 
     #[test]
@@ -139,13 +181,15 @@ mod tests {
     #[test]
     fn truncated_header() {
         let r: Result<Request, _> = read_frame(&mut Cursor::new(vec![0u8, 0]));
+        let e = r.unwrap_err();
         assert!(matches!(
-            r,
-            Err(FrameError::Truncated {
+            e,
+            FrameError::Truncated {
                 expected: 4,
                 got: 2
-            })
+            }
         ));
+        assert!(e.is_desync());
     }
 
     #[test]
@@ -153,36 +197,64 @@ mod tests {
         let mut data = 10u32.to_be_bytes().to_vec();
         data.extend_from_slice(b"{\"id\"");
         let r: Result<Request, _> = read_frame(&mut Cursor::new(data));
+        let e = r.unwrap_err();
         assert!(matches!(
-            r,
-            Err(FrameError::Truncated {
+            e,
+            FrameError::Truncated {
                 expected: 10,
                 got: 5
-            })
+            }
         ));
+        assert!(e.is_desync());
     }
 
     #[test]
-    fn oversized_is_rejected_without_reading_the_body() {
-        let data = u32::MAX.to_be_bytes().to_vec();
-        let r: Result<Request, _> = read_frame(&mut Cursor::new(data));
-        assert!(matches!(r, Err(FrameError::TooLarge(n)) if n == u32::MAX as usize));
+    fn oversized_is_rejected_without_allocating_or_reading_the_body() {
+        // A header announcing 4 GiB, followed by some bytes: the length is
+        // refused before a buffer is allocated or a body byte is read.
+        let mut data = u32::MAX.to_be_bytes().to_vec();
+        data.extend_from_slice(b"{}");
+        let mut cur = Cursor::new(data);
+        let r: Result<Request, _> = read_frame(&mut cur);
+        let e = r.unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge(n) if n == u32::MAX as usize));
+        assert!(e.is_desync());
+        assert_eq!(cur.position(), 4);
+        // One byte over the limit is refused too, on both sides.
+        let over = u32::try_from(MAX_FRAME + 1).unwrap().to_be_bytes().to_vec();
+        let r: Result<Request, _> = read_frame(&mut Cursor::new(over));
+        assert!(matches!(r, Err(FrameError::TooLarge(n)) if n == MAX_FRAME + 1));
         let big = vec![b'x'; MAX_FRAME + 1];
+        let mut out = Vec::new();
         assert!(matches!(
-            write_frame_bytes(&mut Vec::new(), &big),
+            write_frame_bytes(&mut out, &big),
             Err(FrameError::TooLarge(_))
         ));
+        assert!(out.is_empty());
     }
 
     #[test]
-    fn empty_and_invalid_json() {
+    fn empty_frame() {
         let r: Result<Request, _> = read_frame(&mut Cursor::new(0u32.to_be_bytes().to_vec()));
-        assert!(matches!(r, Err(FrameError::Empty)));
+        let e = r.unwrap_err();
+        assert!(matches!(e, FrameError::Empty));
+        assert!(!e.is_desync());
+        assert!(matches!(
+            write_frame_bytes(&mut Vec::new(), b""),
+            Err(FrameError::Empty)
+        ));
+    }
+
+    #[test]
+    fn invalid_json() {
         let mut data = 3u32.to_be_bytes().to_vec();
         data.extend_from_slice(b"{{{");
-        let r: Result<Request, _> = read_frame(&mut Cursor::new(data));
-        let e = r.unwrap_err();
+        write_frame(&mut data, &req(2)).unwrap();
+        let mut cur = Cursor::new(data);
+        let e = read_frame::<_, Request>(&mut cur).unwrap_err();
         assert!(matches!(e, FrameError::Json(_)));
         assert!(!e.is_desync());
+        // The stream is still in step: the next frame reads fine.
+        assert_eq!(read_frame::<_, Request>(&mut cur).unwrap().id, 2);
     }
 }

@@ -10,6 +10,18 @@
 //! bytes of JSON (see [`frame`]). Frames larger than [`MAX_FRAME`] are
 //! rejected before anything is allocated. See README.md in this crate for why
 //! this framing was chosen over ttrpc/protobuf.
+//!
+//! # Messages
+//!
+//! The host sends [`Request`]s and the agent answers each with a [`Response`]
+//! carrying the same id (see [`messages`] for the JSON and the rules for
+//! adding requests). The agent decodes with [`decode_request`], which turns
+//! an unknown request type into an `Error` reply instead of a failure.
+//!
+//! # Host side
+//!
+//! [`client::AgentClient`] connects through the VMM's hybrid vsock socket
+//! (`CONNECT <port>\n` / `OK <port>\n`) and makes calls.
 
 pub mod client;
 pub mod frame;

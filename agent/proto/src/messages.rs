@@ -1,4 +1,21 @@
 //! Request and response types.
+//!
+//! Wire format (the JSON inside a frame):
+//!
+//! ```text
+//! {"id":1,"body":"Ping"}
+//! {"id":1,"body":{"Pong":{"agent_version":"0.1.0","protocol_version":1,"uname":{..}}}}
+//! {"id":2,"body":"Shutdown"}
+//! {"id":2,"body":"ShuttingDown"}
+//! {"id":3,"body":{"Error":{"code":"Unsupported","message":".."}}}
+//! ```
+//!
+//! Bodies are externally tagged enums: a variant without data is a bare
+//! string, a variant with data a one-key object. To grow the protocol, add
+//! variants (an agent that does not know one answers it with
+//! [`ErrorCode::Unsupported`], see [`decode_request`]) and add fields only
+//! with `#[serde(default)]`; never rename or repurpose a variant or a field;
+//! bump [`crate::PROTOCOL_VERSION`] on incompatible changes.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,19 +28,20 @@ pub struct Request {
     pub body: RequestBody,
 }
 
-/// What the host asks. Serialized externally tagged: `{"Ping":null}` or `"Ping"`.
+/// What the host asks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestBody {
     /// Liveness and identity: agent version and guest uname.
     Ping,
-    /// Sync filesystems and power the VM off (reboot, which ends the VMM).
+    /// Sync filesystems and stop the VM (a guest reboot, which ends the VMM
+    /// with status 0).
     Shutdown,
 }
 
 /// A response from the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
-    /// The id of the request answered (0 when the request could not be parsed).
+    /// The id of the request answered (0 when the request had no readable id).
     pub id: u64,
     /// The answer.
     pub body: ResponseBody,
@@ -49,6 +67,9 @@ pub enum ErrorCode {
     Unsupported,
     /// The operation failed inside the guest.
     Internal,
+    /// A code this side does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
 }
 
 /// An error answer.
@@ -92,20 +113,76 @@ pub struct PingReply {
     pub listening_ms: Option<u64>,
 }
 
+/// A request that could not be decoded, and what to answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// The request's id when the body was a JSON object with a numeric
+    /// `id`, else 0.
+    pub id: u64,
+    /// The error to send back.
+    pub error: ErrorReply,
+}
+
+impl Rejected {
+    /// The response that answers the rejected request.
+    pub fn into_response(self) -> Response {
+        Response {
+            id: self.id,
+            body: ResponseBody::Error(self.error),
+        }
+    }
+}
+
+/// Decodes one request frame body; never panics, whatever the input.
+///
+/// A body that is JSON with a numeric `id` and a `body` this side does not
+/// know (a request type from a newer host) is rejected with its id and
+/// [`ErrorCode::Unsupported`]; anything else that does not decode is
+/// [`ErrorCode::InvalidRequest`].
+pub fn decode_request(body: &[u8]) -> Result<Request, Rejected> {
+    let err = match serde_json::from_slice::<Request>(body) {
+        Ok(r) => return Ok(r),
+        Err(e) => e,
+    };
+    // Error path only: look at the JSON generically to keep the id and tell
+    // an unknown request type apart from garbage.
+    let value: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let id = value
+        .as_ref()
+        .and_then(|v| v.get("id"))
+        .and_then(serde_json::Value::as_u64);
+    let has_body = value.as_ref().and_then(|v| v.get("body")).is_some();
+    let (code, what) = if id.is_some() && has_body {
+        (ErrorCode::Unsupported, "unsupported request")
+    } else {
+        (ErrorCode::InvalidRequest, "invalid request")
+    };
+    Err(Rejected {
+        id: id.unwrap_or(0),
+        error: ErrorReply {
+            code,
+            message: format!("{what}: {err}"),
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn wire_format_is_stable() {
-        let r = Request {
-            id: 1,
-            body: RequestBody::Ping,
-        };
-        assert_eq!(
-            serde_json::to_string(&r).unwrap(),
-            r#"{"id":1,"body":"Ping"}"#
-        );
+        for (body, json) in [
+            (RequestBody::Ping, r#"{"id":3,"body":"Ping"}"#),
+            (RequestBody::Shutdown, r#"{"id":3,"body":"Shutdown"}"#),
+        ] {
+            let r = Request { id: 3, body };
+            assert_eq!(serde_json::to_string(&r).unwrap(), json);
+            assert_eq!(decode_request(json.as_bytes()).unwrap(), r);
+        }
+        // The one-key-object spelling of a unit variant decodes too.
+        let r = decode_request(br#"{"id":4,"body":{"Ping":null}}"#).unwrap();
+        assert_eq!(r.body, RequestBody::Ping);
         let e = Response {
             id: 2,
             body: ResponseBody::Error(ErrorReply {
@@ -114,11 +191,77 @@ mod tests {
             }),
         };
         let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"id":2,"body":{"Error":{"code":"Unsupported","message":"x"}}}"#
+        );
         assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), e);
+        let s = serde_json::to_string(&Response {
+            id: 5,
+            body: ResponseBody::ShuttingDown,
+        })
+        .unwrap();
+        assert_eq!(s, r#"{"id":5,"body":"ShuttingDown"}"#);
     }
 
     #[test]
-    fn unknown_request_type_is_a_decode_error() {
+    fn unknown_request_type_is_rejected_with_its_id() {
         assert!(serde_json::from_str::<Request>(r#"{"id":1,"body":{"Frobnicate":{}}}"#).is_err());
+        for json in [
+            r#"{"id":7,"body":{"Frobnicate":{"x":1}}}"#,
+            r#"{"id":7,"body":"Frobnicate"}"#,
+        ] {
+            let r = decode_request(json.as_bytes()).unwrap_err();
+            assert_eq!(r.id, 7);
+            assert_eq!(r.error.code, ErrorCode::Unsupported);
+            assert!(
+                r.error.message.contains("Frobnicate"),
+                "{}",
+                r.error.message
+            );
+            let resp = r.into_response();
+            assert_eq!(resp.id, 7);
+            assert!(matches!(resp.body, ResponseBody::Error(_)));
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_invalid_request() {
+        for body in [
+            &b"not json"[..],
+            b"",
+            b"[]",
+            b"{}",
+            br#"{"id":"x","body":"Ping"}"#,
+            br#"{"id":-1,"body":"Ping"}"#,
+            br#"{"id":5}"#,
+            b"\xff\xfe",
+        ] {
+            let r = decode_request(body).unwrap_err();
+            assert_eq!(r.error.code, ErrorCode::InvalidRequest, "{body:?}");
+        }
+        assert_eq!(decode_request(br#"{"id":5}"#).unwrap_err().id, 5);
+    }
+
+    #[test]
+    fn unknown_error_code_decodes() {
+        let r: Response =
+            serde_json::from_str(r#"{"id":1,"body":{"Error":{"code":"Newer","message":"m"}}}"#)
+                .unwrap();
+        assert!(matches!(r.body, ResponseBody::Error(e) if e.code == ErrorCode::Unknown));
+    }
+
+    #[test]
+    fn ping_reply_without_optional_fields_decodes() {
+        let json = r##"{"id":1,"body":{"Pong":{"agent_version":"0.1.0","protocol_version":1,
+            "uname":{"sysname":"Linux","nodename":"","release":"6.12","version":"#1","machine":"x86_64"}}}}"##;
+        let r: Response = serde_json::from_str(json).unwrap();
+        match r.body {
+            ResponseBody::Pong(p) => {
+                assert_eq!(p.uname.release, "6.12");
+                assert_eq!(p.init_started_ms, None);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
