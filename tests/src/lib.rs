@@ -84,6 +84,8 @@ pub struct VmOptions {
     pub vcpus: u8,
     /// Extra kernel command line.
     pub cmdline: String,
+    /// Extra `vessel-vmm` arguments (e.g. diagnostics).
+    pub vmm_args: Vec<String>,
 }
 
 impl Default for VmOptions {
@@ -92,6 +94,7 @@ impl Default for VmOptions {
             mem_mib: 128,
             vcpus: 1,
             cmdline: String::new(),
+            vmm_args: Vec::new(),
         }
     }
 }
@@ -149,6 +152,7 @@ impl VmProcess {
             .arg(&log)
             .arg("--log-format")
             .arg("json")
+            .args(&opts.vmm_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

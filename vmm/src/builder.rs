@@ -273,6 +273,9 @@ impl MutEventSubscriber for StopWatcher {
 /// Raw fd of the stop eventfd, for the async-signal-safe signal handler.
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 /// Last termination signal received.
+/// How often the RIP sampler interrupts each vCPU (see `profiler`).
+const PROFILE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_term_signal(sig: libc::c_int) {
@@ -459,6 +462,7 @@ impl Microvm {
     /// process.
     pub fn run(mut self) -> VmOutcome {
         let (tx, rx) = mpsc::channel::<VcpuStop>();
+        let mut handles = Vec::new();
         for (index, mut vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let tx = tx.clone();
             let stop_evt = self.stop_evt.clone();
@@ -468,11 +472,23 @@ impl Microvm {
                 let _ = tx.send(stop);
                 let _ = stop_evt.write(1);
             });
-            if let Err(e) = spawned {
-                return VmOutcome::EventLoop(format!("cannot start a vCPU thread: {e}"));
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    return VmOutcome::EventLoop(format!("cannot start a vCPU thread: {e}"))
+                }
             }
         }
         drop(tx);
+        // Declared after `handles`, so dropped (stopped and joined) before them.
+        let _sampler = if crate::profiler::enabled() {
+            match crate::profiler::Kicker::start(&handles, PROFILE_INTERVAL) {
+                Ok(k) => Some(k),
+                Err(e) => return VmOutcome::EventLoop(format!("cannot start the sampler: {e}")),
+            }
+        } else {
+            None
+        };
         let outcome = loop {
             if let Err(e) = self.event_manager.run() {
                 break VmOutcome::EventLoop(format!("{e:?}"));

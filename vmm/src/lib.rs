@@ -8,5 +8,6 @@ pub mod arch;
 pub mod builder;
 pub mod devices;
 pub mod host;
+pub mod profiler;
 pub mod timeline;
 pub mod vstate;

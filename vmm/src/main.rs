@@ -68,6 +68,10 @@ struct Args {
     /// Host kind; `auto` detects it (PVM hosts need extra guest kernel switches).
     #[arg(long, value_enum, default_value_t = HostKindArg::Auto)]
     host_kind: HostKindArg,
+    /// Diagnostics: sample every vCPU's guest rip once per millisecond and
+    /// write the histogram (`<rip> <count>` lines) to this file at exit.
+    #[arg(long)]
+    profile_rip: Option<PathBuf>,
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {
@@ -118,8 +122,18 @@ fn run(args: Args) -> anyhow::Result<i32> {
             HostKindArg::Hardware => Some(HostKind::Hardware),
         },
     };
+    let profile = args.profile_rip;
+    if profile.is_some() {
+        vessel_vmm::profiler::enable()
+            .map_err(|e| anyhow::anyhow!("cannot enable the rip sampler: {e}"))?;
+    }
     let vm = build_microvm(&cfg)?;
     let outcome = vm.run();
+    if let Some(path) = &profile {
+        let samples = vessel_vmm::profiler::write(path)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        tracing::info!(samples, path = %path.display(), "rip profile written");
+    }
     let code = outcome.exit_code();
     match &outcome {
         vessel_vmm::builder::VmOutcome::GuestReset => tracing::info!("guest reset, exiting"),

@@ -26,7 +26,8 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             boot(root, runs)
         }
-        Some(other) => bail!("unknown benchmark {other:?} (available: boot)"),
+        Some("profile") => profile(root, args.get(1).map(String::as_str).unwrap_or("")),
+        Some(other) => bail!("unknown benchmark {other:?} (available: boot, profile)"),
     }
 }
 
@@ -121,4 +122,78 @@ fn boot(root: &Path, runs: usize) -> Result<()> {
         .with_context(|| format!("writing {}", out.display()))?;
     println!("written {}", out.display());
     Ok(())
+}
+
+/// `bench profile [CMDLINE]`: one cold boot with the VMM's rip sampler
+/// (1 kHz per vCPU), symbolized with the kernel build's System.map. Shows
+/// where guest time goes, including early boot that `initcall_debug` cannot
+/// time.
+fn profile(root: &Path, cmdline: &str) -> Result<()> {
+    let a = build::all(root)?;
+    let map_path = a.kernel.with_file_name("System.map");
+    let symbols = load_system_map(&map_path)?;
+    let out = root.join("target/vessel/boot-profile.txt");
+    let opts = VmOptions {
+        cmdline: cmdline.to_string(),
+        vmm_args: vec!["--profile-rip".into(), out.display().to_string()],
+        ..VmOptions::default()
+    };
+    let mut vm = VmProcess::spawn(&a, &opts).context("cannot start vessel-vmm")?;
+    let mut client = vm.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
+    let total_ms = vm.started.elapsed().as_secs_f64() * 1000.0;
+    client.shutdown().context("shutdown")?;
+    vm.wait_exit(Duration::from_secs(60))
+        .ok_or_else(|| anyhow!("VM did not stop"))?;
+    let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    let mut by_symbol: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut samples = 0u64;
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(rip), Some(count)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let (Ok(rip), Ok(count)) = (u64::from_str_radix(rip, 16), count.parse::<u64>()) else {
+            continue;
+        };
+        samples += count;
+        *by_symbol.entry(symbolize(&symbols, rip)).or_default() += count;
+    }
+    let mut rows: Vec<_> = by_symbol.into_iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    println!("boot profile: {samples} samples of guest rip (1 per ms per vCPU), agent ready after {total_ms:.0} ms");
+    println!("method: vessel-vmm --profile-rip interrupts KVM_RUN with a signal every 1 ms and reads rip; symbols from {}", map_path.display());
+    println!("{:>7} {:>6}  symbol", "samples", "share");
+    for (sym, n) in rows.iter().take(50) {
+        println!("{n:>7} {:>5.1}%  {sym}", 100.0 * *n as f64 / samples.max(1) as f64);
+    }
+    println!("raw histogram: {}", out.display());
+    Ok(())
+}
+
+/// Text symbols of a System.map, sorted by address.
+fn load_system_map(path: &Path) -> Result<Vec<(u64, String)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (build the kernel with `cargo xtask kernel`)", path.display()))?;
+    let mut syms: Vec<(u64, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+            let kind = it.next()?;
+            let name = it.next()?;
+            matches!(kind, "t" | "T" | "w" | "W").then(|| (addr, name.to_string()))
+        })
+        .collect();
+    syms.sort();
+    Ok(syms)
+}
+
+fn symbolize(symbols: &[(u64, String)], rip: u64) -> &str {
+    if rip < 0xffff_8000_0000_0000 {
+        return "[guest user space]";
+    }
+    match symbols.partition_point(|(a, _)| *a <= rip) {
+        0 => "[unknown kernel address]",
+        i => &symbols[i - 1].1,
+    }
 }

@@ -228,7 +228,12 @@ impl Vcpu {
         let id = self.id;
         let exit = match self.fd.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(None),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if crate::profiler::enabled() {
+                    crate::profiler::record(self.rip());
+                }
+                return Ok(None);
+            }
             Err(source) => {
                 return Err(VcpuError::Kvm {
                     id,
