@@ -40,6 +40,19 @@ enum DeviceState {
     },
 }
 
+/// The vsock device in a snapshot. Connections are not saved: they are
+/// host sockets, and a restored VM gets a transport reset instead. The
+/// guest CID is not restored either: each restored VM gets its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    /// Guest CID at snapshot time (informational).
+    pub cid: u64,
+    /// Features the driver acknowledged.
+    pub acked_features: u64,
+    /// The device's queues (ring positions included) when it was active.
+    pub queues: Option<Vec<crate::devices::virtio::mmio::QueueSnapshot>>,
+}
+
 /// The virtio-vsock device.
 pub struct Vsock {
     cid: u64,
@@ -72,6 +85,53 @@ impl Vsock {
             bad_chains: 0,
             transport_reset_pending: false,
         })
+    }
+
+    /// The device state for a snapshot (call with the event loop and the
+    /// vCPUs stopped).
+    pub fn save_state(&self) -> VsockState {
+        let queues = match &self.state {
+            DeviceState::Active { queues, .. } => Some(
+                queues
+                    .iter()
+                    .map(crate::devices::virtio::mmio::QueueSnapshot::of)
+                    .collect(),
+            ),
+            DeviceState::Inactive => None,
+        };
+        VsockState {
+            cid: self.cid,
+            acked_features: self.acked_features,
+            queues,
+        }
+    }
+
+    /// Brings a new device (with this VM's own CID and socket) to the saved
+    /// state: acknowledged features and, if the driver had activated it,
+    /// the queues at their saved ring positions. Follow with
+    /// [`Vsock::reset_connections_and_send_transport_reset`] once the VM's
+    /// interrupt controller is restored.
+    pub fn restore_state(
+        &mut self,
+        state: &VsockState,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.acked_features = state.acked_features;
+        if let Some(saved) = &state.queues {
+            let queues = saved
+                .iter()
+                .map(|q| q.to_queue())
+                .collect::<Result<Vec<Queue>, String>>()
+                .map_err(ActivateError::BadQueue)?;
+            if queues.iter().any(|q| !q.is_valid(&mem)) {
+                return Err(ActivateError::BadQueue(
+                    "a saved queue is not valid in guest memory".into(),
+                ));
+            }
+            self.activate(mem, interrupt, queues)?;
+        }
+        Ok(())
     }
 
     /// Called once when the guest accepts its first host connection.
