@@ -66,7 +66,14 @@ pub struct Vsock {
     bad_chains: u64,
     /// A transport reset event waits for an event queue buffer.
     transport_reset_pending: bool,
+    /// A transport reset was delivered and the guest has not yet shown that
+    /// it handled it (see [`Vsock::process_rx`]): since when.
+    reset_unacked_since: Option<Instant>,
 }
+
+/// How long RX is held back waiting for the guest to handle a transport
+/// reset before it is released anyway.
+const RESET_ACK_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Vsock {
     /// A device for guest `cid`, with its host socket at `uds_path`.
@@ -84,6 +91,7 @@ impl Vsock {
             muxer,
             bad_chains: 0,
             transport_reset_pending: false,
+            reset_unacked_since: None,
         })
     }
 
@@ -181,7 +189,21 @@ impl Vsock {
     }
 
     /// Fills guest RX buffers from the muxer. Returns whether used buffers were added.
+    ///
+    /// After a transport reset, nothing goes to the guest until it has
+    /// handled the reset event: Linux resets every connected socket when it
+    /// handles the event (without telling the host), so a host connection
+    /// that it accepted just before would silently die. The driver re-posts
+    /// the event buffer (and notifies the event queue) right after handling
+    /// the event, which is the acknowledgement.
     fn process_rx(&mut self) -> bool {
+        if let Some(since) = self.reset_unacked_since {
+            if since.elapsed() < RESET_ACK_TIMEOUT {
+                return false;
+            }
+            tracing::warn!("vsock: guest did not acknowledge the transport reset; RX released");
+            self.reset_unacked_since = None;
+        }
         let DeviceState::Active { mem, queues, .. } = &mut self.state else {
             return false;
         };
@@ -303,6 +325,7 @@ impl Vsock {
             {
                 written = 4;
                 self.transport_reset_pending = false;
+                self.reset_unacked_since = Some(Instant::now());
             }
         }
         if let Err(e) = q.add_used(&*mem, head, written) {
@@ -402,6 +425,7 @@ impl VirtioDevice for Vsock {
         self.muxer.reset_all();
         self.state = DeviceState::Inactive;
         self.transport_reset_pending = false;
+        self.reset_unacked_since = None;
         // Called from a vCPU thread: wake the event loop so that it removes
         // the streams from epoll and closes them now.
         if let Err(e) = self.activate_evt.write(1) {
@@ -433,6 +457,9 @@ impl MutEventSubscriber for Vsock {
         let set = events.event_set();
         if let Some(i) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[i].read();
+            if i == EVQ && self.reset_unacked_since.take().is_some() {
+                tracing::debug!("vsock: guest handled the transport reset");
+            }
         } else if fd == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();
         } else if fd == self.muxer.listener_fd() {

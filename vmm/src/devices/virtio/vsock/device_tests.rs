@@ -759,7 +759,10 @@ fn state_restores_into_a_new_device_with_its_own_cid() {
     let mut h = Harness::activated("snap");
     let (_client, _) = h.host_connect(1024);
     let state = h.vsock.lock().unwrap().save_state();
-    let queues = state.queues.clone().expect("active device saves its queues");
+    let queues = state
+        .queues
+        .clone()
+        .expect("active device saves its queues");
     assert!(queues[RXQ].next_used > 0 && queues[TXQ].next_avail > 0);
     let json = serde_json::to_string(&state).unwrap();
     let state: super::device::VsockState = serde_json::from_str(&json).unwrap();
@@ -794,12 +797,18 @@ fn state_restores_into_a_new_device_with_its_own_cid() {
     assert_eq!(h.used(EVQ).len(), 1);
     assert_eq!(h.mem.read_obj::<u32>(GuestAddress(ev)).unwrap(), 0);
 
-    // A new host connection reaches the guest, addressed to the new CID,
-    // through the restored RX ring.
+    // A new host connection is held back until the guest has handled the
+    // reset (it re-posts the event buffer and notifies the event queue);
+    // then it reaches the guest, addressed to the new CID, through the
+    // restored RX ring.
     let mut client = UnixStream::connect(&h.uds).unwrap();
     client.write_all(b"CONNECT 1024\n").unwrap();
     h.pump();
     h.post_rx(1, 4096);
+    assert!(h.received().is_empty(), "RX before the reset was handled");
+    let ev2 = h.alloc(4);
+    h.add_chain(EVQ, &[(ev2, 4, VRING_DESC_F_WRITE)]);
+    h.notify(EVQ);
     let pkts = h.received();
     assert_eq!(pkts.len(), 1, "{pkts:?}");
     assert_eq!(pkts[0].0.op, OP_REQUEST);
