@@ -55,12 +55,18 @@ pub fn apply(entropy: &[u8], hostname: Option<&str>) -> Result<(), String> {
     // second int) is exactly the number of bytes that follow in `info`.
     let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
     if rc != 0 {
-        return Err(format!("RNDADDENTROPY: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "RNDADDENTROPY: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     // SAFETY: RNDRESEEDCRNG takes no argument.
     let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) };
     if rc != 0 {
-        return Err(format!("RNDRESEEDCRNG: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "RNDRESEEDCRNG: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     if let Some(h) = hostname {
         // SAFETY: the pointer and length describe `h`, which outlives the call.
@@ -75,7 +81,9 @@ pub fn apply(entropy: &[u8], hostname: Option<&str>) -> Result<(), String> {
 /// `len` bytes from getrandom(2): one system call.
 pub fn random(len: u32) -> Result<Vec<u8>, String> {
     if len > MAX_RANDOM_LEN {
-        return Err(format!("at most {MAX_RANDOM_LEN} random bytes, asked {len}"));
+        return Err(format!(
+            "at most {MAX_RANDOM_LEN} random bytes, asked {len}"
+        ));
     }
     let mut buf = vec![0u8; len as usize];
     let mut filled = 0;

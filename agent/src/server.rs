@@ -227,18 +227,16 @@ pub fn dispatch<'a>(body: &[u8], ctx: &'a Context) -> (Response, After<'a>) {
             log("shutting down");
             (ResponseBody::ShuttingDown, Some(&*ctx.shutdown))
         }
-        RequestBody::Restored(r) => {
-            match (ctx.restored)(&r.entropy, r.hostname.as_deref()) {
-                Ok(()) => (ResponseBody::Restored, None),
-                Err(message) => (
-                    ResponseBody::Error(ErrorReply {
-                        code: ErrorCode::Internal,
-                        message,
-                    }),
-                    None,
-                ),
-            }
-        }
+        RequestBody::Restored(r) => match (ctx.restored)(&r.entropy, r.hostname.as_deref()) {
+            Ok(()) => (ResponseBody::Restored, None),
+            Err(message) => (
+                ResponseBody::Error(ErrorReply {
+                    code: ErrorCode::Internal,
+                    message,
+                }),
+                None,
+            ),
+        },
         RequestBody::GetRandom { len } => match crate::restore::random(len) {
             Ok(b) => (ResponseBody::Random(b), None),
             Err(message) => (
@@ -313,9 +311,22 @@ mod tests {
                 let body = RequestBody::Restored(RestoredRequest { entropy, hostname });
                 write_frame(s, &Request { id, body }).unwrap();
             }
-            write_frame(s, &Request { id: 4, body: RequestBody::GetRandom { len: 24 } }).unwrap();
-            write_frame(s, &Request { id: 5, body: RequestBody::GetRandom { len: 1 << 20 } })
-                .unwrap();
+            write_frame(
+                s,
+                &Request {
+                    id: 4,
+                    body: RequestBody::GetRandom { len: 24 },
+                },
+            )
+            .unwrap();
+            write_frame(
+                s,
+                &Request {
+                    id: 5,
+                    body: RequestBody::GetRandom { len: 1 << 20 },
+                },
+            )
+            .unwrap();
         });
         assert_eq!(out.len(), 5);
         assert_eq!(out[0].body, ResponseBody::Restored);

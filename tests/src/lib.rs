@@ -243,7 +243,10 @@ impl VmProcess {
         let mut last = String::new();
         while Instant::now() < deadline {
             if let Some(status) = self.try_wait() {
-                return Err(format!("vessel-vmm exited with {status}: {}", self.stderr()));
+                return Err(format!(
+                    "vessel-vmm exited with {status}: {}",
+                    self.stderr()
+                ));
             }
             match AgentClient::connect(&self.uds, AGENT_PORT, Duration::from_secs(5)) {
                 Ok(mut c) => match c.ping() {

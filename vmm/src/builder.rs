@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::ApiServer;
 use crate::arch::boot_params::{self, InitrdLocation};
 use crate::arch::layout::{
     self, HIMEM_START, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
@@ -26,9 +27,8 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::HostKind;
-use crate::timeline::{self, Milestone};
-use crate::api::ApiServer;
 use crate::snapshot::{self, MicrovmState, SnapshotError, VsockSlotState};
+use crate::timeline::{self, Milestone};
 use crate::vstate::memory::{create_guest_memory, map_memory_file};
 use crate::vstate::vcpu::{Vcpu, VcpuStop};
 use crate::vstate::vcpu_thread::VcpuHandle;
@@ -741,7 +741,9 @@ impl Microvm {
                         Self::resume_all(handles, paused);
                     }
                     match &r {
-                        Ok(()) => tracing::info!(dir = %dir.display(), ms = t.elapsed().as_millis() as u64, "snapshot written"),
+                        Ok(()) => {
+                            tracing::info!(dir = %dir.display(), ms = t.elapsed().as_millis() as u64, "snapshot written")
+                        }
                         Err(e) => tracing::error!("snapshot failed: {e}"),
                     }
                     r.map(|()| format!("snapshot {}", dir.display()))

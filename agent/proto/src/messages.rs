@@ -253,7 +253,10 @@ mod tests {
         );
         assert_eq!(decode_request(json.as_bytes()).unwrap(), r);
         let no_host = decode_request(br#"{"id":1,"body":{"Restored":{"entropy":[3]}}}"#).unwrap();
-        assert!(matches!(no_host.body, RequestBody::Restored(RestoredRequest { hostname: None, .. })));
+        assert!(matches!(
+            no_host.body,
+            RequestBody::Restored(RestoredRequest { hostname: None, .. })
+        ));
         let g = decode_request(br#"{"id":2,"body":{"GetRandom":{"len":16}}}"#).unwrap();
         assert_eq!(g.body, RequestBody::GetRandom { len: 16 });
         let s = serde_json::to_string(&ResponseBody::Random(vec![9])).unwrap();

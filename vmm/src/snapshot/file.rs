@@ -92,7 +92,9 @@ pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, serde_json::Error> {
     encode_with(state, FORMAT_MAJOR, FORMAT_MINOR, BUILD_ID)
 }
 
-fn encode_with<T: Serialize>(
+/// Encodes `state` with an explicit version and build id: for tests and
+/// tools that need files this build must refuse.
+pub fn encode_with<T: Serialize>(
     state: &T,
     major: u16,
     minor: u16,
@@ -254,7 +256,11 @@ mod tests {
 
     #[test]
     fn wrong_version_is_rejected() {
-        for (major, minor) in [(FORMAT_MAJOR + 1, 0), (0, 0), (FORMAT_MAJOR, FORMAT_MINOR + 1)] {
+        for (major, minor) in [
+            (FORMAT_MAJOR + 1, 0),
+            (0, 0),
+            (FORMAT_MAJOR, FORMAT_MINOR + 1),
+        ] {
             let bytes = encode_with(&sample(), major, minor, BUILD_ID).unwrap();
             let e = decode::<S>(&bytes).unwrap_err();
             assert!(matches!(e, StateFileError::Version { .. }), "{e}");

@@ -175,8 +175,9 @@ pub fn map_memory_file(
             libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )
         .map_err(MemoryFileError::Mmap)?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-            .ok_or(MemoryFileError::BadRegions("region wraps the address space"))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or(
+            MemoryFileError::BadRegions("region wraps the address space"),
+        )?;
         out.push(region);
     }
     GuestMemoryMmap::from_regions(out)
@@ -198,8 +199,10 @@ mod tests {
             (GuestAddress(1 << 20), 32 << 10),
         ])
         .unwrap();
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
-        mem.write_obj(0x55_u8, GuestAddress((1 << 20) + 0x7fff)).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        mem.write_obj(0x55_u8, GuestAddress((1 << 20) + 0x7fff))
+            .unwrap();
         let regions = save_memory(&mem, &path).unwrap();
         assert_eq!(regions.len(), 2);
         assert_eq!(regions[1].file_offset, 64 << 10);
@@ -207,13 +210,25 @@ mod tests {
 
         let a = map_memory_file(&path, &regions).unwrap();
         let b = map_memory_file(&path, &regions).unwrap();
-        assert_eq!(a.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
-        assert_eq!(b.read_obj::<u8>(GuestAddress((1 << 20) + 0x7fff)).unwrap(), 0x55);
+        assert_eq!(
+            a.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(
+            b.read_obj::<u8>(GuestAddress((1 << 20) + 0x7fff)).unwrap(),
+            0x55
+        );
         // Copy-on-write: a write is private to one mapping, never in the file.
         a.write_obj(1u32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         let c = map_memory_file(&path, &regions).unwrap();
-        assert_eq!(c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
 
         // A short file is refused.
         std::fs::OpenOptions::new()

@@ -159,7 +159,10 @@ impl QueueSnapshot {
             || !self.size.is_power_of_two()
             || self.size > self.max_size
         {
-            return Err(format!("invalid queue sizes {}/{}", self.size, self.max_size));
+            return Err(format!(
+                "invalid queue sizes {}/{}",
+                self.size, self.max_size
+            ));
         }
         Queue::try_from(QueueState {
             max_size: self.max_size,
