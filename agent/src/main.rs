@@ -20,6 +20,7 @@
 
 mod init;
 mod reaper;
+mod restore;
 mod server;
 
 use std::sync::Arc;
@@ -68,6 +69,7 @@ fn run() {
         init_started_ms,
         listening_ms: Some(listening_ms),
         shutdown: Box::new(server::power_off),
+        restored: Box::new(restore::apply),
     });
     server::serve(server::Incoming::new(listener), ctx);
 }

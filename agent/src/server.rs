@@ -42,7 +42,14 @@ pub struct Context {
     /// Stops the VM after `Shutdown` was answered. Production: [`power_off`];
     /// tests inject a stub so they do not reboot the host.
     pub shutdown: Box<dyn Fn() + Send + Sync>,
+    /// Applies a `Restored` request (entropy, host name). Production:
+    /// [`crate::restore::apply`]; tests inject a stub (it needs root and
+    /// changes the machine).
+    pub restored: RestoredFn,
 }
+
+/// See [`Context::restored`].
+pub type RestoredFn = Box<dyn Fn(&[u8], Option<&str>) -> Result<(), String> + Send + Sync>;
 
 /// Creates the vsock listener on `port` (any CID): three system calls.
 pub fn listen(port: u32) -> nix::Result<OwnedFd> {
@@ -220,6 +227,26 @@ pub fn dispatch<'a>(body: &[u8], ctx: &'a Context) -> (Response, After<'a>) {
             log("shutting down");
             (ResponseBody::ShuttingDown, Some(&*ctx.shutdown))
         }
+        RequestBody::Restored(r) => match (ctx.restored)(&r.entropy, r.hostname.as_deref()) {
+            Ok(()) => (ResponseBody::Restored, None),
+            Err(message) => (
+                ResponseBody::Error(ErrorReply {
+                    code: ErrorCode::Internal,
+                    message,
+                }),
+                None,
+            ),
+        },
+        RequestBody::GetRandom { len } => match crate::restore::random(len) {
+            Ok(b) => (ResponseBody::Random(b), None),
+            Err(message) => (
+                ResponseBody::Error(ErrorReply {
+                    code: ErrorCode::InvalidRequest,
+                    message,
+                }),
+                None,
+            ),
+        },
     };
     (Response { id: req.id, body }, after)
 }
@@ -262,7 +289,51 @@ mod tests {
             shutdown: Box::new(move || {
                 shutdowns.fetch_add(1, Ordering::SeqCst);
             }),
+            restored: Box::new(|entropy, hostname| {
+                crate::restore::check(entropy, hostname)?;
+                if hostname == Some("fail") {
+                    return Err("injected".into());
+                }
+                Ok(())
+            }),
         }
+    }
+
+    #[test]
+    fn restored_and_get_random() {
+        use vessel_proto::RestoredRequest;
+        let (out, _) = run(|s| {
+            for (id, entropy, hostname) in [
+                (1, vec![5u8; 32], Some("c1".to_string())),
+                (2, vec![5u8; 8], None),
+                (3, vec![5u8; 32], Some("fail".to_string())),
+            ] {
+                let body = RequestBody::Restored(RestoredRequest { entropy, hostname });
+                write_frame(s, &Request { id, body }).unwrap();
+            }
+            write_frame(
+                s,
+                &Request {
+                    id: 4,
+                    body: RequestBody::GetRandom { len: 24 },
+                },
+            )
+            .unwrap();
+            write_frame(
+                s,
+                &Request {
+                    id: 5,
+                    body: RequestBody::GetRandom { len: 1 << 20 },
+                },
+            )
+            .unwrap();
+        });
+        assert_eq!(out.len(), 5);
+        assert_eq!(out[0].body, ResponseBody::Restored);
+        assert_eq!(error_code(&out[1]), Some(ErrorCode::Internal));
+        assert_eq!(error_code(&out[2]), Some(ErrorCode::Internal));
+        assert!(matches!(&out[3].body, ResponseBody::Random(b) if b.len() == 24));
+        assert_eq!(error_code(&out[4]), Some(ErrorCode::InvalidRequest));
     }
 
     fn ping(id: u64) -> Request {

@@ -86,6 +86,8 @@ pub struct VmOptions {
     pub cmdline: String,
     /// Extra `vessel-vmm` arguments (e.g. diagnostics).
     pub vmm_args: Vec<String>,
+    /// Give the VMM a control socket (`--api-sock`), see [`VmProcess::api`].
+    pub api_sock: bool,
 }
 
 impl Default for VmOptions {
@@ -95,6 +97,7 @@ impl Default for VmOptions {
             vcpus: 1,
             cmdline: String::new(),
             vmm_args: Vec::new(),
+            api_sock: false,
         }
     }
 }
@@ -115,16 +118,24 @@ pub struct VmProcess {
     pub log: PathBuf,
     /// When the process was spawned.
     pub started: Instant,
-    ready: std::os::unix::net::UnixListener,
+    /// Control socket, when asked for.
+    pub api_sock: Option<PathBuf>,
+    ready: Option<std::os::unix::net::UnixListener>,
+}
+
+fn private_dir() -> io::Result<PathBuf> {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("vessel-vm-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 impl VmProcess {
     /// Starts a VM.
     pub fn spawn(art: &Artifacts, opts: &VmOptions) -> io::Result<VmProcess> {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("vessel-vm-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir)?;
+        let dir = private_dir()?;
+        let api_sock = opts.api_sock.then(|| dir.join("api.sock"));
         let uds = dir.join("vsock.sock");
         let serial = dir.join("serial.log");
         let log = dir.join("vmm.log");
@@ -133,7 +144,11 @@ impl VmProcess {
             std::os::unix::net::UnixListener::bind(format!("{}_{READY_PORT}", uds.display()))?;
         ready.set_nonblocking(true)?;
         let started = Instant::now();
-        let child = Command::new(&art.vmm)
+        let mut cmd = Command::new(&art.vmm);
+        if let Some(api) = &api_sock {
+            cmd.arg("--api-sock").arg(api);
+        }
+        let child = cmd
             .arg("--kernel")
             .arg(&art.kernel)
             .arg("--initrd")
@@ -165,8 +180,88 @@ impl VmProcess {
             serial,
             log,
             started,
-            ready,
+            api_sock,
+            ready: Some(ready),
         })
+    }
+
+    /// Restores a VM from `snapshot` with its own directory, vsock socket
+    /// and guest `cid`. The agent does not announce itself after a restore
+    /// (it already listens): connect with [`VmProcess::connect`].
+    pub fn restore(art: &Artifacts, snapshot: &Path, cid: u32) -> io::Result<VmProcess> {
+        let dir = private_dir()?;
+        let uds = dir.join("vsock.sock");
+        let serial = dir.join("serial.log");
+        let log = dir.join("vmm.log");
+        let started = Instant::now();
+        let child = Command::new(&art.vmm)
+            .arg("--restore")
+            .arg(snapshot)
+            .arg("--vsock-uds")
+            .arg(&uds)
+            .arg("--vsock-cid")
+            .arg(cid.to_string())
+            .arg("--serial-out")
+            .arg(&serial)
+            .arg("--log")
+            .arg(&log)
+            .arg("--log-format")
+            .arg("json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        Ok(VmProcess {
+            child,
+            exit: None,
+            dir,
+            uds,
+            serial,
+            log,
+            started,
+            api_sock: None,
+            ready: None,
+        })
+    }
+
+    /// Sends one request line to the control socket and returns the answer
+    /// line (without the newline).
+    pub fn api(&self, request: &str) -> io::Result<String> {
+        use std::io::{BufRead, Write};
+        let path = self
+            .api_sock
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no --api-sock for this VM"))?;
+        let mut s = std::os::unix::net::UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(300)))?;
+        s.write_all(format!("{request}\n").as_bytes())?;
+        let mut line = String::new();
+        io::BufReader::new(s).read_line(&mut line)?;
+        Ok(line.trim_end().to_string())
+    }
+
+    /// Connects to the agent and pings it, retrying until it answers or
+    /// `timeout` passes; returns the client.
+    pub fn connect_and_ping(&mut self, timeout: Duration) -> Result<AgentClient, String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_wait() {
+                return Err(format!(
+                    "vessel-vmm exited with {status}: {}",
+                    self.stderr()
+                ));
+            }
+            match AgentClient::connect(&self.uds, AGENT_PORT, Duration::from_secs(5)) {
+                Ok(mut c) => match c.ping() {
+                    Ok(_) => return Ok(c),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Err(format!("no ping answer after {timeout:?}: {last}"))
     }
 
     /// PID of the VMM.
@@ -179,8 +274,11 @@ impl VmProcess {
     /// nothing: no connection attempts are made before the announcement.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<AgentClient, String> {
         let deadline = Instant::now() + timeout;
+        let Some(ready) = self.ready.take() else {
+            return Err("no ready socket (a restored VM): use connect_and_ping".into());
+        };
         loop {
-            match self.ready.accept() {
+            match ready.accept() {
                 Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(format!("ready socket: {e}")),

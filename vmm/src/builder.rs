@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::ApiServer;
 use crate::arch::boot_params::{self, InitrdLocation};
 use crate::arch::layout::{
     self, HIMEM_START, SERIAL_IRQ, VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
@@ -26,9 +27,11 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::HostKind;
+use crate::snapshot::{self, MicrovmState, SnapshotError, VsockSlotState};
 use crate::timeline::{self, Milestone};
-use crate::vstate::memory::create_guest_memory;
+use crate::vstate::memory::{create_guest_memory, map_memory_file};
 use crate::vstate::vcpu::{Vcpu, VcpuStop};
+use crate::vstate::vcpu_thread::VcpuHandle;
 use crate::vstate::vm::Vm;
 
 /// virtio-mmio QueueNotify register offset (virtio 1.2, 4.2.2).
@@ -128,6 +131,18 @@ pub enum BuildError {
     /// The event loop could not be set up.
     #[error("event loop: {0}")]
     EventManager(String),
+    /// The API socket.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    /// Loading or applying a snapshot.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[source] SnapshotError),
+}
+
+impl From<SnapshotError> for BuildError {
+    fn from(e: SnapshotError) -> Self {
+        BuildError::Snapshot(e)
+    }
 }
 
 fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -162,6 +177,50 @@ pub struct VmConfig {
     pub serial_out: Option<PathBuf>,
     /// Host kind; detected when `None`.
     pub host_kind: Option<HostKind>,
+    /// Control socket (see `crate::api`).
+    pub api_sock: Option<PathBuf>,
+}
+
+/// Everything needed to restore a microVM from a snapshot: the snapshot
+/// and this instance's own host-side resources.
+#[derive(Clone, Debug)]
+pub struct RestoreConfig {
+    /// Snapshot directory.
+    pub dir: PathBuf,
+    /// This instance's vsock CID and socket (required when the snapshot
+    /// has a vsock device).
+    pub vsock: Option<VsockConfig>,
+    /// Serial output file (stderr when `None`).
+    pub serial_out: Option<PathBuf>,
+    /// Control socket.
+    pub api_sock: Option<PathBuf>,
+}
+
+fn validate_vsock(v: &VsockConfig) -> Result<(), BuildError> {
+    if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
+        return Err(BuildError::Config(format!(
+            "vsock cid must be between 3 and {}, got {}",
+            u32::MAX - 1,
+            v.cid
+        )));
+    }
+    if v.uds_path.exists() {
+        return Err(BuildError::Config(format!(
+            "vsock socket path {} already exists",
+            v.uds_path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn open_serial_out(path: &Option<PathBuf>) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match path {
+        Some(path) => Box::new(File::create(path).map_err(|source| BuildError::SerialOut {
+            path: path.clone(),
+            source,
+        })?),
+        None => Box::new(std::io::stderr()),
+    })
 }
 
 impl VmConfig {
@@ -180,19 +239,7 @@ impl VmConfig {
             )));
         }
         if let Some(v) = &self.vsock {
-            if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
-                return Err(BuildError::Config(format!(
-                    "vsock cid must be between 3 and {}, got {}",
-                    u32::MAX - 1,
-                    v.cid
-                )));
-            }
-            if v.uds_path.exists() {
-                return Err(BuildError::Config(format!(
-                    "vsock socket path {} already exists",
-                    v.uds_path.display()
-                )));
-            }
+            validate_vsock(v)?;
         }
         Ok(())
     }
@@ -305,16 +352,124 @@ fn install_term_handlers(evt: &EventFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The vsock device and where it sits.
+pub(crate) struct VsockSlot {
+    pub(crate) base: u64,
+    pub(crate) irq: u32,
+    pub(crate) device: Arc<Mutex<Vsock>>,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// A built microVM, ready to run.
 pub struct Microvm {
-    _vm: Vm,
-    _mem: GuestMemoryMmap,
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem_mib: u64,
+    pub(crate) host: HostKind,
     vcpus: Vec<Vcpu>,
-    bus: Arc<DeviceBus>,
+    pub(crate) bus: Arc<DeviceBus>,
     event_manager: EventManager<Subscriber>,
     stop_evt: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     vsock_uds: Option<PathBuf>,
+    pub(crate) vsock: Option<VsockSlot>,
+    api: Option<ApiServer>,
+    api_pending: Arc<AtomicBool>,
+    /// Restored from a snapshot: reset vsock connections before running.
+    restored: bool,
+}
+
+/// Creates the vsock device in virtio slot `slot`, wires its ioeventfds,
+/// irqfd, MMIO window and event-loop subscription; restores its state when
+/// `saved` is given.
+fn add_vsock(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    bus: &mut DeviceBus,
+    event_manager: &mut EventManager<Subscriber>,
+    vcfg: &VsockConfig,
+    slot: usize,
+    saved: Option<&VsockSlotState>,
+) -> Result<VsockSlot, BuildError> {
+    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+    let irq = VIRTIO_IRQ_BASE + slot as u32;
+    if let Some(s) = saved {
+        if (s.base, s.irq) != (base, irq) {
+            return Err(SnapshotError::Mismatch("vsock device slot differs".into()).into());
+        }
+    }
+    let mut vsock = Vsock::new(vcfg.cid, vcfg.uds_path.clone()).map_err(BuildError::Vsock)?;
+    vsock.set_on_first_response(Box::new(|_port| timeline::mark(Milestone::AgentReady)));
+    for (i, evt) in vsock.queue_events().iter().enumerate() {
+        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
+    }
+    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+    vm.register_irqfd(&irq_evt, irq)?;
+    let interrupt = Arc::new(Interrupt::new(irq_evt));
+    if let Some(s) = saved {
+        vsock
+            .restore_state(&s.device, mem.clone(), interrupt.clone())
+            .map_err(|e| SnapshotError::Device(format!("vsock: {e}")))?;
+    }
+    let vsock = Arc::new(Mutex::new(vsock));
+    let device: Arc<Mutex<dyn VirtioDevice>> = vsock.clone();
+    let transport = match saved {
+        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
+            .map_err(|e| SnapshotError::Device(format!("vsock transport: {e}")))?,
+        None => MmioTransport::new(mem.clone(), device, interrupt),
+    };
+    let transport = Arc::new(Mutex::new(transport));
+    bus.add_mmio(base, transport.clone());
+    let sub: Subscriber = vsock.clone();
+    event_manager.add_subscriber(sub);
+    Ok(VsockSlot {
+        base,
+        irq,
+        device: vsock,
+        transport,
+    })
+}
+
+/// The parts every microVM gets after its devices: the stop watcher,
+/// signal handlers and the API socket.
+struct Control {
+    stop_evt: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+    api: Option<ApiServer>,
+    api_pending: Arc<AtomicBool>,
+}
+
+fn add_control(
+    event_manager: &mut EventManager<Subscriber>,
+    api_sock: &Option<PathBuf>,
+) -> Result<Control, BuildError> {
+    let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher: Subscriber = Arc::new(Mutex::new(StopWatcher {
+        evt: stop_evt.clone(),
+        stop: stop.clone(),
+    }));
+    event_manager.add_subscriber(watcher);
+    install_term_handlers(&stop_evt).map_err(os_err("sigaction"))?;
+    let api_pending = Arc::new(AtomicBool::new(false));
+    let api = match api_sock {
+        Some(path) => {
+            let server = ApiServer::bind(path)?;
+            let watcher: Subscriber = Arc::new(Mutex::new(StopWatcher {
+                evt: server.wake_evt(),
+                stop: api_pending.clone(),
+            }));
+            event_manager.add_subscriber(watcher);
+            Some(server)
+        }
+        None => None,
+    };
+    Ok(Control {
+        stop_evt,
+        stop,
+        api,
+        api_pending,
+    })
 }
 
 /// Builds a microVM from `cfg`.
@@ -336,13 +491,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         })?),
         None => None,
     };
-    let serial_out: Box<dyn Write + Send> = match &cfg.serial_out {
-        Some(path) => Box::new(File::create(path).map_err(|source| BuildError::SerialOut {
-            path: path.clone(),
-            source,
-        })?),
-        None => Box::new(std::io::stderr()),
-    };
+    let serial_out = open_serial_out(&cfg.serial_out)?;
 
     let vm = Vm::new()?;
     let mem = create_guest_memory(mem_size)?;
@@ -398,34 +547,21 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         EventManager::new().map_err(|e| BuildError::EventManager(format!("{e:?}")))?;
     let mut virtio_slots = Vec::new();
 
+    let mut vsock_slot = None;
     if let Some(vcfg) = &cfg.vsock {
-        let base = VIRTIO_MMIO_BASE + virtio_slots.len() as u64 * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_BASE + virtio_slots.len() as u32;
-        let mut vsock = Vsock::new(vcfg.cid, vcfg.uds_path.clone()).map_err(BuildError::Vsock)?;
-        vsock.set_on_first_response(Box::new(|_port| timeline::mark(Milestone::AgentReady)));
-        for (i, evt) in vsock.queue_events().iter().enumerate() {
-            vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
-        }
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-        vm.register_irqfd(&irq_evt, irq)?;
-        let interrupt = Arc::new(Interrupt::new(irq_evt));
-        let vsock = Arc::new(Mutex::new(vsock));
-        let device: Arc<Mutex<dyn VirtioDevice>> = vsock.clone();
-        let transport = MmioTransport::new(mem.clone(), device, interrupt);
-        bus.add_mmio(base, Arc::new(Mutex::new(transport)));
-        let sub: Subscriber = vsock;
-        event_manager.add_subscriber(sub);
-        virtio_slots.push((base, irq));
+        let slot = add_vsock(
+            &vm,
+            &mem,
+            &mut bus,
+            &mut event_manager,
+            vcfg,
+            virtio_slots.len(),
+            None,
+        )?;
+        virtio_slots.push((slot.base, slot.irq));
+        vsock_slot = Some(slot);
     }
-
-    let stop_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?);
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher: Subscriber = Arc::new(Mutex::new(StopWatcher {
-        evt: stop_evt.clone(),
-        stop: stop.clone(),
-    }));
-    event_manager.add_subscriber(watcher);
-    install_term_handlers(&stop_evt).map_err(os_err("sigaction"))?;
+    let control = add_control(&mut event_manager, &cfg.api_sock)?;
 
     // Boot structures.
     let cmdline = kernel_cmdline(host, &virtio_slots, &cfg.extra_cmdline);
@@ -445,14 +581,93 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
     }
     timeline::mark(Milestone::VmSetupDone);
     Ok(Microvm {
-        _vm: vm,
-        _mem: mem,
+        vm,
+        mem,
+        mem_mib: cfg.mem_mib,
+        host,
         vcpus,
         bus,
         event_manager,
-        stop_evt,
-        stop,
+        stop_evt: control.stop_evt,
+        stop: control.stop,
         vsock_uds: cfg.vsock.as_ref().map(|v| v.uds_path.clone()),
+        vsock: vsock_slot,
+        api: control.api,
+        api_pending: control.api_pending,
+        restored: false,
+    })
+}
+
+/// Restores a microVM from the snapshot in `cfg.dir`: the same steps as a
+/// boot, with saved state instead of a kernel. Order: memory (mapped
+/// privately from the memory file), irqchip/PIT/clock, devices, vCPUs.
+/// The vsock transport reset is sent when the VM starts running.
+pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
+    if let Some(v) = &cfg.vsock {
+        validate_vsock(v)?;
+    }
+    let state: MicrovmState = snapshot::load_state(&cfg.dir)?;
+    let host = HostKind::detect();
+    tracing::info!(?host, saved_on = %state.host_kind, "restoring snapshot");
+    if state.vsock.is_some() && cfg.vsock.is_none() {
+        return Err(BuildError::Config(
+            "the snapshot has a vsock device: --vsock-uds is required".into(),
+        ));
+    }
+    let serial_out = open_serial_out(&cfg.serial_out)?;
+    let (_, mem_path) = snapshot::paths(&cfg.dir);
+    let mem = map_memory_file(&mem_path, &state.memory).map_err(SnapshotError::from)?;
+
+    let vm = Vm::new()?;
+    vm.register_memory(&mem)?;
+    vm.restore_state(&state.vm).map_err(SnapshotError::from)?;
+
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial = SerialDevice::from_state(&state.serial, serial_irq, serial_out)
+        .map_err(SnapshotError::Device)?;
+    let mut bus = DeviceBus::new(serial);
+    let mut event_manager: EventManager<Subscriber> =
+        EventManager::new().map_err(|e| BuildError::EventManager(format!("{e:?}")))?;
+    let mut vsock_slot = None;
+    if let (Some(saved), Some(vcfg)) = (&state.vsock, &cfg.vsock) {
+        vsock_slot = Some(add_vsock(
+            &vm,
+            &mem,
+            &mut bus,
+            &mut event_manager,
+            vcfg,
+            0,
+            Some(saved),
+        )?);
+    }
+    let control = add_control(&mut event_manager, &cfg.api_sock)?;
+
+    let bus = Arc::new(bus);
+    let count = u8::try_from(state.vcpus.len())
+        .map_err(|_| SnapshotError::Mismatch("too many vCPUs".into()))?;
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for saved in &state.vcpus {
+        let vcpu = Vcpu::new(saved.id, vm.create_vcpu(saved.id)?, bus.clone());
+        vcpu.restore_state(saved).map_err(SnapshotError::from)?;
+        vcpus.push(vcpu);
+    }
+    timeline::mark(Milestone::VmSetupDone);
+    Ok(Microvm {
+        vm,
+        mem,
+        mem_mib: state.mem_mib,
+        host,
+        vcpus,
+        bus,
+        event_manager,
+        stop_evt: control.stop_evt,
+        stop: control.stop,
+        vsock_uds: cfg.vsock.as_ref().map(|v| v.uds_path.clone()),
+        vsock: vsock_slot,
+        api: control.api,
+        api_pending: control.api_pending,
+        restored: true,
     })
 }
 
@@ -461,37 +676,43 @@ impl Microvm {
     /// vCPU threads that are still running when this returns end with the
     /// process.
     pub fn run(mut self) -> VmOutcome {
+        if self.restored {
+            if let Some(slot) = &self.vsock {
+                if let Ok(mut v) = slot.device.lock() {
+                    v.reset_connections_and_send_transport_reset();
+                }
+            }
+        }
         let (tx, rx) = mpsc::channel::<VcpuStop>();
-        let mut handles = Vec::new();
-        for (index, mut vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let tx = tx.clone();
-            let stop_evt = self.stop_evt.clone();
-            let name = format!("vcpu{index}");
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                let stop = vcpu.run();
-                let _ = tx.send(stop);
-                let _ = stop_evt.write(1);
-            });
-            match spawned {
-                Ok(handle) => handles.push(handle),
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            match VcpuHandle::spawn(vcpu, tx.clone(), self.stop_evt.clone(), false) {
+                Ok(h) => handles.push(h),
                 Err(e) => {
-                    return VmOutcome::EventLoop(format!("cannot start a vCPU thread: {e}"))
+                    return VmOutcome::EventLoop(format!("cannot start a vCPU thread: {e}"));
                 }
             }
         }
         drop(tx);
         // Declared after `handles`, so dropped (stopped and joined) before them.
         let _sampler = if crate::profiler::enabled() {
-            match crate::profiler::Kicker::start(&handles, PROFILE_INTERVAL) {
+            match crate::profiler::Kicker::start(
+                &handles.iter().map(VcpuHandle::pthread).collect::<Vec<_>>(),
+                PROFILE_INTERVAL,
+            ) {
                 Ok(k) => Some(k),
                 Err(e) => return VmOutcome::EventLoop(format!("cannot start the sampler: {e}")),
             }
         } else {
             None
         };
+        let mut paused = false;
         let outcome = loop {
             if let Err(e) = self.event_manager.run() {
                 break VmOutcome::EventLoop(format!("{e:?}"));
+            }
+            if self.api_pending.swap(false, Ordering::SeqCst) {
+                self.serve_api(&handles, &mut paused);
             }
             if !self.stop.load(Ordering::SeqCst) {
                 continue;
@@ -514,12 +735,87 @@ impl Microvm {
         outcome
     }
 
-    /// Removes host resources that outlive the process (the vsock socket).
-    fn cleanup(&self) {
+    /// Answers every waiting API request (on the event-loop thread).
+    fn serve_api(&mut self, handles: &[VcpuHandle], paused: &mut bool) {
+        use crate::api::ApiRequest;
+        while let Some(p) = self.api.as_ref().and_then(ApiServer::next_request) {
+            let answer = match &p.request {
+                ApiRequest::Status => Ok(if *paused { "paused" } else { "running" }.to_string()),
+                ApiRequest::Pause => self.pause_all(handles, paused).map(|()| "paused".into()),
+                ApiRequest::Resume => {
+                    Self::resume_all(handles, paused);
+                    Ok("running".into())
+                }
+                ApiRequest::Snapshot(dir) => {
+                    let was_paused = *paused;
+                    let t = std::time::Instant::now();
+                    let r = self
+                        .pause_all(handles, paused)
+                        .and_then(|()| self.save_snapshot(handles, dir));
+                    if !was_paused {
+                        Self::resume_all(handles, paused);
+                    }
+                    match &r {
+                        Ok(()) => {
+                            tracing::info!(dir = %dir.display(), ms = t.elapsed().as_millis() as u64, "snapshot written")
+                        }
+                        Err(e) => tracing::error!("snapshot failed: {e}"),
+                    }
+                    r.map(|()| format!("snapshot {}", dir.display()))
+                }
+            };
+            let answer = answer.map_err(|e| error_chain(&e));
+            let _ = p.reply.send(answer);
+        }
+    }
+
+    fn pause_all(&self, handles: &[VcpuHandle], paused: &mut bool) -> Result<(), SnapshotError> {
+        if *paused {
+            return Ok(());
+        }
+        for (i, h) in handles.iter().enumerate() {
+            if let Err(e) = h.pause() {
+                // Do not leave some vCPUs paused and others running.
+                for h in &handles[..i] {
+                    h.resume();
+                }
+                return Err(e.into());
+            }
+        }
+        *paused = true;
+        Ok(())
+    }
+
+    fn resume_all(handles: &[VcpuHandle], paused: &mut bool) {
+        if !*paused {
+            return;
+        }
+        for h in handles {
+            h.resume();
+        }
+        *paused = false;
+    }
+
+    /// Removes host resources that outlive the process (the vsock and
+    /// API sockets).
+    fn cleanup(&mut self) {
         if let Some(path) = &self.vsock_uds {
             let _ = std::fs::remove_file(path);
         }
+        self.api = None;
     }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 #[cfg(test)]
@@ -536,6 +832,7 @@ mod tests {
             vsock: None,
             serial_out: None,
             host_kind: Some(HostKind::Hardware),
+            api_sock: None,
         }
     }
 

@@ -1,4 +1,5 @@
-//! `vessel-vmm`: boots one microVM and runs it until the guest resets.
+//! `vessel-vmm`: boots one microVM (or restores one from a snapshot with
+//! `--restore DIR`) and runs it until the guest resets.
 //!
 //! Exit status: 0 when the guest rebooted or powered off, 1 on errors
 //! (reported as one line on stderr), 2 on a guest triple fault, 128+N when
@@ -10,7 +11,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
-use vessel_vmm::builder::{build_microvm, VmConfig, VsockConfig};
+use vessel_vmm::builder::{
+    build_microvm, error_chain, restore_microvm, RestoreConfig, VmConfig, VsockConfig,
+};
 use vessel_vmm::host::HostKind;
 use vessel_vmm::timeline;
 
@@ -32,20 +35,27 @@ enum HostKindArg {
 #[command(name = "vessel-vmm", version)]
 struct Args {
     /// Uncompressed ELF guest kernel (vmlinux).
+    #[arg(long, required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+    /// Restore from this snapshot directory instead of booting a kernel
+    /// (kernel, initrd, cmdline, memory and vCPU options come from the snapshot).
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus"])]
+    restore: Option<PathBuf>,
+    /// Control socket: `pause`, `resume`, `status`, `snapshot <dir>` (one per line).
     #[arg(long)]
-    kernel: PathBuf,
+    api_sock: Option<PathBuf>,
     /// Initramfs (newc cpio) whose /init is the vessel agent.
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// Extra kernel command line arguments (appended last).
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128)]
-    mem_mib: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB [default: 128].
+    #[arg(long)]
+    mem_mib: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long)]
+    vcpus: Option<u8>,
     /// Guest vsock context id.
     #[arg(long, default_value_t = 3)]
     vsock_cid: u64,
@@ -105,29 +115,39 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 
 fn run(args: Args) -> anyhow::Result<i32> {
     init_logging(&args)?;
-    let cfg = VmConfig {
-        kernel: args.kernel,
-        initrd: args.initrd,
-        extra_cmdline: args.cmdline,
-        mem_mib: args.mem_mib,
-        vcpus: args.vcpus,
-        vsock: args.vsock_uds.map(|uds_path| VsockConfig {
-            cid: args.vsock_cid,
-            uds_path,
-        }),
-        serial_out: args.serial_out,
-        host_kind: match args.host_kind {
-            HostKindArg::Auto => None,
-            HostKindArg::Pvm => Some(HostKind::Pvm),
-            HostKindArg::Hardware => Some(HostKind::Hardware),
-        },
+    let vsock = args.vsock_uds.map(|uds_path| VsockConfig {
+        cid: args.vsock_cid,
+        uds_path,
+    });
+    let vm = match (args.restore, args.kernel) {
+        (Some(dir), _) => restore_microvm(&RestoreConfig {
+            dir,
+            vsock,
+            serial_out: args.serial_out,
+            api_sock: args.api_sock,
+        })?,
+        (None, Some(kernel)) => build_microvm(&VmConfig {
+            kernel,
+            initrd: args.initrd,
+            extra_cmdline: args.cmdline.unwrap_or_default(),
+            mem_mib: args.mem_mib.unwrap_or(128),
+            vcpus: args.vcpus.unwrap_or(1),
+            vsock,
+            serial_out: args.serial_out,
+            host_kind: match args.host_kind {
+                HostKindArg::Auto => None,
+                HostKindArg::Pvm => Some(HostKind::Pvm),
+                HostKindArg::Hardware => Some(HostKind::Hardware),
+            },
+            api_sock: args.api_sock,
+        })?,
+        (None, None) => anyhow::bail!("--kernel or --restore is required"),
     };
     let profile = args.profile_rip;
     if profile.is_some() {
         vessel_vmm::profiler::enable()
             .map_err(|e| anyhow::anyhow!("cannot enable the rip sampler: {e}"))?;
     }
-    let vm = build_microvm(&cfg)?;
     let outcome = vm.run();
     if let Some(path) = &profile {
         let samples = vessel_vmm::profiler::write(path)
@@ -143,17 +163,6 @@ fn run(args: Args) -> anyhow::Result<i32> {
         eprintln!("vessel-vmm: error: {}", error_chain(e));
     }
     Ok(code)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn main() -> ExitCode {

@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -87,11 +86,11 @@ pub struct Kicker {
 }
 
 impl Kicker {
-    /// Starts kicking `targets` every `interval`. The caller keeps the target
-    /// handles alive (not joined, not dropped) until the `Kicker` is dropped,
-    /// which keeps their `pthread_t` valid.
-    pub fn start<T>(targets: &[JoinHandle<T>], interval: Duration) -> std::io::Result<Self> {
-        let ids: Vec<libc::pthread_t> = targets.iter().map(|h| h.as_pthread_t()).collect();
+    /// Starts kicking the threads `ids` every `interval`. The caller keeps
+    /// those threads joinable (their JoinHandles alive, not joined) until the
+    /// `Kicker` is dropped, which keeps every `pthread_t` valid.
+    pub fn start(ids: &[libc::pthread_t], interval: Duration) -> std::io::Result<Self> {
+        let ids = ids.to_vec();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let sig = kick_signal();
@@ -100,8 +99,8 @@ impl Kicker {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     for &id in &ids {
-                        // SAFETY: `id` belongs to a thread whose JoinHandle the
-                        // caller keeps until this thread has been joined (Drop
+                        // SAFETY: `id` belongs to a thread the caller keeps
+                        // joinable until this thread has been joined (Drop
                         // below), so the pthread_t is valid; the signal has a
                         // no-op handler installed by `enable`.
                         unsafe { libc::pthread_kill(id, sig) };

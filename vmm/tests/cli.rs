@@ -104,3 +104,65 @@ fn bad_vcpu_count() {
     let out = vmm(&["--kernel", "/nonexistent", "--vcpus", "0"]);
     assert_one_line_error(&out, "vcpus must be between 1 and");
 }
+
+fn restore(dir: &std::path::Path) -> Output {
+    vmm(&["--restore", dir.to_str().unwrap()])
+}
+
+#[test]
+fn restore_missing_dir() {
+    let out = restore(std::path::Path::new("/nonexistent/snapshot"));
+    assert_one_line_error(
+        &out,
+        "snapshot directory /nonexistent/snapshot does not exist",
+    );
+}
+
+#[test]
+fn restore_rejects_bad_state_files() {
+    use vessel_vmm::snapshot::file;
+    let d = tempdir("restore");
+    let state = d.join("vmstate");
+    let payload = serde_json::json!({"not": "a state"});
+
+    // Missing state file.
+    assert_one_line_error(&restore(&d), "cannot access state file");
+
+    // Not a state file at all.
+    std::fs::write(&state, b"hello").unwrap();
+    assert_one_line_error(&restore(&d), "bad magic");
+
+    // One flipped byte: checksum.
+    let mut bytes = file::encode(&payload).unwrap();
+    let at = bytes.len() - 40;
+    bytes[at] ^= 1;
+    std::fs::write(&state, &bytes).unwrap();
+    assert_one_line_error(&restore(&d), "checksum mismatch");
+
+    // Truncated.
+    let bytes = file::encode(&payload).unwrap();
+    std::fs::write(&state, &bytes[..bytes.len() - 10]).unwrap();
+    assert_one_line_error(&restore(&d), "truncated");
+
+    // Another format version, valid checksum.
+    let bytes = file::encode_with(&payload, file::FORMAT_MAJOR + 1, 0, file::BUILD_ID).unwrap();
+    std::fs::write(&state, &bytes).unwrap();
+    assert_one_line_error(&restore(&d), "format version 2.0 is not supported");
+
+    // Another build.
+    let bytes =
+        file::encode_with(&payload, file::FORMAT_MAJOR, 0, "vessel-vmm/0.0.1/x86_64").unwrap();
+    std::fs::write(&state, &bytes).unwrap();
+    assert_one_line_error(&restore(&d), "incompatible build");
+
+    // Valid container, payload of the wrong shape.
+    std::fs::write(&state, file::encode(&payload).unwrap()).unwrap();
+    assert_one_line_error(&restore(&d), "payload does not decode");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn restore_conflicts_with_kernel() {
+    let out = vmm(&["--restore", "/tmp", "--kernel", "/x"]);
+    assert!(!out.status.success());
+}

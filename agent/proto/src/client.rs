@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::frame::{read_frame, read_frame_bytes, write_frame, write_frame_bytes, FrameError};
-use crate::messages::{ErrorReply, PingReply, Request, RequestBody, Response, ResponseBody};
+use crate::messages::{
+    ErrorReply, PingReply, Request, RequestBody, Response, ResponseBody, RestoredRequest,
+};
 
 /// Longest handshake answer line accepted (`OK 4294967295` is 13 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
@@ -220,6 +222,32 @@ impl AgentClient {
             ResponseBody::Error(e) => Err(ClientError::Remote(e)),
             other => Err(ClientError::Protocol(format!(
                 "unexpected answer to Ping: {other:?}"
+            ))),
+        }
+    }
+
+    /// `Restored`: reseed the guest RNG with `entropy` and set the host name.
+    pub fn restored(
+        &mut self,
+        entropy: Vec<u8>,
+        hostname: Option<String>,
+    ) -> Result<(), ClientError> {
+        match self.call(RequestBody::Restored(RestoredRequest { entropy, hostname }))? {
+            ResponseBody::Restored => Ok(()),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to Restored: {other:?}"
+            ))),
+        }
+    }
+
+    /// `GetRandom`: `len` bytes from the guest's RNG.
+    pub fn get_random(&mut self, len: u32) -> Result<Vec<u8>, ClientError> {
+        match self.call(RequestBody::GetRandom { len })? {
+            ResponseBody::Random(b) => Ok(b),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to GetRandom: {other:?}"
             ))),
         }
     }

@@ -36,6 +36,35 @@ pub enum RequestBody {
     /// Sync filesystems and stop the VM (a guest reboot, which ends the VMM
     /// with status 0).
     Shutdown,
+    /// Sent first to a VM restored from a snapshot: mix fresh host entropy
+    /// into the guest RNG and force a reseed (so clones of one snapshot do
+    /// not produce the same random numbers), and optionally set the host
+    /// name.
+    Restored(RestoredRequest),
+    /// `len` bytes from the guest's `getrandom(2)` (at most
+    /// [`MAX_RANDOM_LEN`]).
+    GetRandom {
+        /// Number of bytes.
+        len: u32,
+    },
+}
+
+/// Smallest entropy a `Restored` request must carry.
+pub const MIN_RESTORE_ENTROPY: usize = 32;
+/// Largest entropy a `Restored` request may carry.
+pub const MAX_RESTORE_ENTROPY: usize = 4096;
+/// Largest `GetRandom` request.
+pub const MAX_RANDOM_LEN: u32 = 4096;
+
+/// Body of [`RequestBody::Restored`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoredRequest {
+    /// Fresh random bytes from the host ([`MIN_RESTORE_ENTROPY`] to
+    /// [`MAX_RESTORE_ENTROPY`]).
+    pub entropy: Vec<u8>,
+    /// New host name (at most 64 bytes), or keep the current one.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// A response from the agent.
@@ -54,6 +83,10 @@ pub enum ResponseBody {
     Pong(PingReply),
     /// Answer to `Shutdown`; the VM stops right after.
     ShuttingDown,
+    /// Answer to `Restored`: the RNG was reseeded (and the host name set).
+    Restored,
+    /// Answer to `GetRandom`.
+    Random(Vec<u8>),
     /// The request failed or was not understood.
     Error(ErrorReply),
 }
@@ -202,6 +235,32 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s, r#"{"id":5,"body":"ShuttingDown"}"#);
+    }
+
+    #[test]
+    fn restore_requests_wire_format() {
+        let r = Request {
+            id: 1,
+            body: RequestBody::Restored(RestoredRequest {
+                entropy: vec![1, 2],
+                hostname: Some("h".into()),
+            }),
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":1,"body":{"Restored":{"entropy":[1,2],"hostname":"h"}}}"#
+        );
+        assert_eq!(decode_request(json.as_bytes()).unwrap(), r);
+        let no_host = decode_request(br#"{"id":1,"body":{"Restored":{"entropy":[3]}}}"#).unwrap();
+        assert!(matches!(
+            no_host.body,
+            RequestBody::Restored(RestoredRequest { hostname: None, .. })
+        ));
+        let g = decode_request(br#"{"id":2,"body":{"GetRandom":{"len":16}}}"#).unwrap();
+        assert_eq!(g.body, RequestBody::GetRandom { len: 16 });
+        let s = serde_json::to_string(&ResponseBody::Random(vec![9])).unwrap();
+        assert_eq!(s, r#"{"Random":[9]}"#);
     }
 
     #[test]

@@ -38,6 +38,11 @@ impl DeviceBus {
         self.mmio.push((base, transport));
     }
 
+    /// The UART registers, for a snapshot.
+    pub fn serial_state(&self) -> Option<crate::devices::serial::SerialSnapshot> {
+        self.serial.lock().ok().map(|s| s.state())
+    }
+
     /// Flushes the serial output.
     pub fn flush_serial(&self) {
         if let Ok(mut s) = self.serial.lock() {

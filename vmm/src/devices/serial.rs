@@ -58,6 +58,31 @@ impl Write for SerialSink {
     }
 }
 
+/// Saved UART registers (vm-superio's `SerialState`, serialisable).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL.
+    pub baud_divisor_low: u8,
+    /// DLM.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Bytes received but not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
 /// COM1 as the I/O bus sees it.
 pub struct SerialDevice {
     uart: Serial<IrqFdTrigger, vm_superio::serial::NoEvents, SerialSink>,
@@ -68,6 +93,51 @@ impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         SerialDevice {
             uart: Serial::new(IrqFdTrigger(irq), SerialSink::new(out)),
+        }
+    }
+
+    /// A UART with restored registers.
+    pub fn from_state(
+        state: &SerialSnapshot,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(
+            &s,
+            IrqFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            SerialSink::new(out),
+        )
+        .map_err(|e| format!("invalid serial state: {e:?}"))?;
+        Ok(SerialDevice { uart })
+    }
+
+    /// The UART registers.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -130,5 +200,30 @@ mod tests {
         assert_ne!(lsr[0] & 0x20, 0);
         // Out-of-range offsets are ignored.
         s.pio_write(300, &[1]);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(evt, Box::new(io::sink()));
+        s.pio_write(7, &[0x5a]); // scratch
+        s.pio_write(1, &[0x02]); // IER: THR empty interrupt
+        s.pio_write(3, &[0x03]); // LCR: 8n1
+        let st = s.state();
+        let json = serde_json::to_string(&st).unwrap();
+        let back: SerialSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, st);
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut r = SerialDevice::from_state(&back, evt, Box::new(io::sink())).unwrap();
+        let mut b = [0u8];
+        r.pio_read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        r.pio_read(3, &mut b);
+        assert_eq!(b[0], 0x03);
+        assert_eq!(r.state(), st);
+        let mut bad = st.clone();
+        bad.in_buffer = vec![0; 1000];
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(SerialDevice::from_state(&bad, evt, Box::new(io::sink())).is_err());
     }
 }

@@ -3,4 +3,6 @@
 
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_state;
+pub mod vcpu_thread;
 pub mod vm;

@@ -41,6 +41,17 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Saved vCPU state is inconsistent.
+    #[error("vcpu {id}: invalid saved state: {what}")]
+    BadState {
+        /// vCPU index.
+        id: u8,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// The vCPU thread did not answer a pause or save request.
+    #[error("vcpu {0}: thread did not answer (stopped or stuck)")]
+    NoAnswer(u8),
     /// Building the MSR list failed.
     #[error("vcpu {0}: cannot build the MSR list")]
     Msrs(u8),
@@ -158,6 +169,35 @@ impl Vcpu {
         }
     }
 
+    /// vCPU index.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The KVM vCPU.
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Sets `kvm_run.immediate_exit`.
+    pub(crate) fn set_immediate_exit(&mut self, on: bool) {
+        self.fd.set_kvm_immediate_exit(u8::from(on));
+    }
+
+    /// Address of `kvm_run.immediate_exit`, for the kick signal handler.
+    pub(crate) fn immediate_exit_ptr(&mut self) -> *mut u8 {
+        std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit)
+    }
+
+    /// Completes an in-flight MMIO/PIO exit without entering the guest
+    /// (`KVM_RUN` with `immediate_exit` set), so that the state read next is
+    /// consistent. Called before saving.
+    pub(crate) fn complete_pending_io(&mut self) {
+        self.set_immediate_exit(true);
+        let _ = self.fd.run();
+        self.set_immediate_exit(false);
+    }
+
     fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
         let id = self.id;
         move |source| VcpuError::Kvm { id, what, source }
@@ -224,11 +264,15 @@ impl Vcpu {
         }
     }
 
-    fn run_once(&mut self) -> Result<Option<VcpuStop>, VcpuError> {
+    /// One `KVM_RUN` and the handling of its exit. `Ok(None)`: carry on
+    /// (also after an interruption by the kick signal).
+    pub(crate) fn run_once(&mut self) -> Result<Option<VcpuStop>, VcpuError> {
         let id = self.id;
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked (see vcpu_thread): the caller checks why.
+                self.set_immediate_exit(false);
                 if crate::profiler::enabled() {
                     crate::profiler::record(self.rip());
                 }

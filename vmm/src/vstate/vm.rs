@@ -1,8 +1,13 @@
 //! The KVM VM: capabilities check, in-kernel irqchip and PIT, memory slots,
 //! irqfds and ioeventfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,10 +37,29 @@ pub enum VmError {
     /// Too many memory regions.
     #[error("too many guest memory regions")]
     TooManyRegions,
+    /// Saved VM state is inconsistent.
+    #[error("invalid saved VM state: {0}")]
+    BadState(&'static str),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
+}
+
+/// VM-wide KVM state of a snapshot: the in-kernel irqchip (both PICs and
+/// the IOAPIC), the PIT and kvmclock. LAPICs are per vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// PIC master.
+    pub pic_master: kvm_irqchip,
+    /// PIC slave.
+    pub pic_slave: kvm_irqchip,
+    /// IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// PIT (channel state and flags).
+    pub pit: kvm_pit_state2,
+    /// kvmclock.
+    pub clock: kvm_clock_data,
 }
 
 /// A KVM virtual machine.
@@ -133,6 +157,71 @@ impl Vm {
         self.fd
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("KVM_CREATE_VCPU"))
+    }
+
+    /// The MSRs KVM saves and restores (`KVM_GET_MSR_INDEX_LIST`).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))
+    }
+
+    /// Whether KVM has `cap`.
+    pub fn has_cap(&self, cap: Cap) -> bool {
+        self.kvm.check_extension(cap)
+    }
+
+    /// Saves irqchip, PIT and clock. The vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Restores irqchip, PIT and clock (before the vCPUs are restored).
+    /// The clock continues from the saved value: guest time does not jump
+    /// by the time the snapshot spent on disk (flags are cleared, so KVM
+    /// does not apply a realtime correction).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let chips = [
+            (KVM_IRQCHIP_PIC_MASTER, &state.pic_master),
+            (KVM_IRQCHIP_PIC_SLAVE, &state.pic_slave),
+            (KVM_IRQCHIP_IOAPIC, &state.ioapic),
+        ];
+        for (id, chip) in chips {
+            if chip.chip_id != id {
+                return Err(VmError::BadState("irqchip ids do not match"));
+            }
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        Ok(())
     }
 
     /// Size of the `kvm_run` mapping (for diagnostics).

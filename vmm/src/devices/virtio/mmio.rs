@@ -9,7 +9,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG};
@@ -110,6 +111,97 @@ pub struct ShmRegion {
     pub len: u64,
 }
 
+/// One virtqueue in a snapshot: the driver's registers plus the device's
+/// ring positions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// QueueNumMax.
+    pub max_size: u16,
+    /// QueueNum.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available (driver) ring address.
+    pub avail_ring: u64,
+    /// Used (device) ring address.
+    pub used_ring: u64,
+    /// Next available ring index the device will read.
+    pub next_avail: u16,
+    /// Next used ring index the device will write.
+    pub next_used: u16,
+    /// VIRTIO_F_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+}
+
+impl QueueSnapshot {
+    /// Captures `q`.
+    pub fn of(q: &Queue) -> Self {
+        let s = q.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+        }
+    }
+
+    /// Rebuilds the queue; sizes are checked like guest writes are.
+    pub fn to_queue(&self) -> Result<Queue, String> {
+        if self.max_size == 0
+            || !self.max_size.is_power_of_two()
+            || !self.size.is_power_of_two()
+            || self.size > self.max_size
+        {
+            return Err(format!(
+                "invalid queue sizes {}/{}",
+                self.size, self.max_size
+            ));
+        }
+        Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| format!("invalid queue: {e:?}"))
+    }
+}
+
+/// The transport's registers in a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// DriverFeatures (both halves).
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Status.
+    pub status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// SHMSel.
+    pub shm_sel: u32,
+    /// The driver's view of each queue.
+    pub queues: Vec<QueueSnapshot>,
+}
+
 /// The register window of one virtio device.
 pub struct MmioTransport {
     mem: GuestMemoryMmap,
@@ -159,6 +251,54 @@ impl MmioTransport {
             .into_iter()
             .filter_map(|s| Queue::new(s).ok())
             .collect()
+    }
+
+    /// The registers, for a snapshot (the device must be quiescent).
+    pub fn save_state(&self) -> MmioTransportState {
+        MmioTransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            shm_sel: self.shm_sel,
+            queues: self.queues.iter().map(QueueSnapshot::of).collect(),
+        }
+    }
+
+    /// A transport with restored registers. The device is not activated
+    /// here: it restores its own queue positions (see the device's restore).
+    pub fn restore(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        interrupt: Arc<Interrupt>,
+        state: &MmioTransportState,
+    ) -> Result<Self, String> {
+        let mut t = MmioTransport::new(mem, device, interrupt);
+        if state.queues.len() != t.queues.len() {
+            return Err(format!(
+                "snapshot has {} queues, the device has {}",
+                state.queues.len(),
+                t.queues.len()
+            ));
+        }
+        for (q, s) in t.queues.iter_mut().zip(&state.queues) {
+            if s.max_size != q.max_size() {
+                return Err("queue maximum sizes differ".into());
+            }
+            *q = s.to_queue()?;
+        }
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.acked_features = state.acked_features;
+        t.queue_sel = state.queue_sel;
+        t.status = state.status;
+        t.config_generation = state.config_generation;
+        t.shm_sel = state.shm_sel;
+        t.interrupt.set_status(state.interrupt_status);
+        Ok(t)
     }
 
     /// Announces shared memory regions (SHMSel/SHMLen/SHMBase registers).
@@ -702,6 +842,42 @@ mod tests {
         assert_ne!(r(&mut t, reg::INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, 0);
         w(&mut t, reg::INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let (mut t, dev) = setup();
+        negotiate(&mut t);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        w(&mut t, reg::STATUS, 0xf);
+        w(&mut t, reg::QUEUE_SEL, 1);
+        let st = t.save_state();
+        assert_eq!(st.status, 0xf);
+        assert_eq!(st.queues[1].desc_table, 0x20000);
+        let json = serde_json::to_string(&st).unwrap();
+        let back: MmioTransportState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, st);
+
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let d: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+        let mut rt = MmioTransport::restore(mem.clone(), d.clone(), irq.clone(), &back).unwrap();
+        assert_eq!(rt.status(), 0xf);
+        assert_eq!(rt.save_state(), st);
+        assert_eq!(rt.queue(1).unwrap().desc_table(), 0x20000);
+        assert_eq!(rt.queue(0).unwrap().size(), 16);
+        // Registers stay frozen after DRIVER_OK in the restored transport too.
+        w(&mut rt, reg::QUEUE_READY, 0);
+        assert_eq!(r(&mut rt, reg::QUEUE_READY), 1);
+
+        // A state for another device shape, or with bad sizes, is refused.
+        let mut wrong = st.clone();
+        wrong.queues.pop();
+        assert!(MmioTransport::restore(mem.clone(), d.clone(), irq.clone(), &wrong).is_err());
+        let mut wrong = st.clone();
+        wrong.queues[0].size = 12;
+        assert!(MmioTransport::restore(mem, d, irq, &wrong).is_err());
     }
 
     #[test]

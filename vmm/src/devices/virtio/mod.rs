@@ -75,6 +75,11 @@ impl Interrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets InterruptStatus (snapshot restore) without raising the line.
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// InterruptACK: clears the acknowledged bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);

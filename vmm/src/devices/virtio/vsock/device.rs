@@ -40,6 +40,19 @@ enum DeviceState {
     },
 }
 
+/// The vsock device in a snapshot. Connections are not saved: they are
+/// host sockets, and a restored VM gets a transport reset instead. The
+/// guest CID is not restored either: each restored VM gets its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    /// Guest CID at snapshot time (informational).
+    pub cid: u64,
+    /// Features the driver acknowledged.
+    pub acked_features: u64,
+    /// The device's queues (ring positions included) when it was active.
+    pub queues: Option<Vec<crate::devices::virtio::mmio::QueueSnapshot>>,
+}
+
 /// The virtio-vsock device.
 pub struct Vsock {
     cid: u64,
@@ -53,7 +66,14 @@ pub struct Vsock {
     bad_chains: u64,
     /// A transport reset event waits for an event queue buffer.
     transport_reset_pending: bool,
+    /// A transport reset was delivered and the guest has not yet shown that
+    /// it handled it (see [`Vsock::process_rx`]): since when.
+    reset_unacked_since: Option<Instant>,
 }
+
+/// How long RX is held back waiting for the guest to handle a transport
+/// reset before it is released anyway.
+const RESET_ACK_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Vsock {
     /// A device for guest `cid`, with its host socket at `uds_path`.
@@ -71,7 +91,55 @@ impl Vsock {
             muxer,
             bad_chains: 0,
             transport_reset_pending: false,
+            reset_unacked_since: None,
         })
+    }
+
+    /// The device state for a snapshot (call with the event loop and the
+    /// vCPUs stopped).
+    pub fn save_state(&self) -> VsockState {
+        let queues = match &self.state {
+            DeviceState::Active { queues, .. } => Some(
+                queues
+                    .iter()
+                    .map(crate::devices::virtio::mmio::QueueSnapshot::of)
+                    .collect(),
+            ),
+            DeviceState::Inactive => None,
+        };
+        VsockState {
+            cid: self.cid,
+            acked_features: self.acked_features,
+            queues,
+        }
+    }
+
+    /// Brings a new device (with this VM's own CID and socket) to the saved
+    /// state: acknowledged features and, if the driver had activated it,
+    /// the queues at their saved ring positions. Follow with
+    /// [`Vsock::reset_connections_and_send_transport_reset`] once the VM's
+    /// interrupt controller is restored.
+    pub fn restore_state(
+        &mut self,
+        state: &VsockState,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.acked_features = state.acked_features;
+        if let Some(saved) = &state.queues {
+            let queues = saved
+                .iter()
+                .map(|q| q.to_queue())
+                .collect::<Result<Vec<Queue>, String>>()
+                .map_err(ActivateError::BadQueue)?;
+            if queues.iter().any(|q| !q.is_valid(&mem)) {
+                return Err(ActivateError::BadQueue(
+                    "a saved queue is not valid in guest memory".into(),
+                ));
+            }
+            self.activate(mem, interrupt, queues)?;
+        }
+        Ok(())
     }
 
     /// Called once when the guest accepts its first host connection.
@@ -121,7 +189,21 @@ impl Vsock {
     }
 
     /// Fills guest RX buffers from the muxer. Returns whether used buffers were added.
+    ///
+    /// After a transport reset, nothing goes to the guest until it has
+    /// handled the reset event: Linux resets every connected socket when it
+    /// handles the event (without telling the host), so a host connection
+    /// that it accepted just before would silently die. The driver re-posts
+    /// the event buffer (and notifies the event queue) right after handling
+    /// the event, which is the acknowledgement.
     fn process_rx(&mut self) -> bool {
+        if let Some(since) = self.reset_unacked_since {
+            if since.elapsed() < RESET_ACK_TIMEOUT {
+                return false;
+            }
+            tracing::warn!("vsock: guest did not acknowledge the transport reset; RX released");
+            self.reset_unacked_since = None;
+        }
         let DeviceState::Active { mem, queues, .. } = &mut self.state else {
             return false;
         };
@@ -243,6 +325,7 @@ impl Vsock {
             {
                 written = 4;
                 self.transport_reset_pending = false;
+                self.reset_unacked_since = Some(Instant::now());
             }
         }
         if let Err(e) = q.add_used(&*mem, head, written) {
@@ -342,6 +425,7 @@ impl VirtioDevice for Vsock {
         self.muxer.reset_all();
         self.state = DeviceState::Inactive;
         self.transport_reset_pending = false;
+        self.reset_unacked_since = None;
         // Called from a vCPU thread: wake the event loop so that it removes
         // the streams from epoll and closes them now.
         if let Err(e) = self.activate_evt.write(1) {
@@ -373,6 +457,9 @@ impl MutEventSubscriber for Vsock {
         let set = events.event_set();
         if let Some(i) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[i].read();
+            if i == EVQ && self.reset_unacked_since.take().is_some() {
+                tracing::debug!("vsock: guest handled the transport reset");
+            }
         } else if fd == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();
         } else if fd == self.muxer.listener_fd() {

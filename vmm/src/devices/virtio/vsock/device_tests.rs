@@ -753,3 +753,86 @@ fn guest_close_flushes_backlog_to_slow_host_reader() {
     let ops: Vec<u16> = h.received().iter().map(|p| p.0.op).collect();
     assert_eq!(ops.last(), Some(&OP_RST), "{ops:?}");
 }
+
+#[test]
+fn state_restores_into_a_new_device_with_its_own_cid() {
+    let mut h = Harness::activated("snap");
+    let (_client, _) = h.host_connect(1024);
+    let state = h.vsock.lock().unwrap().save_state();
+    let queues = state
+        .queues
+        .clone()
+        .expect("active device saves its queues");
+    assert!(queues[RXQ].next_used > 0 && queues[TXQ].next_avail > 0);
+    let json = serde_json::to_string(&state).unwrap();
+    let state: super::device::VsockState = serde_json::from_str(&json).unwrap();
+
+    // A new device, with another CID and socket, continues from the state.
+    let uds2 = h.dir.join("clone.sock");
+    let mut v2 = Vsock::new(7, uds2.clone()).unwrap();
+    v2.restore_state(&state, h.mem.clone(), h.irq.clone())
+        .unwrap();
+    assert!(v2.is_activated());
+    let mut cfg = [0u8; 8];
+    v2.read_config(0, &mut cfg);
+    assert_eq!(u64::from_le_bytes(cfg), 7, "config space shows the new CID");
+    assert_eq!(v2.save_state().queues, state.queues);
+    let v2 = Arc::new(Mutex::new(v2));
+    let mut em = EventManager::<Subscriber>::new().unwrap();
+    let sub: Subscriber = v2.clone();
+    em.add_subscriber(sub);
+    h.vsock = v2;
+    h.em = em;
+    h.uds = uds2;
+
+    // The transport reset goes out on the event queue.
+    let ev = h.alloc(4);
+    h.mem.write_obj(0xffff_ffffu32, GuestAddress(ev)).unwrap();
+    h.add_chain(EVQ, &[(ev, 4, VRING_DESC_F_WRITE)]);
+    h.vsock
+        .lock()
+        .unwrap()
+        .reset_connections_and_send_transport_reset();
+    h.pump();
+    assert_eq!(h.used(EVQ).len(), 1);
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(ev)).unwrap(), 0);
+
+    // A new host connection is held back until the guest has handled the
+    // reset (it re-posts the event buffer and notifies the event queue);
+    // then it reaches the guest, addressed to the new CID, through the
+    // restored RX ring.
+    let mut client = UnixStream::connect(&h.uds).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    h.pump();
+    h.post_rx(1, 4096);
+    assert!(h.received().is_empty(), "RX before the reset was handled");
+    let ev2 = h.alloc(4);
+    h.add_chain(EVQ, &[(ev2, 4, VRING_DESC_F_WRITE)]);
+    h.notify(EVQ);
+    let pkts = h.received();
+    assert_eq!(pkts.len(), 1, "{pkts:?}");
+    assert_eq!(pkts[0].0.op, OP_REQUEST);
+    assert_eq!(pkts[0].0.dst_cid, 7);
+}
+
+#[test]
+fn inactive_state_restores_inactive_and_bad_queues_are_refused() {
+    let h = Harness::new("snap-inactive");
+    let state = h.vsock.lock().unwrap().save_state();
+    assert!(state.queues.is_none());
+    let mut v2 = Vsock::new(9, h.dir.join("c2.sock")).unwrap();
+    v2.restore_state(&state, h.mem.clone(), h.irq.clone())
+        .unwrap();
+    assert!(!v2.is_activated());
+
+    let h = Harness::activated("snap-bad");
+    let mut state = h.vsock.lock().unwrap().save_state();
+    if let Some(q) = state.queues.as_mut() {
+        q[TXQ].desc_table = OUTSIDE;
+    }
+    let mut v3 = Vsock::new(9, h.dir.join("c3.sock")).unwrap();
+    assert!(v3
+        .restore_state(&state, h.mem.clone(), h.irq.clone())
+        .is_err());
+    assert!(!v3.is_activated());
+}

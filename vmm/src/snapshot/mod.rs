@@ -1,0 +1,136 @@
+//! Snapshots: what is saved, and where.
+//!
+//! A snapshot is a directory with two files:
+//! - `vmstate`: the [`MicrovmState`] in the container of [`file`] (format
+//!   version, build id, SHA-256);
+//! - `memory`: guest RAM, region after region, sparse where the guest
+//!   memory is zero. A restored VM maps it privately (copy-on-write).
+//!
+//! `vmstate` is written last (atomically), so a directory that has it is
+//! complete. See `vmm/SNAPSHOT.md`.
+
+pub mod file;
+mod save;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::serial::SerialSnapshot;
+use crate::devices::virtio::mmio::MmioTransportState;
+use crate::devices::virtio::vsock::device::VsockState;
+use crate::vstate::memory::MemoryRegionState;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm::VmState;
+
+/// Name of the state file in a snapshot directory.
+pub const STATE_FILE: &str = "vmstate";
+/// Name of the memory file in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// The vsock device slot: where it sits, the transport and the device.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VsockSlotState {
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub irq: u32,
+    /// virtio-mmio registers.
+    pub transport: MmioTransportState,
+    /// Device state.
+    pub device: VsockState,
+}
+
+/// Everything a restore needs besides guest memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// Guest memory size.
+    pub mem_mib: u64,
+    /// Guest RAM regions and where they are in the memory file.
+    pub memory: Vec<MemoryRegionState>,
+    /// Host kind the snapshot was taken on (informational: the guest
+    /// kernel command line was chosen for it).
+    pub host_kind: String,
+    /// irqchip, PIT, clock.
+    pub vm: VmState,
+    /// One entry per vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// The vsock device, if the VM had one.
+    pub vsock: Option<VsockSlotState>,
+}
+
+/// Errors of taking or loading a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The snapshot directory is missing or not a directory.
+    #[error("snapshot directory {0} does not exist")]
+    NoDir(PathBuf),
+    /// The directory could not be created.
+    #[error("cannot create snapshot directory {path}")]
+    CreateDir {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file.
+    #[error(transparent)]
+    StateFile(#[from] file::StateFileError),
+    /// The memory file.
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::MemoryFileError),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// The VM.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// The saved state does not fit this VMM's machine model.
+    #[error("snapshot does not fit: {0}")]
+    Mismatch(String),
+    /// A device could not be saved or restored.
+    #[error("device state: {0}")]
+    Device(String),
+}
+
+/// Paths of the two files of snapshot `dir`.
+pub fn paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join(STATE_FILE), dir.join(MEMORY_FILE))
+}
+
+/// Loads and checks the state of snapshot `dir`.
+pub fn load_state(dir: &Path) -> Result<MicrovmState, SnapshotError> {
+    if !dir.is_dir() {
+        return Err(SnapshotError::NoDir(dir.to_path_buf()));
+    }
+    let (state_path, _) = paths(dir);
+    let state: MicrovmState = file::read(&state_path)?;
+    state.check()?;
+    Ok(state)
+}
+
+impl MicrovmState {
+    /// Consistency checks that do not need KVM.
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        let n = self.vcpus.len();
+        if n == 0 || n > usize::from(crate::builder::MAX_VCPUS) {
+            return Err(SnapshotError::Mismatch(format!("{n} vCPUs")));
+        }
+        for (i, v) in self.vcpus.iter().enumerate() {
+            if usize::from(v.id) != i {
+                return Err(SnapshotError::Mismatch("vCPU ids out of order".into()));
+            }
+        }
+        let total: u64 = self.memory.iter().map(|r| r.size).sum();
+        if total != self.mem_mib << 20 {
+            return Err(SnapshotError::Mismatch(format!(
+                "memory regions add up to {total} bytes, not {} MiB",
+                self.mem_mib
+            )));
+        }
+        Ok(())
+    }
+}
