@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use vessel_vmm::builder::{build_microvm, VmConfig, VsockConfig};
+use vessel_vmm::devices::virtio::fs::ShareConfig;
 use vessel_vmm::host::HostKind;
 use vessel_vmm::timeline;
 
@@ -52,6 +53,11 @@ struct Args {
     /// Host Unix socket of the vsock device ("CONNECT <port>" protocol); no vsock without it.
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
+    /// Share a host directory with the guest as virtio-fs tag TAG
+    /// (repeatable); `,ro` makes the share read-only. The guest mounts it
+    /// with `mount -t virtiofs TAG /target`.
+    #[arg(long = "fs", value_name = "TAG=HOST_DIR[,ro]", value_parser = parse_share)]
+    shares: Vec<ShareConfig>,
     /// File that receives the guest serial console (default: stderr).
     #[arg(long)]
     serial_out: Option<PathBuf>,
@@ -68,6 +74,10 @@ struct Args {
     /// Host kind; `auto` detects it (PVM hosts need extra guest kernel switches).
     #[arg(long, value_enum, default_value_t = HostKindArg::Auto)]
     host_kind: HostKindArg,
+}
+
+fn parse_share(arg: &str) -> Result<ShareConfig, String> {
+    ShareConfig::parse(arg).map_err(|e| e.to_string())
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {
@@ -111,6 +121,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             cid: args.vsock_cid,
             uds_path,
         }),
+        shares: args.shares,
         serial_out: args.serial_out,
         host_kind: match args.host_kind {
             HostKindArg::Auto => None,
