@@ -8,7 +8,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::frame::{read_frame, read_frame_bytes, write_frame, write_frame_bytes, FrameError};
-use crate::messages::{ErrorReply, PingReply, Request, RequestBody, Response, ResponseBody};
+use crate::messages::{
+    ErrorReply, FileData, MountRequest, PingReply, ReadFileRequest, Request, RequestBody, Response,
+    ResponseBody, WriteFileRequest,
+};
 
 /// Longest handshake answer line accepted (`OK 4294967295` is 13 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
@@ -220,6 +223,49 @@ impl AgentClient {
             ResponseBody::Error(e) => Err(ClientError::Remote(e)),
             other => Err(ClientError::Protocol(format!(
                 "unexpected answer to Ping: {other:?}"
+            ))),
+        }
+    }
+
+    /// `Mount`: mounts virtio-fs share `tag` on `target` in the guest.
+    pub fn mount(&mut self, tag: &str, target: &str, read_only: bool) -> Result<(), ClientError> {
+        let req = MountRequest {
+            tag: tag.to_string(),
+            target: target.to_string(),
+            read_only,
+        };
+        match self.call(RequestBody::Mount(req))? {
+            ResponseBody::Mounted => Ok(()),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to Mount: {other:?}"
+            ))),
+        }
+    }
+
+    /// `ReadFile`: reads (or with `discard`, only checksums) up to
+    /// `max_len` bytes of a guest file.
+    pub fn read_file(&mut self, req: ReadFileRequest) -> Result<FileData, ClientError> {
+        match self.call(RequestBody::ReadFile(req))? {
+            ResponseBody::FileData(d) => Ok(d),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to ReadFile: {other:?}"
+            ))),
+        }
+    }
+
+    /// `WriteFile`: creates or truncates a guest file and writes `data`.
+    pub fn write_file(&mut self, path: &str, data: &[u8]) -> Result<u64, ClientError> {
+        let req = WriteFileRequest {
+            path: path.to_string(),
+            data: data.to_vec(),
+        };
+        match self.call(RequestBody::WriteFile(req))? {
+            ResponseBody::Written(n) => Ok(n),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to WriteFile: {other:?}"
             ))),
         }
     }
