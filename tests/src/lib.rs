@@ -84,6 +84,8 @@ pub struct VmOptions {
     pub vcpus: u8,
     /// Extra kernel command line.
     pub cmdline: String,
+    /// Shared directories, each a `--fs` argument (`TAG=HOST_DIR[,ro]`).
+    pub shares: Vec<String>,
 }
 
 impl Default for VmOptions {
@@ -92,6 +94,7 @@ impl Default for VmOptions {
             mem_mib: 128,
             vcpus: 1,
             cmdline: String::new(),
+            shares: Vec::new(),
         }
     }
 }
@@ -130,7 +133,11 @@ impl VmProcess {
             std::os::unix::net::UnixListener::bind(format!("{}_{READY_PORT}", uds.display()))?;
         ready.set_nonblocking(true)?;
         let started = Instant::now();
-        let child = Command::new(&art.vmm)
+        let mut cmd = Command::new(&art.vmm);
+        for share in &opts.shares {
+            cmd.arg("--fs").arg(share);
+        }
+        let child = cmd
             .arg("--kernel")
             .arg(&art.kernel)
             .arg("--initrd")

@@ -56,8 +56,8 @@ struct Args {
     /// Share a host directory with the guest as virtio-fs tag TAG
     /// (repeatable); `,ro` makes the share read-only. The guest mounts it
     /// with `mount -t virtiofs TAG /target`.
-    #[arg(long = "fs", value_name = "TAG=HOST_DIR[,ro]", value_parser = parse_share)]
-    shares: Vec<ShareConfig>,
+    #[arg(long = "fs", value_name = "TAG=HOST_DIR[,ro]")]
+    shares: Vec<String>,
     /// File that receives the guest serial console (default: stderr).
     #[arg(long)]
     serial_out: Option<PathBuf>,
@@ -74,10 +74,6 @@ struct Args {
     /// Host kind; `auto` detects it (PVM hosts need extra guest kernel switches).
     #[arg(long, value_enum, default_value_t = HostKindArg::Auto)]
     host_kind: HostKindArg,
-}
-
-fn parse_share(arg: &str) -> Result<ShareConfig, String> {
-    ShareConfig::parse(arg).map_err(|e| e.to_string())
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {
@@ -111,6 +107,12 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 
 fn run(args: Args) -> anyhow::Result<i32> {
     init_logging(&args)?;
+    // Parsed here rather than by clap so that errors are one line like the others.
+    let shares = args
+        .shares
+        .iter()
+        .map(|s| ShareConfig::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
     let cfg = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -121,7 +123,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             cid: args.vsock_cid,
             uds_path,
         }),
-        shares: args.shares,
+        shares,
         serial_out: args.serial_out,
         host_kind: match args.host_kind {
             HostKindArg::Auto => None,
