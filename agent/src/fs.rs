@@ -5,7 +5,8 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
 use nix::errno::Errno;
@@ -91,7 +92,7 @@ pub fn mount_share(req: &MountRequest) -> Result<(), ErrorReply> {
     result.map_err(|e| failed(format!("cannot mount {} on {}: {e}", req.tag, req.target)))
 }
 
-/// Reads up to `max_len` bytes from the start of a file.
+/// Reads up to `max_len` bytes of a file from `offset` on (`pread`).
 pub fn read_file(req: &ReadFileRequest) -> Result<FileData, ErrorReply> {
     let path = absolute_path(&req.path)?;
     if !req.discard && req.max_len > MAX_INLINE_READ {
@@ -103,7 +104,7 @@ pub fn read_file(req: &ReadFileRequest) -> Result<FileData, ErrorReply> {
     let start = Instant::now();
     let fd = open_raw_mode(&path, libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY, 0)
         .map_err(|e| failed(format!("cannot open {}: {e}", req.path)))?;
-    let mut file = File::from(fd);
+    let file = File::from(fd);
     let max = usize::try_from(req.max_len).unwrap_or(usize::MAX);
     let chunk = if req.discard {
         max.min(DISCARD_CHUNK)
@@ -123,7 +124,8 @@ pub fn read_file(req: &ReadFileRequest) -> Result<FileData, ErrorReply> {
         } else {
             &mut buf[total..total + want]
         };
-        let n = match file.read(dst) {
+        let at = req.offset.saturating_add(total as u64);
+        let n = match file.read_at(dst, at) {
             Ok(0) => {
                 out.eof = true;
                 break;
@@ -180,6 +182,7 @@ mod tests {
         let r = read_file(&ReadFileRequest {
             path: p.clone(),
             max_len: 1000,
+            offset: 0,
             discard: false,
         })
         .unwrap();
@@ -188,7 +191,17 @@ mod tests {
         assert_eq!(r.fnv1a, fnv1a(FNV1A_INIT, &data[..1000]));
         let r = read_file(&ReadFileRequest {
             path: p.clone(),
+            max_len: 1000,
+            offset: 299_500,
+            discard: false,
+        })
+        .unwrap();
+        assert_eq!(r.data, &data[299_500..]);
+        assert_eq!((r.len, r.eof), (500, true));
+        let r = read_file(&ReadFileRequest {
+            path: p.clone(),
             max_len: u64::MAX,
+            offset: 0,
             discard: true,
         })
         .unwrap();
@@ -203,6 +216,7 @@ mod tests {
         let too_big = ReadFileRequest {
             path: "/etc/hostname".into(),
             max_len: MAX_INLINE_READ + 1,
+            offset: 0,
             discard: false,
         };
         assert_eq!(
@@ -212,6 +226,7 @@ mod tests {
         let relative = ReadFileRequest {
             path: "etc/hostname".into(),
             max_len: 1,
+            offset: 0,
             discard: false,
         };
         assert_eq!(
@@ -221,6 +236,7 @@ mod tests {
         let missing = ReadFileRequest {
             path: "/nonexistent/x".into(),
             max_len: 1,
+            offset: 0,
             discard: false,
         };
         let e = read_file(&missing).unwrap_err();

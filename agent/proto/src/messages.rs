@@ -65,13 +65,16 @@ pub struct MountRequest {
     pub read_only: bool,
 }
 
-/// Read up to `max_len` bytes from the start of `path`.
+/// Read up to `max_len` bytes of `path` from `offset` on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadFileRequest {
     /// Absolute guest path.
     pub path: String,
     /// Most bytes to read; at most [`MAX_INLINE_READ`] unless `discard`.
     pub max_len: u64,
+    /// Where to start reading.
+    #[serde(default)]
+    pub offset: u64,
     /// Read and checksum but do not return the bytes (no size limit): for
     /// measuring read throughput in the guest.
     #[serde(default)]
@@ -309,6 +312,7 @@ mod tests {
             RequestBody::ReadFile(ReadFileRequest {
                 path: "/a".into(),
                 max_len: 3,
+                offset: 0,
                 discard: false
             })
         );
