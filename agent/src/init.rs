@@ -212,9 +212,26 @@ fn mount_one(m: &MountSpec) -> Result<(), InitError> {
 /// `open()` follows an `O_CLOEXEC` open with a redundant `fcntl(F_SETFD)`
 /// (for kernels older than 2.6.23), which costs a system call here.
 fn open_raw(path: &CStr, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    open_raw_mode(path, flags, 0)
+}
+
+/// [`open_raw`] with the `mode` that `O_CREAT` uses.
+pub fn open_raw_mode(
+    path: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> std::io::Result<OwnedFd> {
     // SAFETY: `path` is a valid NUL-terminated string that outlives the call;
     // openat with these arguments only reads it.
-    let ret = unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, path.as_ptr(), flags, 0) };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            flags,
+            libc::c_uint::from(mode),
+        )
+    };
     if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -247,8 +247,24 @@ pub fn dispatch<'a>(body: &[u8], ctx: &'a Context) -> (Response, After<'a>) {
                 None,
             ),
         },
+        RequestBody::Mount(m) => (
+            answer(crate::fs::mount_share(&m).map(|()| ResponseBody::Mounted)),
+            None,
+        ),
+        RequestBody::ReadFile(r) => (
+            answer(crate::fs::read_file(&r).map(ResponseBody::FileData)),
+            None,
+        ),
+        RequestBody::WriteFile(w) => (
+            answer(crate::fs::write_file(&w).map(ResponseBody::Written)),
+            None,
+        ),
     };
     (Response { id: req.id, body }, after)
+}
+
+fn answer(result: Result<ResponseBody, ErrorReply>) -> ResponseBody {
+    result.unwrap_or_else(ResponseBody::Error)
 }
 
 fn uname() -> Uname {

@@ -88,6 +88,8 @@ pub struct VmOptions {
     pub vmm_args: Vec<String>,
     /// Give the VMM a control socket (`--api-sock`), see [`VmProcess::api`].
     pub api_sock: bool,
+    /// Shared directories, each a `--fs` argument (`TAG=HOST_DIR[,ro]`).
+    pub shares: Vec<String>,
 }
 
 impl Default for VmOptions {
@@ -98,6 +100,7 @@ impl Default for VmOptions {
             cmdline: String::new(),
             vmm_args: Vec::new(),
             api_sock: false,
+            shares: Vec::new(),
         }
     }
 }
@@ -147,6 +150,9 @@ impl VmProcess {
         let mut cmd = Command::new(&art.vmm);
         if let Some(api) = &api_sock {
             cmd.arg("--api-sock").arg(api);
+        }
+        for share in &opts.shares {
+            cmd.arg("--fs").arg(share);
         }
         let child = cmd
             .arg("--kernel")

@@ -23,6 +23,7 @@ use crate::arch::layout::{
 use crate::arch::{mptable, regs};
 use crate::devices::bus::DeviceBus;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::fs::{self as virtio_fs, ShareConfig, VirtioFs};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -43,6 +44,9 @@ pub const MIN_MEM_MIB: u64 = 32;
 pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Most vCPUs per guest.
 pub const MAX_VCPUS: u8 = 32;
+/// Most shared directories (virtio-fs devices) per guest; with vsock they
+/// must fit in the IRQs left for virtio-mmio devices.
+pub const MAX_SHARES: usize = 8;
 /// Kernel command line every guest gets. It keeps boot work small: no PCI
 /// or module probing, no console chatter (each byte is a port I/O exit), no
 /// timer/TSC checks, and the RNG trusts the seed we pass in `setup_data`.
@@ -119,6 +123,9 @@ pub enum BuildError {
     /// vsock device.
     #[error("vsock device")]
     Vsock(#[source] crate::devices::virtio::vsock::VsockError),
+    /// virtio-fs device.
+    #[error(transparent)]
+    Fs(#[from] virtio_fs::FsError),
     /// An eventfd, epoll or thread could not be created.
     #[error("{what}")]
     Os {
@@ -173,6 +180,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Shared directories, one virtio-fs device each.
+    pub shares: Vec<ShareConfig>,
     /// Serial output file (stderr when `None`).
     pub serial_out: Option<PathBuf>,
     /// Host kind; detected when `None`.
@@ -241,6 +250,13 @@ impl VmConfig {
         if let Some(v) = &self.vsock {
             validate_vsock(v)?;
         }
+        if self.shares.len() > MAX_SHARES {
+            return Err(BuildError::Config(format!(
+                "at most {MAX_SHARES} shared directories, got {}",
+                self.shares.len()
+            )));
+        }
+        virtio_fs::validate_shares(&self.shares)?;
         Ok(())
     }
 }
@@ -377,6 +393,10 @@ pub struct Microvm {
     api_pending: Arc<AtomicBool>,
     /// Restored from a snapshot: reset vsock connections before running.
     restored: bool,
+    /// Number of virtio-fs devices. Their FUSE servers hold host state
+    /// (open inodes and handles) that a snapshot cannot carry, so a VM with
+    /// shares refuses to be snapshotted.
+    pub(crate) fs_devices: usize,
 }
 
 /// Creates the vsock device in virtio slot `slot`, wires its ioeventfds,
@@ -561,6 +581,27 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         virtio_slots.push((slot.base, slot.irq));
         vsock_slot = Some(slot);
     }
+
+    // virtio-fs: each device runs its FUSE server on a thread of its own
+    // (started when the guest activates it), not on the event loop.
+    for share in &cfg.shares {
+        let base = VIRTIO_MMIO_BASE + virtio_slots.len() as u64 * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + virtio_slots.len() as u32;
+        let fs = VirtioFs::new(share)?;
+        for (i, evt) in fs.queue_events().iter().enumerate() {
+            vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
+        }
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+        vm.register_irqfd(&irq_evt, irq)?;
+        let interrupt = Arc::new(Interrupt::new(irq_evt));
+        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(fs));
+        // DAX hook: a shared memory window goes to transport.set_shm_regions().
+        let transport = MmioTransport::new(mem.clone(), device, interrupt);
+        bus.add_mmio(base, Arc::new(Mutex::new(transport)));
+        tracing::info!(tag = share.tag, dir = %share.dir.display(), read_only = share.read_only, base, irq, "virtio-fs device");
+        virtio_slots.push((base, irq));
+    }
+
     let control = add_control(&mut event_manager, &cfg.api_sock)?;
 
     // Boot structures.
@@ -595,6 +636,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         api: control.api,
         api_pending: control.api_pending,
         restored: false,
+        fs_devices: cfg.shares.len(),
     })
 }
 
@@ -668,6 +710,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
         api: control.api,
         api_pending: control.api_pending,
         restored: true,
+        fs_devices: 0,
     })
 }
 
@@ -830,6 +873,7 @@ mod tests {
             mem_mib: 128,
             vcpus: 1,
             vsock: None,
+            shares: Vec::new(),
             serial_out: None,
             host_kind: Some(HostKind::Hardware),
             api_sock: None,

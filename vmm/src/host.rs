@@ -23,6 +23,9 @@ pub enum HostKind {
 /// execute, page-table isolation, and the read-only remapping of kernel data
 /// (`rodata=off`: about 4 s of emulated page-table work at boot there; the
 /// isolation boundary is the VM, not the guest kernel's self-protection).
+/// `cx16`: the emulator fails on a ring-0 `lock cmpxchg16b` (SLUB's
+/// lockless freelist uses it when the CPU has it; seen at boot of the
+/// kernel built with FUSE/virtio-fs/DAX).
 pub const PVM_CMDLINE: &str = "rodata=off noxsave nopti clearcpuid=smap,smep,popcnt,fsgsbase,invpcid,pcid,pku,umip,rdpid,clflushopt,clwb,avx,avx2,avx512f,bmi1,bmi2,erms,fsrm,movbe,rtm,hle,cx16";
 
 impl HostKind {

@@ -14,6 +14,7 @@ use tracing_subscriber::EnvFilter;
 use vessel_vmm::builder::{
     build_microvm, error_chain, restore_microvm, RestoreConfig, VmConfig, VsockConfig,
 };
+use vessel_vmm::devices::virtio::fs::ShareConfig;
 use vessel_vmm::host::HostKind;
 use vessel_vmm::timeline;
 
@@ -39,7 +40,7 @@ struct Args {
     kernel: Option<PathBuf>,
     /// Restore from this snapshot directory instead of booting a kernel
     /// (kernel, initrd, cmdline, memory and vCPU options come from the snapshot).
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "shares"])]
     restore: Option<PathBuf>,
     /// Control socket: `pause`, `resume`, `status`, `snapshot <dir>` (one per line).
     #[arg(long)]
@@ -62,6 +63,11 @@ struct Args {
     /// Host Unix socket of the vsock device ("CONNECT <port>" protocol); no vsock without it.
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
+    /// Share a host directory with the guest as virtio-fs tag TAG
+    /// (repeatable); `,ro` makes the share read-only. The guest mounts it
+    /// with `mount -t virtiofs TAG /target`.
+    #[arg(long = "fs", value_name = "TAG=HOST_DIR[,ro]")]
+    shares: Vec<String>,
     /// File that receives the guest serial console (default: stderr).
     #[arg(long)]
     serial_out: Option<PathBuf>,
@@ -115,6 +121,12 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 
 fn run(args: Args) -> anyhow::Result<i32> {
     init_logging(&args)?;
+    // Parsed here rather than by clap so that errors are one line like the others.
+    let shares = args
+        .shares
+        .iter()
+        .map(|s| ShareConfig::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
     let vsock = args.vsock_uds.map(|uds_path| VsockConfig {
         cid: args.vsock_cid,
         uds_path,
@@ -140,6 +152,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
                 HostKindArg::Hardware => Some(HostKind::Hardware),
             },
             api_sock: args.api_sock,
+            shares,
         })?,
         (None, None) => anyhow::bail!("--kernel or --restore is required"),
     };

@@ -162,7 +162,70 @@ fn restore_rejects_bad_state_files() {
 }
 
 #[test]
+fn fs_share_syntax_errors() {
+    for (arg, needle) in [
+        ("noequals", "expected TAG=HOST_DIR[,ro]"),
+        ("=/tmp", "invalid share tag \"\": it is empty"),
+        ("t=", "expected TAG=HOST_DIR[,ro]"),
+        ("t=/tmp,rx", "unknown option \"rx\""),
+        ("a b=/tmp", "only printable ASCII"),
+    ] {
+        let out = vmm(&["--kernel", "/nonexistent", "--fs", arg]);
+        assert_one_line_error(&out, needle);
+    }
+}
+
+#[test]
+fn fs_tag_longer_than_36_bytes() {
+    let ok = format!("{}=/tmp", "x".repeat(36));
+    let long = format!("{}=/tmp", "x".repeat(37));
+    let out = vmm(&["--kernel", "/nonexistent", "--fs", &long]);
+    assert_one_line_error(&out, "longer than 36 bytes");
+    // A 36-byte tag passes validation (and the run fails later, on the kernel).
+    let out = vmm(&["--kernel", "/nonexistent", "--fs", &ok]);
+    assert_one_line_error(&out, "cannot open kernel");
+}
+
+#[test]
+fn fs_duplicate_tag() {
+    let out = vmm(&[
+        "--kernel",
+        "/nonexistent",
+        "--fs",
+        "data=/tmp",
+        "--fs",
+        "data=/,ro",
+    ]);
+    assert_one_line_error(&out, "share tag \"data\" is used twice");
+}
+
+#[test]
+fn fs_missing_or_non_directory() {
+    let out = vmm(&["--kernel", "/nonexistent", "--fs", "t=/nonexistent/dir"]);
+    assert_one_line_error(&out, "share \"t\": /nonexistent/dir is not a directory");
+    let d = tempdir("fsfile");
+    let f = d.join("file");
+    std::fs::write(&f, b"x").unwrap();
+    let arg = format!("t={}", f.display());
+    let out = vmm(&["--kernel", "/nonexistent", "--fs", &arg]);
+    assert_one_line_error(&out, "is not a directory");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
 fn restore_conflicts_with_kernel() {
     let out = vmm(&["--restore", "/tmp", "--kernel", "/x"]);
     assert!(!out.status.success());
+}
+
+#[test]
+fn fs_too_many_shares() {
+    let args: Vec<String> = (0..9).map(|i| format!("t{i}=/tmp")).collect();
+    let mut argv = vec!["--kernel", "/nonexistent"];
+    for a in &args {
+        argv.push("--fs");
+        argv.push(a);
+    }
+    let out = vmm(&argv);
+    assert_one_line_error(&out, "at most 8 shared directories");
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::frame::{read_frame, read_frame_bytes, write_frame, write_frame_bytes, FrameError};
 use crate::messages::{
-    ErrorReply, PingReply, Request, RequestBody, Response, ResponseBody, RestoredRequest,
+    ErrorReply, FileData, MountRequest, PingReply, ReadFileRequest, Request, RequestBody, Response,
+    ResponseBody, RestoredRequest, WriteFileRequest,
 };
 
 /// Longest handshake answer line accepted (`OK 4294967295` is 13 bytes).
@@ -241,6 +242,22 @@ impl AgentClient {
         }
     }
 
+    /// `Mount`: mounts virtio-fs share `tag` on `target` in the guest.
+    pub fn mount(&mut self, tag: &str, target: &str, read_only: bool) -> Result<(), ClientError> {
+        let req = MountRequest {
+            tag: tag.to_string(),
+            target: target.to_string(),
+            read_only,
+        };
+        match self.call(RequestBody::Mount(req))? {
+            ResponseBody::Mounted => Ok(()),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to Mount: {other:?}"
+            ))),
+        }
+    }
+
     /// `GetRandom`: `len` bytes from the guest's RNG.
     pub fn get_random(&mut self, len: u32) -> Result<Vec<u8>, ClientError> {
         match self.call(RequestBody::GetRandom { len })? {
@@ -248,6 +265,33 @@ impl AgentClient {
             ResponseBody::Error(e) => Err(ClientError::Remote(e)),
             other => Err(ClientError::Protocol(format!(
                 "unexpected answer to GetRandom: {other:?}"
+            ))),
+        }
+    }
+
+    /// `ReadFile`: reads (or with `discard`, only checksums) up to
+    /// `max_len` bytes of a guest file.
+    pub fn read_file(&mut self, req: ReadFileRequest) -> Result<FileData, ClientError> {
+        match self.call(RequestBody::ReadFile(req))? {
+            ResponseBody::FileData(d) => Ok(d),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to ReadFile: {other:?}"
+            ))),
+        }
+    }
+
+    /// `WriteFile`: creates or truncates a guest file and writes `data`.
+    pub fn write_file(&mut self, path: &str, data: &[u8]) -> Result<u64, ClientError> {
+        let req = WriteFileRequest {
+            path: path.to_string(),
+            data: data.to_vec(),
+        };
+        match self.call(RequestBody::WriteFile(req))? {
+            ResponseBody::Written(n) => Ok(n),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to WriteFile: {other:?}"
             ))),
         }
     }

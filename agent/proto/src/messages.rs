@@ -8,6 +8,10 @@
 //! {"id":2,"body":"Shutdown"}
 //! {"id":2,"body":"ShuttingDown"}
 //! {"id":3,"body":{"Error":{"code":"Unsupported","message":".."}}}
+//! {"id":4,"body":{"Mount":{"tag":"rootfs","target":"/mnt/rootfs","read_only":true}}}
+//! {"id":4,"body":"Mounted"}
+//! {"id":5,"body":{"ReadFile":{"path":"/mnt/rootfs/etc/os-release","max_len":4096}}}
+//! {"id":5,"body":{"FileData":{"data":[73,68],"len":2,"eof":true,"fnv1a":..,"elapsed_us":..}}}
 //! ```
 //!
 //! Bodies are externally tagged enums: a variant without data is a bare
@@ -36,6 +40,13 @@ pub enum RequestBody {
     /// Sync filesystems and stop the VM (a guest reboot, which ends the VMM
     /// with status 0).
     Shutdown,
+    /// Mount a virtio-fs share; answered with `Mounted`.
+    Mount(MountRequest),
+    /// Diagnostic: read (part of) a guest file; answered with `FileData`.
+    ReadFile(ReadFileRequest),
+    /// Diagnostic: create or truncate a guest file and write bytes to it;
+    /// answered with `Written`.
+    WriteFile(WriteFileRequest),
     /// Sent first to a VM restored from a snapshot: mix fresh host entropy
     /// into the guest RNG and force a reseed (so clones of one snapshot do
     /// not produce the same random numbers), and optionally set the host
@@ -67,6 +78,75 @@ pub struct RestoredRequest {
     pub hostname: Option<String>,
 }
 
+/// Most bytes a `ReadFile` returns inline (a JSON array of numbers takes up
+/// to 4 bytes per byte, and frames are limited to [`crate::MAX_FRAME`]).
+pub const MAX_INLINE_READ: u64 = 128 * 1024;
+
+/// Mount the virtio-fs share `tag` on `target` in the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRequest {
+    /// The share's tag (`--fs TAG=..` of the VMM).
+    pub tag: String,
+    /// Absolute mount point; created (with its parents) if missing.
+    pub target: String,
+    /// Mount read-only in the guest.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Read up to `max_len` bytes of `path` from `offset` on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadFileRequest {
+    /// Absolute guest path.
+    pub path: String,
+    /// Most bytes to read; at most [`MAX_INLINE_READ`] unless `discard`.
+    pub max_len: u64,
+    /// Where to start reading.
+    #[serde(default)]
+    pub offset: u64,
+    /// Read and checksum but do not return the bytes (no size limit): for
+    /// measuring read throughput in the guest.
+    #[serde(default)]
+    pub discard: bool,
+}
+
+/// Write `data` to `path` (created with mode 0644, or truncated).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteFileRequest {
+    /// Absolute guest path.
+    pub path: String,
+    /// Bytes to write.
+    pub data: Vec<u8>,
+}
+
+/// Answer to `ReadFile`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileData {
+    /// The bytes read (empty with `discard`).
+    pub data: Vec<u8>,
+    /// How many bytes were read.
+    pub len: u64,
+    /// The end of the file was reached before `max_len` bytes.
+    pub eof: bool,
+    /// [`fnv1a`] of the bytes read.
+    pub fnv1a: u64,
+    /// Guest time from open to the last read, in microseconds.
+    pub elapsed_us: u64,
+}
+
+/// 64-bit FNV-1a, continuing from `state` (start with [`FNV1A_INIT`]): a
+/// checksum both sides compute without extra dependencies.
+pub fn fnv1a(mut state: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        state ^= u64::from(b);
+        state = state.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    state
+}
+
+/// Initial state of [`fnv1a`].
+pub const FNV1A_INIT: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// A response from the agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
@@ -87,6 +167,12 @@ pub enum ResponseBody {
     Restored,
     /// Answer to `GetRandom`.
     Random(Vec<u8>),
+    /// Answer to `Mount`.
+    Mounted,
+    /// Answer to `ReadFile`.
+    FileData(FileData),
+    /// Answer to `WriteFile`: bytes written.
+    Written(u64),
     /// The request failed or was not understood.
     Error(ErrorReply),
 }
@@ -261,6 +347,52 @@ mod tests {
         assert_eq!(g.body, RequestBody::GetRandom { len: 16 });
         let s = serde_json::to_string(&ResponseBody::Random(vec![9])).unwrap();
         assert_eq!(s, r#"{"Random":[9]}"#);
+    }
+
+    #[test]
+    fn filesystem_requests_wire_format() {
+        let r = Request {
+            id: 4,
+            body: RequestBody::Mount(MountRequest {
+                tag: "rootfs".into(),
+                target: "/mnt/r".into(),
+                read_only: true,
+            }),
+        };
+        let json =
+            r#"{"id":4,"body":{"Mount":{"tag":"rootfs","target":"/mnt/r","read_only":true}}}"#;
+        assert_eq!(serde_json::to_string(&r).unwrap(), json);
+        assert_eq!(decode_request(json.as_bytes()).unwrap(), r);
+        // Optional fields default.
+        let r =
+            decode_request(br#"{"id":5,"body":{"ReadFile":{"path":"/a","max_len":3}}}"#).unwrap();
+        assert_eq!(
+            r.body,
+            RequestBody::ReadFile(ReadFileRequest {
+                path: "/a".into(),
+                max_len: 3,
+                offset: 0,
+                discard: false
+            })
+        );
+        let r = decode_request(br#"{"id":6,"body":{"Mount":{"tag":"t","target":"/m"}}}"#).unwrap();
+        assert!(matches!(r.body, RequestBody::Mount(m) if !m.read_only));
+        let s = serde_json::to_string(&Response {
+            id: 4,
+            body: ResponseBody::Mounted,
+        })
+        .unwrap();
+        assert_eq!(s, r#"{"id":4,"body":"Mounted"}"#);
+    }
+
+    #[test]
+    fn fnv1a_matches_the_reference_values() {
+        assert_eq!(fnv1a(FNV1A_INIT, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(FNV1A_INIT, b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(
+            fnv1a(fnv1a(FNV1A_INIT, b"fo"), b"obar"),
+            0x8594_4171_f739_67e8
+        );
     }
 
     #[test]

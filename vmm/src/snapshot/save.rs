@@ -20,6 +20,13 @@ impl Microvm {
         handles: &[VcpuHandle],
         dir: &Path,
     ) -> Result<(), SnapshotError> {
+        if self.fs_devices > 0 {
+            return Err(SnapshotError::Device(format!(
+                "cannot snapshot a VM with {} virtio-fs device(s): their FUSE server state \
+                 (open host inodes and handles) is not saved; take templates before shares are added",
+                self.fs_devices
+            )));
+        }
         std::fs::create_dir_all(dir).map_err(|source| SnapshotError::CreateDir {
             path: dir.to_path_buf(),
             source,

@@ -6,13 +6,15 @@
 //! builder); the device signals the guest through an [`Interrupt`] whose
 //! eventfd is an irqfd.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Interrupt status bit: a used buffer was added to a queue.
@@ -116,4 +118,19 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool;
     /// True once activated.
     fn is_activated(&self) -> bool;
+}
+
+/// Whether the driver wants an interrupt for new used buffers on `q`.
+/// Without VIRTIO_F_EVENT_IDX that is the avail ring's NO_INTERRUPT flag.
+pub fn guest_wants_interrupt(mem: &GuestMemoryMmap, q: &mut Queue) -> bool {
+    // needs_notification() also orders our used ring writes before the
+    // flag read, so a driver re-enabling interrupts is never missed.
+    if !q.needs_notification(mem).unwrap_or(true) {
+        return false;
+    }
+    let flags = mem
+        .read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .map(u16::from_le)
+        .unwrap_or(0);
+    u32::from(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
 }
