@@ -24,7 +24,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 Some(n) => n.parse().context("number of runs")?,
                 None => 3,
             };
-            boot(root, runs)
+            boot(root, runs, args.get(2).map(String::as_str).unwrap_or(""))
         }
         Some("profile") => profile(root, args.get(1).map(String::as_str).unwrap_or("")),
         Some(other) => bail!("unknown benchmark {other:?} (available: boot, profile)"),
@@ -39,7 +39,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn boot(root: &Path, runs: usize) -> Result<()> {
+fn boot(root: &Path, runs: usize, cmdline: &str) -> Result<()> {
     if runs == 0 {
         bail!("need at least one run");
     }
@@ -52,11 +52,22 @@ fn boot(root: &Path, runs: usize) -> Result<()> {
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); milestones.len() + 1];
     let mut guest_init = Vec::new();
+    let mut agent_init = Vec::new();
+    let mut cpu_at_ready = Vec::new();
     for i in 0..runs {
-        let mut vm =
-            VmProcess::spawn(&a, &VmOptions::default()).context("cannot start vessel-vmm")?;
+        let mut vm = VmProcess::spawn(
+            &a,
+            &VmOptions {
+                cmdline: cmdline.to_string(),
+                ..VmOptions::default()
+            },
+        )
+        .context("cannot start vessel-vmm")?;
         let mut client = vm.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
         let host_ready = vm.started.elapsed().as_secs_f64() * 1000.0;
+        if let Some(ms) = process_cpu_ms(vm.pid()) {
+            cpu_at_ready.push(ms);
+        }
         let pong = client.ping().context("ping")?;
         client.shutdown().context("shutdown")?;
         let status = vm
@@ -71,10 +82,14 @@ fn boot(root: &Path, runs: usize) -> Result<()> {
         samples[milestones.len()].push(host_ready);
         if let Some(ms) = pong.init_started_ms {
             guest_init.push(ms as f64);
+            if let Some(l) = pong.listening_ms {
+                agent_init.push(l.saturating_sub(ms) as f64);
+            }
         }
         println!(
-            "run {}: agent answered after {host_ready:.0} ms (exit {status})",
-            i + 1
+            "run {}: agent answered after {host_ready:.0} ms, VMM CPU time {:.0} ms (exit {status})",
+            i + 1,
+            cpu_at_ready.last().copied().unwrap_or(f64::NAN)
         );
     }
 
@@ -99,12 +114,26 @@ fn boot(root: &Path, runs: usize) -> Result<()> {
         println!(
             "{:<28} {:>10.1}   (guest CLOCK_BOOTTIME when /init started)",
             "guest: kernel boot to /init",
-            median(guest_init)
+            median(guest_init.clone())
+        );
+    }
+    if !agent_init.is_empty() {
+        println!(
+            "{:<28} {:>10.1}   (guest clock, agent from /init to listening on vsock)",
+            "guest: agent set-up",
+            median(agent_init.clone())
         );
     }
     println!(
         "{:<28} {:>10.1} {:>7.1}%",
         "host sees agent (total)", total, 100.0
+    );
+    println!(
+        "{:<28} {:>10.1}   (VMM user+system CPU time at agent ready: the emulated guest\n{:<41}kernel runs as the vCPU thread's system time, so this is less\n{:<41}sensitive to other load on the host than wall time)",
+        "VMM CPU time to ready",
+        median(cpu_at_ready.clone()),
+        "",
+        ""
     );
     println!(
         "reference: host process spawn+wait {host_proc_ms:.2} ms; boot = {:.0}x a host process start",
@@ -115,6 +144,9 @@ fn boot(root: &Path, runs: usize) -> Result<()> {
         "runs": runs,
         "median_ms": milestones.iter().enumerate().map(|(j, m)| (m.to_string(), median(samples[j].clone()))).collect::<std::collections::BTreeMap<_,_>>(),
         "host_sees_agent_ms": total,
+        "vmm_cpu_ms_at_ready": median(cpu_at_ready),
+        "guest_kernel_to_init_ms": median(guest_init),
+        "guest_agent_setup_ms": median(agent_init),
         "reference_host_process_ms": host_proc_ms,
     });
     let out = root.join("target/vessel/bench-boot.json");
@@ -122,6 +154,22 @@ fn boot(root: &Path, runs: usize) -> Result<()> {
         .with_context(|| format!("writing {}", out.display()))?;
     println!("written {}", out.display());
     Ok(())
+}
+
+/// User + system CPU time of process `pid` so far, in ms (from
+/// /proc/PID/stat, clock ticks of 1/100 s on Linux).
+fn process_cpu_ms(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Some((utime + stime) * 1000.0 / hz)
 }
 
 /// `bench profile [CMDLINE]`: one cold boot with the VMM's rip sampler
@@ -144,7 +192,8 @@ fn profile(root: &Path, cmdline: &str) -> Result<()> {
     client.shutdown().context("shutdown")?;
     vm.wait_exit(Duration::from_secs(60))
         .ok_or_else(|| anyhow!("VM did not stop"))?;
-    let text = std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
+    let text =
+        std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
     let mut by_symbol: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
     let mut samples = 0u64;
     for line in text.lines() {
@@ -159,12 +208,15 @@ fn profile(root: &Path, cmdline: &str) -> Result<()> {
         *by_symbol.entry(symbolize(&symbols, rip)).or_default() += count;
     }
     let mut rows: Vec<_> = by_symbol.into_iter().collect();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     println!("boot profile: {samples} samples of guest rip (1 per ms per vCPU), agent ready after {total_ms:.0} ms");
     println!("method: vessel-vmm --profile-rip interrupts KVM_RUN with a signal every 1 ms and reads rip; symbols from {}", map_path.display());
     println!("{:>7} {:>6}  symbol", "samples", "share");
     for (sym, n) in rows.iter().take(50) {
-        println!("{n:>7} {:>5.1}%  {sym}", 100.0 * *n as f64 / samples.max(1) as f64);
+        println!(
+            "{n:>7} {:>5.1}%  {sym}",
+            100.0 * *n as f64 / samples.max(1) as f64
+        );
     }
     println!("raw histogram: {}", out.display());
     Ok(())
@@ -172,8 +224,12 @@ fn profile(root: &Path, cmdline: &str) -> Result<()> {
 
 /// Text symbols of a System.map, sorted by address.
 fn load_system_map(path: &Path) -> Result<Vec<(u64, String)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {} (build the kernel with `cargo xtask kernel`)", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (build the kernel with `cargo xtask kernel`)",
+            path.display()
+        )
+    })?;
     let mut syms: Vec<(u64, String)> = text
         .lines()
         .filter_map(|l| {
