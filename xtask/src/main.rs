@@ -7,7 +7,8 @@
 //! cargo xtask demo         build everything and boot a microVM
 //! cargo xtask test         build everything and run the whole test suite
 //! cargo xtask lint         rustfmt --check and clippy -D warnings
-//! cargo xtask bench boot   cold-boot 3 times and print the median breakdown
+//! cargo xtask bench boot [N [CMDLINE]]   cold-boot N times and print the median breakdown
+//! cargo xtask bench profile [CMDLINE]    one boot with the rip sampler, top kernel functions
 //! ```
 
 mod bench;
