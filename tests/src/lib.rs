@@ -195,6 +195,17 @@ impl VmProcess {
     /// and guest `cid`. The agent does not announce itself after a restore
     /// (it already listens): connect with [`VmProcess::connect`].
     pub fn restore(art: &Artifacts, snapshot: &Path, cid: u32) -> io::Result<VmProcess> {
+        Self::restore_with_shares(art, snapshot, cid, &[])
+    }
+
+    /// Like [`VmProcess::restore`], binding the snapshot's virtio-fs tags
+    /// to directories (`--fs TAG=DIR[,ro]` arguments).
+    pub fn restore_with_shares(
+        art: &Artifacts,
+        snapshot: &Path,
+        cid: u32,
+        shares: &[String],
+    ) -> io::Result<VmProcess> {
         let dir = private_dir()?;
         let uds = dir.join("vsock.sock");
         let serial = dir.join("serial.log");
@@ -207,6 +218,7 @@ impl VmProcess {
             .arg(&uds)
             .arg("--vsock-cid")
             .arg(cid.to_string())
+            .args(shares.iter().flat_map(|s| ["--fs", s.as_str()]))
             .arg("--serial-out")
             .arg(&serial)
             .arg("--log")

@@ -28,7 +28,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::HostKind;
-use crate::snapshot::{self, MicrovmState, SnapshotError, VsockSlotState};
+use crate::snapshot::{self, FsSlotState, MicrovmState, SnapshotError, VsockSlotState};
 use crate::timeline::{self, Milestone};
 use crate::vstate::memory::{create_guest_memory, map_memory_file};
 use crate::vstate::vcpu::{Vcpu, VcpuStop};
@@ -208,6 +208,9 @@ pub struct RestoreConfig {
     pub serial_out: Option<PathBuf>,
     /// Control socket.
     pub api_sock: Option<PathBuf>,
+    /// Directories for the snapshot's virtio-fs devices, by tag: exactly
+    /// the tags the snapshot has.
+    pub shares: Vec<ShareConfig>,
 }
 
 fn validate_vsock(v: &VsockConfig) -> Result<(), BuildError> {
@@ -374,6 +377,15 @@ fn install_term_handlers(evt: &EventFd) -> std::io::Result<()> {
 }
 
 /// The vsock device and where it sits.
+/// A virtio-fs device of a running VM.
+pub(crate) struct FsSlot {
+    pub(crate) base: u64,
+    pub(crate) irq: u32,
+    pub(crate) tag: String,
+    pub(crate) device: Arc<Mutex<VirtioFs>>,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+}
+
 pub(crate) struct VsockSlot {
     pub(crate) base: u64,
     pub(crate) irq: u32,
@@ -398,10 +410,11 @@ pub struct Microvm {
     api_pending: Arc<AtomicBool>,
     /// Restored from a snapshot: reset vsock connections before running.
     restored: bool,
-    /// Number of virtio-fs devices. Their FUSE servers hold host state
-    /// (open inodes and handles) that a snapshot cannot carry, so a VM with
-    /// shares refuses to be snapshotted.
-    pub(crate) fs_devices: usize,
+    /// virtio-fs devices. Their FUSE servers' state (open host inodes and
+    /// handles) is not saved, so a snapshot is refused once the guest has
+    /// used one; an unused device is saved and a clone binds its tag to a
+    /// directory of its own.
+    pub(crate) fs: Vec<FsSlot>,
 }
 
 /// Creates the vsock device in virtio slot `slot`, wires its ioeventfds,
@@ -451,6 +464,78 @@ fn add_vsock(
         base,
         irq,
         device: vsock,
+        transport,
+    })
+}
+
+/// Creates a virtio-fs device for `share` in virtio slot `slot` and wires
+/// its ioeventfds, irqfd and MMIO window; with `saved`, restores the
+/// transport and (if the driver had activated it) starts the FUSE server on
+/// the restored queues.
+fn add_fs(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    bus: &mut DeviceBus,
+    share: &ShareConfig,
+    slot: usize,
+    saved: Option<&FsSlotState>,
+) -> Result<FsSlot, BuildError> {
+    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+    let irq = VIRTIO_IRQ_BASE + slot as u32;
+    if let Some(s) = saved {
+        if (s.base, s.irq) != (base, irq) || s.tag != share.tag {
+            return Err(SnapshotError::Mismatch(format!(
+                "virtio-fs device {:?} is not in the snapshot's slot {slot}",
+                share.tag
+            ))
+            .into());
+        }
+    }
+    let mut fs = VirtioFs::new(share)?;
+    for (i, evt) in fs.queue_events().iter().enumerate() {
+        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
+    }
+    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+    vm.register_irqfd(&irq_evt, irq)?;
+    let interrupt = Arc::new(Interrupt::new(irq_evt));
+    if let Some(s) = saved {
+        let active = s.transport.status & crate::devices::virtio::mmio::status::DRIVER_OK != 0;
+        let queues = if active {
+            Some(
+                s.transport
+                    .queues
+                    .iter()
+                    .map(|q| q.to_queue())
+                    .collect::<Result<Vec<_>, String>>()
+                    .map_err(|e| SnapshotError::Device(format!("virtio-fs {}: {e}", share.tag)))?,
+            )
+        } else {
+            None
+        };
+        fs.restore_state(
+            s.transport.acked_features,
+            queues,
+            mem.clone(),
+            interrupt.clone(),
+        )
+        .map_err(|e| SnapshotError::Device(format!("virtio-fs {}: {e}", share.tag)))?;
+    }
+    let fs = Arc::new(Mutex::new(fs));
+    let device: Arc<Mutex<dyn VirtioDevice>> = fs.clone();
+    // DAX hook: a shared memory window goes to transport.set_shm_regions().
+    let transport = match saved {
+        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
+            .map_err(|e| SnapshotError::Device(format!("virtio-fs transport: {e}")))?,
+        None => MmioTransport::new(mem.clone(), device, interrupt),
+    };
+    let transport = Arc::new(Mutex::new(transport));
+    bus.add_mmio(base, transport.clone());
+    tracing::info!(tag = share.tag, dir = %share.dir.display(), read_only = share.read_only, base, irq, "virtio-fs device");
+    Ok(FsSlot {
+        base,
+        irq,
+        tag: share.tag.clone(),
+        device: fs,
         transport,
     })
 }
@@ -589,22 +674,11 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
 
     // virtio-fs: each device runs its FUSE server on a thread of its own
     // (started when the guest activates it), not on the event loop.
+    let mut fs_slots = Vec::with_capacity(cfg.shares.len());
     for share in &cfg.shares {
-        let base = VIRTIO_MMIO_BASE + virtio_slots.len() as u64 * VIRTIO_MMIO_SIZE;
-        let irq = VIRTIO_IRQ_BASE + virtio_slots.len() as u32;
-        let fs = VirtioFs::new(share)?;
-        for (i, evt) in fs.queue_events().iter().enumerate() {
-            vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
-        }
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-        vm.register_irqfd(&irq_evt, irq)?;
-        let interrupt = Arc::new(Interrupt::new(irq_evt));
-        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(fs));
-        // DAX hook: a shared memory window goes to transport.set_shm_regions().
-        let transport = MmioTransport::new(mem.clone(), device, interrupt);
-        bus.add_mmio(base, Arc::new(Mutex::new(transport)));
-        tracing::info!(tag = share.tag, dir = %share.dir.display(), read_only = share.read_only, base, irq, "virtio-fs device");
-        virtio_slots.push((base, irq));
+        let slot = add_fs(&vm, &mem, &mut bus, share, virtio_slots.len(), None)?;
+        virtio_slots.push((slot.base, slot.irq));
+        fs_slots.push(slot);
     }
 
     let control = add_control(&mut event_manager, &cfg.api_sock)?;
@@ -641,7 +715,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         api: control.api,
         api_pending: control.api_pending,
         restored: false,
-        fs_devices: cfg.shares.len(),
+        fs: fs_slots,
     })
 }
 
@@ -688,6 +762,33 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
             Some(saved),
         )?);
     }
+    virtio_fs::validate_shares(&cfg.shares)?;
+    let mut saved_tags: Vec<&str> = state.fs.iter().map(|f| f.tag.as_str()).collect();
+    let mut given_tags: Vec<&str> = cfg.shares.iter().map(|s| s.tag.as_str()).collect();
+    saved_tags.sort_unstable();
+    given_tags.sort_unstable();
+    if saved_tags != given_tags {
+        return Err(BuildError::Config(format!(
+            "the snapshot has virtio-fs tags {saved_tags:?}: give each a directory with --fs TAG=DIR (got {given_tags:?})"
+        )));
+    }
+    let first_fs_slot = usize::from(state.vsock.is_some());
+    let mut fs_slots = Vec::with_capacity(state.fs.len());
+    for (i, saved) in state.fs.iter().enumerate() {
+        let share = cfg
+            .shares
+            .iter()
+            .find(|s| s.tag == saved.tag)
+            .ok_or_else(|| BuildError::Config(format!("no directory for tag {:?}", saved.tag)))?;
+        fs_slots.push(add_fs(
+            &vm,
+            &mem,
+            &mut bus,
+            share,
+            first_fs_slot + i,
+            Some(saved),
+        )?);
+    }
     let control = add_control(&mut event_manager, &cfg.api_sock)?;
 
     let bus = Arc::new(bus);
@@ -715,7 +816,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
         api: control.api,
         api_pending: control.api_pending,
         restored: true,
-        fs_devices: 0,
+        fs: fs_slots,
     })
 }
 

@@ -40,7 +40,7 @@ struct Args {
     kernel: Option<PathBuf>,
     /// Restore from this snapshot directory instead of booting a kernel
     /// (kernel, initrd, cmdline, memory and vCPU options come from the snapshot).
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "shares"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus"])]
     restore: Option<PathBuf>,
     /// Control socket: `pause`, `resume`, `status`, `snapshot <dir>` (one per line).
     #[arg(long)]
@@ -137,6 +137,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             vsock,
             serial_out: args.serial_out,
             api_sock: args.api_sock,
+            shares,
         })?,
         (None, Some(kernel)) => build_microvm(&VmConfig {
             kernel,

@@ -41,6 +41,21 @@ pub struct VsockSlotState {
     pub device: VsockState,
 }
 
+/// A virtio-fs device slot: where it sits, its tag and the transport. The
+/// FUSE server has no state to save: only devices the guest never used
+/// are saved (a clone serves its own directory under the same tag).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FsSlotState {
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub irq: u32,
+    /// The share's tag (what the guest sees in config space).
+    pub tag: String,
+    /// virtio-mmio registers and queue addresses.
+    pub transport: MmioTransportState,
+}
+
 /// Everything a restore needs besides guest memory.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MicrovmState {
@@ -59,6 +74,9 @@ pub struct MicrovmState {
     pub serial: SerialSnapshot,
     /// The vsock device, if the VM had one.
     pub vsock: Option<VsockSlotState>,
+    /// virtio-fs devices, in slot order after vsock.
+    #[serde(default)]
+    pub fs: Vec<FsSlotState>,
 }
 
 /// Errors of taking or loading a snapshot.

@@ -4,7 +4,9 @@ use std::path::Path;
 
 use kvm_ioctls::Cap;
 
-use super::{file, paths, MicrovmState, SnapshotError, VsockSlotState};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::{file, paths, FsSlotState, MicrovmState, SnapshotError, VsockSlotState};
 use crate::builder::Microvm;
 use crate::vstate::memory::save_memory;
 use crate::vstate::vcpu_state::SaveCaps;
@@ -20,12 +22,40 @@ impl Microvm {
         handles: &[VcpuHandle],
         dir: &Path,
     ) -> Result<(), SnapshotError> {
-        if self.fs_devices > 0 {
-            return Err(SnapshotError::Device(format!(
-                "cannot snapshot a VM with {} virtio-fs device(s): their FUSE server state \
-                 (open host inodes and handles) is not saved; take templates before shares are added",
-                self.fs_devices
-            )));
+        let mut fs = Vec::with_capacity(self.fs.len());
+        for slot in &self.fs {
+            let used = slot
+                .device
+                .lock()
+                .map_err(|_| SnapshotError::Device("virtio-fs lock poisoned".into()))?
+                .used();
+            let transport = slot
+                .transport
+                .lock()
+                .map_err(|_| SnapshotError::Device("virtio-fs transport lock poisoned".into()))?
+                .save_state();
+            // The guest may have posted a request the server has not taken
+            // yet: the avail index in guest memory says whether it ever did.
+            let posted = transport.queues.iter().any(|q| {
+                q.ready
+                    && self
+                        .mem
+                        .read_obj::<u16>(GuestAddress(q.avail_ring.wrapping_add(2)))
+                        .map_or(true, |idx| idx != 0)
+            });
+            if used || posted {
+                return Err(SnapshotError::Device(format!(
+                    "virtio-fs share {:?} is in use by the guest: the FUSE server's state \
+                     (open host inodes and handles) cannot be saved; snapshot before mounting",
+                    slot.tag
+                )));
+            }
+            fs.push(FsSlotState {
+                base: slot.base,
+                irq: slot.irq,
+                tag: slot.tag.clone(),
+                transport,
+            });
         }
         std::fs::create_dir_all(dir).map_err(|source| SnapshotError::CreateDir {
             path: dir.to_path_buf(),
@@ -78,6 +108,7 @@ impl Microvm {
             vcpus,
             serial,
             vsock,
+            fs,
         };
         file::write(&state_path, &state)?;
         Ok(())

@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::api::server::Server;
@@ -37,6 +38,8 @@ pub struct VirtioFs {
     fs: Arc<ShareFs>,
     server: Arc<FsServer>,
     state: DeviceState,
+    /// Set by the FUSE thread once it answered a request.
+    used: Arc<AtomicBool>,
 }
 
 /// The passthrough settings we use; see `vmm/VIRTIOFS.md` for why.
@@ -129,12 +132,44 @@ impl VirtioFs {
             fs,
             server,
             state: DeviceState::Inactive,
+            used: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// The share's tag.
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    /// Whether the FUSE server has answered a request (the guest mounted
+    /// the share): then its state matters and a snapshot cannot carry it.
+    pub fn used(&self) -> bool {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Makes a device of a restored VM match the snapshot: the features
+    /// the driver acked, and, when the driver had activated the device,
+    /// its queues (positions from the snapshot), which starts the FUSE
+    /// server on this device's (new) directory. Only valid for snapshots
+    /// whose device never served a request (see [`VirtioFs::used`]): the
+    /// FUSE server's state (inodes, handles) is not part of a snapshot.
+    pub fn restore_state(
+        &mut self,
+        acked_features: u64,
+        queues: Option<Vec<Queue>>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.acked_features = acked_features;
+        if let Some(queues) = queues {
+            if queues.iter().any(|q| !q.is_valid(&mem)) {
+                return Err(ActivateError::BadQueue(
+                    "a saved queue is not valid in guest memory".into(),
+                ));
+            }
+            self.activate(mem, interrupt, queues)?;
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +236,7 @@ impl VirtioDevice for VirtioFs {
             interrupt,
             queues,
             evts,
+            self.used.clone(),
         )
         .map_err(ActivateError::Backend)?;
         self.state = DeviceState::Active(worker);

@@ -14,6 +14,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -146,6 +147,8 @@ struct WorkerState {
     /// DAX hook: the handler of SETUPMAPPING/REMOVEMAPPING once the device
     /// has a shared memory window. `None`: those requests fail with EINVAL.
     cache: Option<Box<dyn FsCacheReqHandler>>,
+    /// Set once a request has been answered (see `VirtioFs::used`).
+    used: Arc<AtomicBool>,
 }
 
 /// A running FUSE server thread.
@@ -166,6 +169,7 @@ impl Worker {
         interrupt: Arc<Interrupt>,
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
+        used: Arc<AtomicBool>,
     ) -> io::Result<Worker> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let state = WorkerState {
@@ -178,6 +182,7 @@ impl Worker {
             queue_evts,
             stop: stop.try_clone()?,
             cache: None,
+            used,
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -297,6 +302,7 @@ impl WorkerState {
                 .as_mut()
                 .map(|c| &mut **c as &mut (dyn FsCacheReqHandler + 'static));
             if process_queue(&self.server, &self.mem, queue, cache, &self.tag, bad) {
+                self.used.store(true, Ordering::Relaxed);
                 signal |= guest_wants_interrupt(&self.mem, queue);
             }
         }
