@@ -27,7 +27,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             boot(root, runs, args.get(2).map(String::as_str).unwrap_or(""))
         }
         Some("profile") => profile(root, args.get(1).map(String::as_str).unwrap_or("")),
-        Some(other) => bail!("unknown benchmark {other:?} (available: boot, profile)"),
+        Some("restore") => {
+            let runs = match args.get(1) {
+                Some(n) => n.parse().context("number of runs")?,
+                None => 10,
+            };
+            restore(root, runs)
+        }
+        Some(other) => bail!("unknown benchmark {other:?} (available: boot, profile, restore)"),
     }
 }
 
@@ -252,4 +259,112 @@ fn symbolize(symbols: &[(u64, String)], rip: u64) -> &str {
         0 => "[unknown kernel address]",
         i => &symbols[i - 1].1,
     }
+}
+
+/// One `/proc/PID/smaps_rollup` field, in KiB.
+fn smaps_kib(pid: u32, field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// `bench restore [N]`: one cold boot (the reference, same run), a snapshot
+/// of it, then N restores one after another, each timed from spawning
+/// `vessel-vmm --restore` to the agent's first answer on a new connection.
+/// Also each clone's memory from smaps_rollup right after that answer.
+fn restore(root: &Path, runs: usize) -> Result<()> {
+    if runs == 0 {
+        bail!("need at least one run");
+    }
+    let a = build::all(root)?;
+    let snap = root.join("target/vessel/bench-template");
+    let _ = std::fs::remove_dir_all(&snap);
+    let opts = VmOptions {
+        api_sock: true,
+        ..VmOptions::default()
+    };
+    let mut template = VmProcess::spawn(&a, &opts).context("cannot start vessel-vmm")?;
+    let mut client = template.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
+    let cold_ms = template.started.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let answer = template
+        .api(&format!("snapshot {}", snap.display()))
+        .context("snapshot request")?;
+    if !answer.starts_with("OK") {
+        bail!("snapshot failed: {answer}");
+    }
+    let snapshot_ms = t.elapsed().as_secs_f64() * 1000.0;
+    client.shutdown().context("shutdown")?;
+    template
+        .wait_exit(Duration::from_secs(60))
+        .ok_or_else(|| anyhow!("template did not stop"))?;
+
+    let mut total = Vec::new();
+    let mut setup = Vec::new();
+    let mut private = Vec::new();
+    let mut rss = Vec::new();
+    for i in 0..runs {
+        let cid = 10 + i as u32;
+        let mut vm = VmProcess::restore(&a, &snap, cid).context("cannot start a clone")?;
+        let mut c = vm
+            .connect_and_ping(Duration::from_secs(60))
+            .map_err(|e| anyhow!(e))?;
+        total.push(vm.started.elapsed().as_secs_f64() * 1000.0);
+        if let Some((_, ms)) = vm
+            .timeline()
+            .into_iter()
+            .find(|(n, _)| n == "vm_setup_done")
+        {
+            setup.push(ms);
+        }
+        private.push(smaps_kib(vm.pid(), "Private_Dirty").unwrap_or(f64::NAN) / 1024.0);
+        rss.push(smaps_kib(vm.pid(), "Rss").unwrap_or(f64::NAN) / 1024.0);
+        c.shutdown().context("clone shutdown")?;
+        vm.wait_exit(Duration::from_secs(60))
+            .ok_or_else(|| anyhow!("clone did not stop"))?;
+    }
+    let _ = std::fs::remove_dir_all(&snap);
+    let med = median(total.clone());
+    println!();
+    println!("template restore to agent answer, {runs} restores of one snapshot (128 MiB, 1 vCPU)");
+    println!("method: spawn `vessel-vmm --restore` -> first successful CONNECT + Ping on a new connection (host wall time); the cold boot of the template in the same run is the reference");
+    println!("{:<36} {:>10.1}", "cold boot to agent ready (ms)", cold_ms);
+    println!("{:<36} {:>10.1}", "snapshot (ms)", snapshot_ms);
+    println!(
+        "{:<36} {:>10.1}",
+        "restore: VMM set-up done (ms)",
+        median(setup.clone())
+    );
+    println!(
+        "{:<36} {:>10.1}   (min {:.1}, max {:.1})",
+        "restore to agent answer (ms)",
+        med,
+        total.iter().copied().fold(f64::INFINITY, f64::min),
+        total.iter().copied().fold(0.0, f64::max)
+    );
+    println!("{:<36} {:>10.0}x", "cold boot / restore", cold_ms / med);
+    println!(
+        "{:<36} {:>10.1}   (Private_Dirty of the VMM after the first answer; Rss {:.1})",
+        "clone private memory (MiB)",
+        median(private.clone()),
+        median(rss.clone())
+    );
+    let json = serde_json::json!({
+        "benchmark": "restore",
+        "runs": runs,
+        "cold_boot_ms": cold_ms,
+        "snapshot_ms": snapshot_ms,
+        "restore_setup_ms": median(setup),
+        "restore_to_answer_ms": med,
+        "restore_to_answer_all_ms": total,
+        "clone_private_dirty_mib": median(private),
+        "clone_rss_mib": median(rss),
+    });
+    let out = root.join("target/vessel/bench-restore.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("written {}", out.display());
+    Ok(())
 }
