@@ -1,5 +1,339 @@
-//! `vessel`: the runc-compatible command line (skeleton; filled by the containers issue).
+//! `vessel`: the runc-compatible command line.
+//!
+//! Engines (podman, docker, conmon, containerd's runc shim) call it with
+//! runc's global flags and commands. The state store, configuration,
+//! `spec`, `state`, `list` and `delete` work; the commands that need a
+//! running sandbox (`create`, `start`, `run`, `exec`, `kill`, `ps`,
+//! `pause`, `resume`, `update`, `events`, `features`) are accepted with
+//! runc's flags and fail with a clear error until container support lands
+//! (see README).
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("vessel: the runc-compatible CLI is not implemented yet (see README)")
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+
+use vessel_shim::config::Config;
+use vessel_shim::state::{self, Status, Store};
+use vessel_shim::{log, spec};
+
+/// vessel: OCI containers, each in its own KVM microVM (runc-compatible CLI).
+#[derive(Debug, Parser)]
+#[command(name = "vessel", version)]
+struct Cli {
+    /// Root directory for container state.
+    #[arg(long, global = true, default_value = "/run/vessel")]
+    root: PathBuf,
+    /// Log file (default: stderr).
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = log::Format::Text)]
+    log_format: log::Format,
+    /// Debug logging.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Accepted for runc compatibility (cgroups live in the guest).
+    #[arg(long, global = true)]
+    systemd_cgroup: bool,
+    /// Configuration file (default: $VESSEL_CONFIG, then /etc/vessel/config.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// Container id.
+    id: String,
+    /// Bundle directory (default: the current directory).
+    #[arg(long, short = 'b', default_value = ".")]
+    bundle: PathBuf,
+    /// Write the container's host pid here.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Unix socket that receives the pty master (terminal containers).
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Pass N extra file descriptors (3..3+N) to the container.
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a container (its init waits for `start`).
+    Create(CreateArgs),
+    /// Start a created container.
+    Start {
+        /// Container id.
+        id: String,
+    },
+    /// Create and start a container.
+    Run {
+        #[command(flatten)]
+        create: CreateArgs,
+        /// Detach from the container's process.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
+    /// Print a container's state as JSON.
+    State {
+        /// Container id.
+        id: String,
+    },
+    /// Send a signal to a container's init (or all its processes).
+    Kill {
+        /// Container id.
+        id: String,
+        /// Signal name or number (default SIGTERM).
+        signal: Option<String>,
+        /// Signal every process of the container.
+        #[arg(long, short = 'a')]
+        all: bool,
+    },
+    /// Delete a container and everything it holds.
+    Delete {
+        /// Container id.
+        id: String,
+        /// Kill a running container first.
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+    /// Run a new process in a running container.
+    Exec {
+        /// Container id.
+        id: String,
+        /// Command and arguments (unless --process).
+        command: Vec<String>,
+        /// OCI process JSON.
+        #[arg(long, short = 'p')]
+        process: Option<PathBuf>,
+        /// Allocate a pty.
+        #[arg(long, short = 't')]
+        tty: bool,
+        /// Detach.
+        #[arg(long, short = 'd')]
+        detach: bool,
+        /// Write the process's host pid here.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// Unix socket that receives the pty master.
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Environment variables (KEY=VALUE).
+        #[arg(long, short = 'e')]
+        env: Vec<String>,
+        /// uid[:gid].
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+    },
+    /// List a container's processes.
+    Ps {
+        /// Container id.
+        id: String,
+        /// table or json.
+        #[arg(long, short = 'f', default_value = "table")]
+        format: String,
+    },
+    /// List containers.
+    List {
+        /// table or json.
+        #[arg(long, short = 'f', default_value = "table")]
+        format: String,
+        /// Print only the ids.
+        #[arg(long, short = 'q')]
+        quiet: bool,
+    },
+    /// Freeze a container's processes.
+    Pause {
+        /// Container id.
+        id: String,
+    },
+    /// Thaw a paused container.
+    Resume {
+        /// Container id.
+        id: String,
+    },
+    /// Change a container's resource limits.
+    Update {
+        /// Container id.
+        id: String,
+        /// Resources JSON ("-" for stdin).
+        #[arg(long, short = 'r')]
+        resources: Option<PathBuf>,
+    },
+    /// Container events and statistics.
+    Events {
+        /// Container id.
+        id: String,
+        /// Print statistics once.
+        #[arg(long)]
+        stats: bool,
+    },
+    /// Write a default config.json.
+    Spec {
+        /// Bundle directory.
+        #[arg(long, short = 'b', default_value = ".")]
+        bundle: PathBuf,
+        /// Rootless spec (not supported).
+        #[arg(long)]
+        rootless: bool,
+    },
+    /// Print the OCI features JSON.
+    Features,
+}
+
+fn init_logging(cli: &Cli) -> Result<()> {
+    let out: Box<dyn Write + Send> = match &cli.log {
+        Some(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open log file {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stderr()),
+    };
+    let max = if cli.debug {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::WARN
+    };
+    let subscriber =
+        tracing_subscriber::registry().with(log::RuncLayer::new(out, cli.log_format, max));
+    tracing::subscriber::set_global_default(subscriber).context("cannot set up logging")
+}
+
+fn not_yet(what: &str) -> Result<()> {
+    bail!("{what} is not implemented yet: vessel cannot run containers in its microVMs yet (see README)")
+}
+
+fn state(store: &Store, id: &str) -> Result<()> {
+    let s = store.load(id)?;
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
+fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
+    let mut states = Vec::new();
+    for id in store.ids()? {
+        match store.load(&id) {
+            Ok(s) => states.push(s),
+            Err(e) => tracing::warn!("skipping {id}: {e}"),
+        }
+    }
+    if quiet {
+        for s in &states {
+            println!("{}", s.id);
+        }
+        return Ok(());
+    }
+    match format {
+        "json" => println!("{}", serde_json::to_string(&states)?),
+        "table" => {
+            println!(
+                "{:<12} {:<10} {:<10} {:<40} {:<31} OWNER",
+                "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+            );
+            for s in &states {
+                println!(
+                    "{:<12} {:<10} {:<10} {:<40} {:<31} {}",
+                    s.id,
+                    s.pid,
+                    s.status.as_str(),
+                    s.bundle.display(),
+                    s.created,
+                    s.owner
+                );
+            }
+        }
+        other => bail!("invalid format option {other:?}: use table or json"),
+    }
+    Ok(())
+}
+
+fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
+    let lock = store.lock(id)?;
+    match store.load(id) {
+        Ok(s) if s.status == Status::Stopped => {}
+        Ok(s) if !force => bail!(
+            "cannot delete container {id} that is not stopped: {}",
+            s.status.as_str()
+        ),
+        // --force, or state that cannot be read: nothing can run without
+        // a sandbox yet, so removing the directory is all there is.
+        _ => {}
+    }
+    store.remove(id, lock)?;
+    Ok(())
+}
+
+fn spec(bundle: &std::path::Path, rootless: bool) -> Result<()> {
+    if rootless {
+        bail!("rootless containers are not supported by vessel");
+    }
+    let path = bundle.join("config.json");
+    if path.exists() {
+        bail!("File {} exists. Remove it first", path.display());
+    }
+    let body = serde_json::to_string_pretty(&spec::default_spec())?;
+    std::fs::write(&path, body + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let store = Store::new(&cli.root);
+    match &cli.command {
+        Command::State { id } => state(&store, id),
+        Command::List { format, quiet } => list(&store, format, *quiet),
+        Command::Delete { id, force } => delete(&store, id, *force),
+        Command::Spec { bundle, rootless } => spec(bundle, *rootless),
+        Command::Create(a) | Command::Run { create: a, .. } => {
+            state::validate_id(&a.id)?;
+            let cfg = Config::load(cli.config.as_deref())?;
+            cfg.check_artifacts()?;
+            not_yet("create")
+        }
+        Command::Start { .. } => not_yet("start"),
+        Command::Kill { .. } => not_yet("kill"),
+        Command::Exec { .. } => not_yet("exec"),
+        Command::Ps { .. } => not_yet("ps"),
+        Command::Pause { .. } => not_yet("pause"),
+        Command::Resume { .. } => not_yet("resume"),
+        Command::Update { .. } => not_yet("update"),
+        Command::Events { .. } => not_yet("events"),
+        Command::Features => not_yet("features"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("vessel: {e:#}");
+        return ExitCode::from(1);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::error!("{msg}");
+            // With --log the record went to the file; stderr always gets it
+            // too, as runc does for the engines that read stderr.
+            eprintln!("vessel: {msg}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,0 +1,7 @@
+//! vessel's host side: the runc-compatible `vessel` command's building
+//! blocks (state store, configuration, runc-style logging, default spec).
+
+pub mod config;
+pub mod log;
+pub mod spec;
+pub mod state;
