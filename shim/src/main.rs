@@ -325,14 +325,17 @@ fn main() -> ExitCode {
         eprintln!("vessel: {e:#}");
         return ExitCode::from(1);
     }
+    let logs_to_file = cli.log.is_some();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let msg = format!("{e:#}");
             tracing::error!("{msg}");
-            // With --log the record went to the file; stderr always gets it
-            // too, as runc does for the engines that read stderr.
-            eprintln!("vessel: {msg}");
+            // Without --log the record above is on stderr already; with it,
+            // stderr gets the message too, for callers that only read stderr.
+            if logs_to_file {
+                eprintln!("vessel: {msg}");
+            }
             ExitCode::from(1)
         }
     }

@@ -4,6 +4,7 @@
 //! cargo xtask kernel       build (or reuse the cached) guest kernel
 //! cargo xtask initramfs    build the static agent and the initramfs
 //! cargo xtask build        kernel + initramfs + release binaries
+//! cargo xtask install [--prefix P]   install binaries and guest artifacts (default /usr/local)
 //! cargo xtask demo         build everything and boot a microVM
 //! cargo xtask test         build everything and run the whole test suite
 //! cargo xtask lint         rustfmt --check and clippy -D warnings
@@ -22,7 +23,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|demo|test|lint|bench [boot]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore]>";
 
 fn main() {
     if let Err(e) = run() {
@@ -50,6 +51,7 @@ fn run() -> Result<()> {
             println!("kernel:    {}", a.kernel.display());
             println!("initramfs: {}", a.initrd.display());
         }
+        Some("install") => install(&root, &args[1..])?,
         Some("demo") => demo::run(&root)?,
         Some("test") => test(&root, &args[1..])?,
         Some("lint") => lint(&root)?,
@@ -107,4 +109,38 @@ fn lint(root: &Path) -> Result<()> {
         "-D",
         "warnings",
     ]))
+}
+
+/// `cargo xtask install [--prefix P]`: builds everything and installs the
+/// layout `vessel` expects by default: `P/bin/{vessel,vessel-vmm}` and
+/// `P/share/vessel/{vmlinux,initramfs.cpio}` (P defaults to /usr/local).
+/// Files are replaced atomically (copy next to the target, then rename), so
+/// a running VMM or container keeps its old files.
+fn install(root: &Path, args: &[String]) -> Result<()> {
+    let prefix = match args {
+        [] => PathBuf::from("/usr/local"),
+        [flag, p] if flag == "--prefix" => PathBuf::from(p),
+        _ => bail!("usage: cargo xtask install [--prefix P]"),
+    };
+    let a = build::all(root)?;
+    let bin = prefix.join("bin");
+    let share = prefix.join("share/vessel");
+    let items = [
+        (a.vmm.clone(), bin.join("vessel-vmm"), 0o755),
+        (root.join("target/release/vessel"), bin.join("vessel"), 0o755),
+        (a.kernel.clone(), share.join("vmlinux"), 0o644),
+        (a.initrd.clone(), share.join("initramfs.cpio"), 0o644),
+    ];
+    for (from, to, mode) in items {
+        let dir = to.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = to.with_extension("xtask-tmp");
+        std::fs::copy(&from, &tmp)
+            .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .with_context(|| format!("chmod {}", tmp.display()))?;
+        std::fs::rename(&tmp, &to).with_context(|| format!("installing {}", to.display()))?;
+        println!("installed {}", to.display());
+    }
+    Ok(())
 }
