@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod log;
+pub mod sandbox;
 pub mod spec;
 pub mod state;

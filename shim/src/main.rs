@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 
 use vessel_shim::config::Config;
+use vessel_shim::sandbox::Templates;
 use vessel_shim::state::{self, Status, Store};
 use vessel_shim::{log, spec};
 
@@ -195,6 +196,27 @@ enum Command {
     },
     /// Print the OCI features JSON.
     Features,
+    /// Manage VM templates (snapshots new sandboxes start from).
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TemplateCommand {
+    /// Build the template for the current configuration (if missing).
+    Build {
+        /// Build it again even if it exists.
+        #[arg(long)]
+        rebuild: bool,
+    },
+    /// List templates (current and stale).
+    List,
+    /// Remove templates.
+    Rm {
+        /// Only those whose inputs changed (not the current one).
+        #[arg(long)]
+        stale: bool,
+    },
 }
 
 fn init_logging(cli: &Cli) -> Result<()> {
@@ -316,7 +338,46 @@ fn run(cli: Cli) -> Result<()> {
         Command::Update { .. } => not_yet("update"),
         Command::Events { .. } => not_yet("events"),
         Command::Features => not_yet("features"),
+        Command::Template(t) => template(&Config::load(cli.config.as_deref())?, t),
     }
+}
+
+fn template(cfg: &Config, cmd: &TemplateCommand) -> Result<()> {
+    let templates = Templates::new(cfg);
+    match cmd {
+        TemplateCommand::Build { rebuild } => {
+            cfg.check_artifacts()?;
+            let t = std::time::Instant::now();
+            let (dir, built) = templates.ensure(*rebuild)?;
+            if built {
+                println!(
+                    "built {} in {:.1} s",
+                    dir.display(),
+                    t.elapsed().as_secs_f64()
+                );
+            } else {
+                println!("{} is up to date", dir.display());
+            }
+        }
+        TemplateCommand::List => {
+            println!("{:<18} {:<8} {:>10}  DIR", "KEY", "CURRENT", "DISK MiB");
+            for t in templates.list()? {
+                println!(
+                    "{:<18} {:<8} {:>10.1}  {}",
+                    t.key,
+                    if t.current { "yes" } else { "stale" },
+                    t.disk_bytes as f64 / (1024.0 * 1024.0),
+                    t.dir.display()
+                );
+            }
+        }
+        TemplateCommand::Rm { stale } => {
+            for key in templates.remove(*stale)? {
+                println!("removed {key}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,460 @@
+//! Sandboxes: one `vessel-vmm` process per container, cold-booted or
+//! restored from a template, and the templates themselves.
+//!
+//! A template is a snapshot of a VM that booted our kernel and agent with
+//! an unmounted virtio-fs share tagged [`ROOTFS_TAG`] (on an empty
+//! directory), taken before anything mounted it. A restore binds that tag
+//! to the container's root filesystem (see vmm/SNAPSHOT.md). Templates live
+//! in `template_dir/<key>/`, where the key hashes everything the snapshot
+//! depends on: the VMM binary, kernel, initramfs, memory size and vCPUs. A
+//! template whose inputs changed simply has another key (the old one is
+//! stale and removed by `vessel template rm` or the next build); a corrupt
+//! one is rejected by the VMM's checksum and rebuilt.
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use vessel_proto::client::AgentClient;
+use vessel_proto::{AGENT_PORT, READY_PORT};
+
+use crate::config::Config;
+
+/// The virtio-fs tag of the container's root filesystem.
+pub const ROOTFS_TAG: &str = "rootfs";
+/// How long a cold boot may take (guest kernels are slow where ring 0 is
+/// emulated).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a restored VM may take to answer.
+pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of sandbox and template handling.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM exited or the agent never answered.
+    #[error("{0}")]
+    Vm(String),
+    /// The template could not be built.
+    #[error("template: {0}")]
+    Template(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Io { what, source }
+}
+
+/// What a template depends on, hashed into its key.
+pub fn template_key(cfg: &Config) -> Result<String, SandboxError> {
+    let mut h = Sha256::new();
+    h.update(b"vessel-template-v1\0");
+    for (name, path) in [
+        ("vmm", &cfg.vmm),
+        ("kernel", &cfg.kernel),
+        ("initrd", &cfg.initrd),
+    ] {
+        let mut f =
+            std::fs::File::open(path).map_err(io(format!("reading {name} {}", path.display())))?;
+        let mut buf = vec![0u8; 1 << 20];
+        h.update(name.as_bytes());
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(io(format!("reading {}", path.display())))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    h.update(cfg.mem_mib.to_le_bytes());
+    h.update([cfg.vcpus]);
+    h.update(ROOTFS_TAG.as_bytes());
+    let d = h.finalize();
+    Ok(d[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A running `vessel-vmm` and its files.
+pub struct Sandbox {
+    child: Child,
+    /// Private directory (sockets, logs).
+    pub dir: PathBuf,
+    /// The vsock Unix socket.
+    pub uds: PathBuf,
+    /// Control socket.
+    pub api: PathBuf,
+}
+
+fn vmm_command(cfg: &Config, dir: &Path) -> Command {
+    let mut cmd = Command::new(&cfg.vmm);
+    cmd.arg("--vsock-uds")
+        .arg(dir.join("vsock.sock"))
+        .arg("--api-sock")
+        .arg(dir.join("api.sock"))
+        .arg("--serial-out")
+        .arg(dir.join("serial.log"))
+        .arg("--log")
+        .arg(dir.join("vmm.log"))
+        .arg("--log-format")
+        .arg("json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+impl Sandbox {
+    fn new(child: Child, dir: &Path) -> Sandbox {
+        Sandbox {
+            child,
+            dir: dir.to_path_buf(),
+            uds: dir.join("vsock.sock"),
+            api: dir.join("api.sock"),
+        }
+    }
+
+    /// Cold-boots a VM in `dir` (created if missing) with `shares`
+    /// (`TAG=DIR[,ro]`) and waits for its agent's ready announcement.
+    pub fn boot(
+        cfg: &Config,
+        dir: &Path,
+        shares: &[String],
+    ) -> Result<(Sandbox, AgentClient), SandboxError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let ready_path =
+            PathBuf::from(format!("{}_{READY_PORT}", dir.join("vsock.sock").display()));
+        let _ = std::fs::remove_file(&ready_path);
+        let ready = UnixListener::bind(&ready_path)
+            .map_err(io(format!("binding {}", ready_path.display())))?;
+        ready.set_nonblocking(true).map_err(io("ready socket"))?;
+        let mut cmd = vmm_command(cfg, dir);
+        cmd.arg("--kernel")
+            .arg(&cfg.kernel)
+            .arg("--initrd")
+            .arg(&cfg.initrd)
+            .arg("--mem-mib")
+            .arg(cfg.mem_mib.to_string())
+            .arg("--vcpus")
+            .arg(cfg.vcpus.to_string());
+        for s in shares {
+            cmd.arg("--fs").arg(s);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("starting {}", cfg.vmm.display())))?;
+        let mut sb = Sandbox::new(child, dir);
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let result = loop {
+            match ready.accept() {
+                Ok(_) => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => break Err(io("ready socket")(e)),
+            }
+            if let Some(e) = sb.exited() {
+                break Err(e);
+            }
+            if Instant::now() > deadline {
+                break Err(SandboxError::Vm(format!(
+                    "the agent was not ready after {BOOT_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let _ = std::fs::remove_file(&ready_path);
+        let client = result.and_then(|()| {
+            AgentClient::connect(&sb.uds, AGENT_PORT, Duration::from_secs(10))
+                .map_err(|e| SandboxError::Vm(format!("connecting to the agent: {e}")))
+        });
+        match client {
+            Ok(c) => Ok((sb, c)),
+            Err(e) => {
+                sb.kill();
+                Err(e)
+            }
+        }
+    }
+
+    /// Restores a VM from the snapshot in `template` into `dir`, binds the
+    /// snapshot's share tags (`TAG=DIR[,ro]`), and gives it fresh entropy
+    /// and `hostname`.
+    pub fn restore(
+        cfg: &Config,
+        template: &Path,
+        dir: &Path,
+        shares: &[String],
+        hostname: Option<String>,
+    ) -> Result<(Sandbox, AgentClient), SandboxError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let mut cid_bytes = [0u8; 4];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut cid_bytes))
+            .map_err(io("reading /dev/urandom"))?;
+        // Any CID of 3.. works: the vsock device is ours, not the host's.
+        let cid = 3 + u32::from_le_bytes(cid_bytes) % (u32::MAX - 4);
+        let mut cmd = vmm_command(cfg, dir);
+        cmd.arg("--restore")
+            .arg(template)
+            .arg("--vsock-cid")
+            .arg(cid.to_string());
+        for s in shares {
+            cmd.arg("--fs").arg(s);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("starting {}", cfg.vmm.display())))?;
+        let mut sb = Sandbox::new(child, dir);
+        let deadline = Instant::now() + RESTORE_TIMEOUT;
+        let mut client = loop {
+            if let Some(e) = sb.exited() {
+                return Err(e);
+            }
+            match AgentClient::connect(&sb.uds, AGENT_PORT, Duration::from_secs(5)) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => {
+                    sb.kill();
+                    return Err(SandboxError::Vm(format!(
+                        "the restored agent did not answer: {e}"
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        let mut entropy = vec![0u8; 64];
+        let seeded = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut entropy))
+            .map_err(io("reading /dev/urandom"))
+            .and_then(|()| {
+                client
+                    .restored(entropy, hostname)
+                    .map_err(|e| SandboxError::Vm(format!("reseeding the guest: {e}")))
+            });
+        if let Err(e) = seeded {
+            sb.kill();
+            return Err(e);
+        }
+        Ok((sb, client))
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// If the VMM has exited: an error with its status and last stderr line.
+    fn exited(&mut self) -> Option<SandboxError> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut s) = self.child.stderr.take() {
+                    let _ = s.read_to_string(&mut err);
+                }
+                Some(SandboxError::Vm(format!(
+                    "vessel-vmm exited with {status}: {}",
+                    err.trim()
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    /// Sends one request line to the VMM's control socket.
+    pub fn api(&self, request: &str) -> Result<String, SandboxError> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.api)
+            .map_err(io(format!("connecting to {}", self.api.display())))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(io("control socket"))?;
+        s.write_all(format!("{request}\n").as_bytes())
+            .map_err(io("control socket"))?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(io("control socket"))?;
+        Ok(line.trim_end().to_string())
+    }
+
+    /// Asks the guest to shut down and waits for the VMM to exit; kills it
+    /// if it does not within `timeout`.
+    pub fn shutdown(
+        mut self,
+        client: &mut AgentClient,
+        timeout: Duration,
+    ) -> Result<(), SandboxError> {
+        let _ = client.shutdown();
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    return Err(SandboxError::Vm(format!("vessel-vmm exited with {status}")))
+                }
+                _ if Instant::now() > deadline => {
+                    self.kill();
+                    return Err(SandboxError::Vm("the VM did not stop; killed".into()));
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// Kills the VMM and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.uds);
+        let _ = std::fs::remove_file(&self.api);
+    }
+}
+
+/// One template on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateInfo {
+    /// Its key.
+    pub key: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Whether it matches the current configuration's inputs.
+    pub current: bool,
+    /// Bytes on disk (memory file blocks + state).
+    pub disk_bytes: u64,
+}
+
+/// The template store of a configuration.
+pub struct Templates<'a> {
+    cfg: &'a Config,
+}
+
+impl<'a> Templates<'a> {
+    /// Templates for `cfg`.
+    pub fn new(cfg: &'a Config) -> Self {
+        Templates { cfg }
+    }
+
+    /// The directory of the current template (it may not exist yet).
+    pub fn current_dir(&self) -> Result<PathBuf, SandboxError> {
+        Ok(self.cfg.template_dir.join(template_key(self.cfg)?))
+    }
+
+    /// The current template, built if missing (or if `rebuild`). Returns
+    /// its directory and whether it was built now.
+    pub fn ensure(&self, rebuild: bool) -> Result<(PathBuf, bool), SandboxError> {
+        let dir = self.current_dir()?;
+        if !rebuild && dir.join("vmstate").is_file() {
+            match self.check(&dir) {
+                Ok(()) => return Ok((dir, false)),
+                Err(e) => tracing::warn!("rebuilding template {}: {e}", dir.display()),
+            }
+        }
+        self.build(&dir)?;
+        Ok((dir, true))
+    }
+
+    /// Checks a template's state file (magic, format version, build,
+    /// checksum, consistency) and that its memory file has the size the
+    /// state describes.
+    pub fn check(&self, dir: &Path) -> Result<(), SandboxError> {
+        let state = vessel_vmm::snapshot::load_state(dir)
+            .map_err(|e| SandboxError::Template(format!("{}: {e}", dir.display())))?;
+        let (_, mem) = vessel_vmm::snapshot::paths(dir);
+        let len = std::fs::metadata(&mem)
+            .map_err(io(format!("reading {}", mem.display())))?
+            .len();
+        if len != state.mem_mib << 20 {
+            return Err(SandboxError::Template(format!(
+                "{}: memory file has {len} bytes, the state describes {} MiB",
+                dir.display(),
+                state.mem_mib
+            )));
+        }
+        Ok(())
+    }
+
+    /// Boots a VM and snapshots it into `dir` (atomically: built in a
+    /// temporary directory, then renamed).
+    fn build(&self, dir: &Path) -> Result<(), SandboxError> {
+        let root = &self.cfg.template_dir;
+        std::fs::create_dir_all(root).map_err(io(format!("creating {}", root.display())))?;
+        let work = root.join(format!(".build-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let empty = work.join("empty-rootfs");
+        std::fs::create_dir_all(&empty).map_err(io(format!("creating {}", empty.display())))?;
+        let result = (|| {
+            let share = format!("{ROOTFS_TAG}={}", empty.display());
+            let (sb, mut client) = Sandbox::boot(self.cfg, &work.join("vm"), &[share])?;
+            let snap = work.join("snapshot");
+            let answer = sb.api(&format!("snapshot {}", snap.display()));
+            let shut = sb.shutdown(&mut client, Duration::from_secs(30));
+            let answer = answer?;
+            if !answer.starts_with("OK") {
+                return Err(SandboxError::Template(format!("snapshot failed: {answer}")));
+            }
+            shut?;
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::rename(&snap, dir).map_err(io(format!("installing {}", dir.display())))?;
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir_all(&work);
+        result
+    }
+
+    /// Every template directory, current or stale.
+    pub fn list(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
+        let current = template_key(self.cfg)?;
+        let root = &self.cfg.template_dir;
+        let entries = match std::fs::read_dir(root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(format!("reading {}", root.display()))(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries.filter_map(Result::ok) {
+            let Ok(key) = e.file_name().into_string() else {
+                continue;
+            };
+            if key.starts_with('.') || !e.path().join("vmstate").is_file() {
+                continue;
+            }
+            let disk_bytes = std::fs::read_dir(e.path())
+                .map(|it| {
+                    it.filter_map(Result::ok)
+                        .filter_map(|f| f.metadata().ok())
+                        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                        .sum()
+                })
+                .unwrap_or(0);
+            out.push(TemplateInfo {
+                current: key == current,
+                dir: e.path(),
+                key,
+                disk_bytes,
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Removes templates: all of them, or only stale ones.
+    pub fn remove(&self, stale_only: bool) -> Result<Vec<String>, SandboxError> {
+        let mut removed = Vec::new();
+        for t in self.list()? {
+            if stale_only && t.current {
+                continue;
+            }
+            std::fs::remove_dir_all(&t.dir).map_err(io(format!("removing {}", t.dir.display())))?;
+            removed.push(t.key);
+        }
+        Ok(removed)
+    }
+}
