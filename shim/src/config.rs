@@ -14,6 +14,7 @@
 //! vcpus = 1
 //! templates = true
 //! template_dir = "/var/lib/vessel/templates"
+//! balloon = true
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -61,6 +62,7 @@ struct File {
     vcpus: Option<u8>,
     templates: Option<bool>,
     template_dir: Option<PathBuf>,
+    balloon: Option<bool>,
 }
 
 /// Effective configuration.
@@ -80,6 +82,9 @@ pub struct Config {
     pub templates: bool,
     /// Where templates live.
     pub template_dir: PathBuf,
+    /// Give sandboxes a balloon with free page reporting (memory the guest
+    /// frees goes back to the host).
+    pub balloon: bool,
     /// The file these came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -98,6 +103,7 @@ impl Config {
             vcpus: 1,
             templates: true,
             template_dir: PathBuf::from("/var/lib/vessel/templates"),
+            balloon: true,
             source: None,
         }
     }
@@ -163,6 +169,9 @@ impl Config {
         }
         if let Some(t) = f.templates {
             self.templates = t;
+        }
+        if let Some(b) = f.balloon {
+            self.balloon = b;
         }
         self.source = Some(path.to_path_buf());
         Ok(())

@@ -6,7 +6,8 @@
 //! directory), taken before anything mounted it. A restore binds that tag
 //! to the container's root filesystem (see vmm/SNAPSHOT.md). Templates live
 //! in `template_dir/<key>/`, where the key hashes everything the snapshot
-//! depends on: the VMM binary, kernel, initramfs, memory size and vCPUs. A
+//! depends on: the VMM binary, kernel, initramfs, memory size, vCPUs and
+//! whether it has a balloon. A
 //! template whose inputs changed simply has another key (the old one is
 //! stale and removed by `vessel template rm` or the next build); a corrupt
 //! one is rejected by the VMM's checksum and rebuilt.
@@ -80,7 +81,7 @@ pub fn template_key(cfg: &Config) -> Result<String, SandboxError> {
         }
     }
     h.update(cfg.mem_mib.to_le_bytes());
-    h.update([cfg.vcpus]);
+    h.update([cfg.vcpus, u8::from(cfg.balloon)]);
     h.update(ROOTFS_TAG.as_bytes());
     let d = h.finalize();
     Ok(d[..8].iter().map(|b| format!("{b:02x}")).collect())
@@ -148,6 +149,9 @@ impl Sandbox {
             .arg(cfg.mem_mib.to_string())
             .arg("--vcpus")
             .arg(cfg.vcpus.to_string());
+        if cfg.balloon {
+            cmd.arg("--balloon");
+        }
         for s in shares {
             cmd.arg("--fs").arg(s);
         }

@@ -1,8 +1,9 @@
 //! Boots one real microVM and checks, against that one boot: the agent is
 //! reachable over vsock, `Ping` answers with the guest's uname (our 6.12
 //! kernel, not the host's), two concurrent host connections work, malformed
-//! input gets an error and leaves the agent alive, `Shutdown` ends the VMM
-//! with status 0, and nothing is left behind.
+//! input gets an error and leaves the agent alive, the balloon is bound
+//! with free page reporting, `Shutdown` ends the VMM with status 0, and
+//! nothing is left behind.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ fn boot_ping_concurrency_shutdown_cleanup() {
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
     let opts = VmOptions {
         vcpus: 2,
+        vmm_args: vec!["--balloon".into()],
         ..VmOptions::default()
     };
     let mut vm = VmProcess::spawn(&art, &opts).expect("spawn vessel-vmm");
@@ -109,6 +111,38 @@ fn boot_ping_concurrency_shutdown_cleanup() {
     assert_eq!(
         c.ping().expect("ping after bad input").uname.release,
         pong.uname.release
+    );
+
+    // The balloon: the guest driver bound it and negotiated free page
+    // reporting (feature bit 5 in the sysfs feature string).
+    let mut balloon_features = None;
+    for n in 0..4 {
+        let dev = format!("/sys/bus/virtio/devices/virtio{n}");
+        let Ok(id) = c.read_file(vessel_proto::ReadFileRequest {
+            path: format!("{dev}/device"),
+            max_len: 64,
+            offset: 0,
+            discard: false,
+        }) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&id.data).trim() == "0x0005" {
+            let f = c
+                .read_file(vessel_proto::ReadFileRequest {
+                    path: format!("{dev}/features"),
+                    max_len: 256,
+                    offset: 0,
+                    discard: false,
+                })
+                .expect("balloon features");
+            balloon_features = Some(String::from_utf8_lossy(&f.data).trim().to_string());
+        }
+    }
+    let features = balloon_features.expect("no virtio-balloon device in the guest");
+    assert_eq!(
+        features.as_bytes().get(5),
+        Some(&b'1'),
+        "free page reporting not negotiated: {features}"
     );
 
     // Shutdown ends the VMM with status 0.

@@ -23,12 +23,15 @@ use crate::arch::layout::{
 use crate::arch::{mptable, regs};
 use crate::devices::bus::DeviceBus;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::fs::{self as virtio_fs, ShareConfig, VirtioFs};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::HostKind;
-use crate::snapshot::{self, FsSlotState, MicrovmState, SnapshotError, VsockSlotState};
+use crate::snapshot::{
+    self, BalloonSlotState, FsSlotState, MicrovmState, SnapshotError, VsockSlotState,
+};
 use crate::timeline::{self, Milestone};
 use crate::vstate::memory::{create_guest_memory, map_memory_file};
 use crate::vstate::vcpu::{Vcpu, VcpuStop};
@@ -193,6 +196,10 @@ pub struct VmConfig {
     pub host_kind: Option<HostKind>,
     /// Control socket (see `crate::api`).
     pub api_sock: Option<PathBuf>,
+    /// Add a virtio-balloon device with free page reporting.
+    pub balloon: bool,
+    /// Opt guest memory into KSM (see `memory::mark_mergeable`).
+    pub ksm: bool,
 }
 
 /// Everything needed to restore a microVM from a snapshot: the snapshot
@@ -211,6 +218,8 @@ pub struct RestoreConfig {
     /// Directories for the snapshot's virtio-fs devices, by tag: exactly
     /// the tags the snapshot has.
     pub shares: Vec<ShareConfig>,
+    /// Opt guest memory into KSM (see `memory::mark_mergeable`).
+    pub ksm: bool,
 }
 
 fn validate_vsock(v: &VsockConfig) -> Result<(), BuildError> {
@@ -377,6 +386,14 @@ fn install_term_handlers(evt: &EventFd) -> std::io::Result<()> {
 }
 
 /// The vsock device and where it sits.
+/// The balloon device of a running VM.
+pub(crate) struct BalloonSlot {
+    pub(crate) base: u64,
+    pub(crate) irq: u32,
+    pub(crate) device: Arc<Mutex<Balloon>>,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+}
+
 /// A virtio-fs device of a running VM.
 pub(crate) struct FsSlot {
     pub(crate) base: u64,
@@ -415,6 +432,8 @@ pub struct Microvm {
     /// used one; an unused device is saved and a clone binds its tag to a
     /// directory of its own.
     pub(crate) fs: Vec<FsSlot>,
+    /// The balloon, if the VM has one.
+    pub(crate) balloon: Option<BalloonSlot>,
 }
 
 /// Creates the vsock device in virtio slot `slot`, wires its ioeventfds,
@@ -540,6 +559,55 @@ fn add_fs(
     })
 }
 
+/// Creates the balloon in virtio slot `slot`: ioeventfds, irqfd, MMIO
+/// window, event-loop subscription; restores it with `saved`.
+fn add_balloon(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    bus: &mut DeviceBus,
+    event_manager: &mut EventManager<Subscriber>,
+    slot: usize,
+    saved: Option<&BalloonSlotState>,
+) -> Result<BalloonSlot, BuildError> {
+    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
+    let irq = VIRTIO_IRQ_BASE + slot as u32;
+    if let Some(s) = saved {
+        if (s.base, s.irq) != (base, irq) {
+            return Err(SnapshotError::Mismatch("balloon device slot differs".into()).into());
+        }
+    }
+    let mut balloon = Balloon::new().map_err(os_err("eventfd"))?;
+    for (i, evt) in balloon.queue_events().iter().enumerate() {
+        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
+    }
+    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+    vm.register_irqfd(&irq_evt, irq)?;
+    let interrupt = Arc::new(Interrupt::new(irq_evt));
+    if let Some(s) = saved {
+        balloon
+            .restore_state(&s.device, mem.clone(), interrupt.clone())
+            .map_err(|e| SnapshotError::Device(format!("balloon: {e}")))?;
+    }
+    let balloon = Arc::new(Mutex::new(balloon));
+    let device: Arc<Mutex<dyn VirtioDevice>> = balloon.clone();
+    let transport = match saved {
+        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
+            .map_err(|e| SnapshotError::Device(format!("balloon transport: {e}")))?,
+        None => MmioTransport::new(mem.clone(), device, interrupt),
+    };
+    let transport = Arc::new(Mutex::new(transport));
+    bus.add_mmio(base, transport.clone());
+    let sub: Subscriber = balloon.clone();
+    event_manager.add_subscriber(sub);
+    tracing::info!(base, irq, "virtio-balloon device (free page reporting)");
+    Ok(BalloonSlot {
+        base,
+        irq,
+        device: balloon,
+        transport,
+    })
+}
+
 /// The parts every microVM gets after its devices: the stop watcher,
 /// signal handlers and the API socket.
 struct Control {
@@ -605,6 +673,9 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
 
     let vm = Vm::new()?;
     let mem = create_guest_memory(mem_size)?;
+    if cfg.ksm {
+        crate::vstate::memory::mark_mergeable(&mem).map_err(os_err("madvise(MADV_MERGEABLE)"))?;
+    }
     vm.register_memory(&mem)?;
 
     let loaded =
@@ -680,6 +751,20 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         virtio_slots.push((slot.base, slot.irq));
         fs_slots.push(slot);
     }
+    let balloon = if cfg.balloon {
+        let slot = add_balloon(
+            &vm,
+            &mem,
+            &mut bus,
+            &mut event_manager,
+            virtio_slots.len(),
+            None,
+        )?;
+        virtio_slots.push((slot.base, slot.irq));
+        Some(slot)
+    } else {
+        None
+    };
 
     let control = add_control(&mut event_manager, &cfg.api_sock)?;
 
@@ -716,6 +801,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         api_pending: control.api_pending,
         restored: false,
         fs: fs_slots,
+        balloon,
     })
 }
 
@@ -738,6 +824,9 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
     let serial_out = open_serial_out(&cfg.serial_out)?;
     let (_, mem_path) = snapshot::paths(&cfg.dir);
     let mem = map_memory_file(&mem_path, &state.memory).map_err(SnapshotError::from)?;
+    if cfg.ksm {
+        crate::vstate::memory::mark_mergeable(&mem).map_err(os_err("madvise(MADV_MERGEABLE)"))?;
+    }
 
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
@@ -789,6 +878,17 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
             Some(saved),
         )?);
     }
+    let balloon = match &state.balloon {
+        Some(saved) => Some(add_balloon(
+            &vm,
+            &mem,
+            &mut bus,
+            &mut event_manager,
+            first_fs_slot + state.fs.len(),
+            Some(saved),
+        )?),
+        None => None,
+    };
     let control = add_control(&mut event_manager, &cfg.api_sock)?;
 
     let bus = Arc::new(bus);
@@ -817,6 +917,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
         api_pending: control.api_pending,
         restored: true,
         fs: fs_slots,
+        balloon,
     })
 }
 
@@ -983,6 +1084,8 @@ mod tests {
             serial_out: None,
             host_kind: Some(HostKind::Hardware),
             api_sock: None,
+            balloon: false,
+            ksm: false,
         }
     }
 

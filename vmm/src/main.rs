@@ -40,7 +40,7 @@ struct Args {
     kernel: Option<PathBuf>,
     /// Restore from this snapshot directory instead of booting a kernel
     /// (kernel, initrd, cmdline, memory and vCPU options come from the snapshot).
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "balloon"])]
     restore: Option<PathBuf>,
     /// Control socket: `pause`, `resume`, `status`, `snapshot <dir>` (one per line).
     #[arg(long)]
@@ -84,6 +84,15 @@ struct Args {
     /// Host kind; `auto` detects it (PVM hosts need extra guest kernel switches).
     #[arg(long, value_enum, default_value_t = HostKindArg::Auto)]
     host_kind: HostKindArg,
+    /// Add a virtio-balloon device with free page reporting: memory the
+    /// guest frees goes back to the host.
+    #[arg(long)]
+    balloon: bool,
+    /// Opt guest memory into KSM (`MADV_MERGEABLE`), for hosts that run it.
+    /// Off by default: merging costs host CPU and lets guests time each
+    /// other's memory.
+    #[arg(long)]
+    ksm: bool,
     /// Diagnostics: sample every vCPU's guest rip once per millisecond and
     /// write the histogram (`<rip> <count>` lines) to this file at exit.
     #[arg(long)]
@@ -138,6 +147,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             serial_out: args.serial_out,
             api_sock: args.api_sock,
             shares,
+            ksm: args.ksm,
         })?,
         (None, Some(kernel)) => build_microvm(&VmConfig {
             kernel,
@@ -154,6 +164,8 @@ fn run(args: Args) -> anyhow::Result<i32> {
             },
             api_sock: args.api_sock,
             shares,
+            balloon: args.balloon,
+            ksm: args.ksm,
         })?,
         (None, None) => anyhow::bail!("--kernel or --restore is required"),
     };

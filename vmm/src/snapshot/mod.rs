@@ -56,6 +56,19 @@ pub struct FsSlotState {
     pub transport: MmioTransportState,
 }
 
+/// The balloon slot: where it sits, the transport and the device.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BalloonSlotState {
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub irq: u32,
+    /// virtio-mmio registers.
+    pub transport: MmioTransportState,
+    /// Device state.
+    pub device: crate::devices::virtio::balloon::BalloonState,
+}
+
 /// Everything a restore needs besides guest memory.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MicrovmState {
@@ -77,6 +90,9 @@ pub struct MicrovmState {
     /// virtio-fs devices, in slot order after vsock.
     #[serde(default)]
     pub fs: Vec<FsSlotState>,
+    /// The balloon, in the slot after the virtio-fs devices.
+    #[serde(default)]
+    pub balloon: Option<BalloonSlotState>,
 }
 
 /// Errors of taking or loading a snapshot.

@@ -6,7 +6,9 @@ use kvm_ioctls::Cap;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{file, paths, FsSlotState, MicrovmState, SnapshotError, VsockSlotState};
+use super::{
+    file, paths, BalloonSlotState, FsSlotState, MicrovmState, SnapshotError, VsockSlotState,
+};
 use crate::builder::Microvm;
 use crate::vstate::memory::save_memory;
 use crate::vstate::vcpu_state::SaveCaps;
@@ -96,6 +98,23 @@ impl Microvm {
             }
             None => None,
         };
+        let balloon = match &self.balloon {
+            Some(slot) => Some(BalloonSlotState {
+                base: slot.base,
+                irq: slot.irq,
+                transport: slot
+                    .transport
+                    .lock()
+                    .map_err(|_| SnapshotError::Device("balloon transport lock poisoned".into()))?
+                    .save_state(),
+                device: slot
+                    .device
+                    .lock()
+                    .map_err(|_| SnapshotError::Device("balloon lock poisoned".into()))?
+                    .save_state(),
+            }),
+            None => None,
+        };
         let (state_path, mem_path) = paths(dir);
         // A stale state file must not pair with the new memory file.
         let _ = std::fs::remove_file(&state_path);
@@ -109,6 +128,7 @@ impl Microvm {
             serial,
             vsock,
             fs,
+            balloon,
         };
         file::write(&state_path, &state)?;
         Ok(())

@@ -184,6 +184,26 @@ pub fn map_memory_file(
         .map_err(|_| MemoryFileError::BadRegions("regions overlap or are out of order"))
 }
 
+/// Opts guest RAM into KSM (`MADV_MERGEABLE`): on hosts that run KSM
+/// (`/sys/kernel/mm/ksm/run` = 1), identical pages of different VMs are
+/// merged copy-on-write. Off by default: scanning costs host CPU, and
+/// merging leaks timing information between guests (a write to a merged
+/// page is slower), which a multi-tenant host may not want.
+pub fn mark_mergeable(mem: &GuestMemoryMmap) -> std::io::Result<()> {
+    use vm_memory::{GuestMemory, GuestMemoryRegion};
+    for region in mem.iter() {
+        let len = usize::try_from(region.len())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the range is one guest RAM mapping owned by `mem` for the
+        // VM's lifetime; MADV_MERGEABLE changes no contents.
+        let rc = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_MERGEABLE) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

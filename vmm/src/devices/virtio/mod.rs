@@ -6,6 +6,7 @@
 //! builder); the device signals the guest through an [`Interrupt`] whose
 //! eventfd is an irqfd.
 
+pub mod balloon;
 pub mod fs;
 pub mod mmio;
 pub mod vsock;
