@@ -169,12 +169,9 @@ impl Vsock {
                 break;
             };
             let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA as u32) {
-                Ok(pkt) => match Packet::from_guest(&pkt) {
-                    Ok(p) => self.muxer.handle_guest_packet(p),
-                    Err(e) => bad.push(e),
-                },
-                Err(e) => bad.push(format!("{e:?}")),
+            match Packet::from_tx_chain(&*mem, &mut chain) {
+                Ok(p) => self.muxer.handle_guest_packet(p),
+                Err(e) => bad.push(e.to_string()),
             }
             if let Err(e) = queues[TXQ].add_used(&*mem, head, 0) {
                 bad.push(format!("add_used: {e:?}"));
