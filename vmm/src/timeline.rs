@@ -66,6 +66,12 @@ pub fn mark(m: Milestone) {
     tracing::info!(target: "timeline", milestone = m.name(), ms = format!("{ms:.1}"), "boot timeline");
 }
 
+/// Milliseconds since [`start`] (for diagnostics that are not milestones,
+/// e.g. per-packet vsock traces).
+pub fn elapsed_ms() -> f64 {
+    timeline().start.elapsed().as_secs_f64() * 1000.0
+}
+
 /// Milestones recorded so far, in order, as (name, milliseconds since start).
 pub fn snapshot() -> Vec<(&'static str, f64)> {
     timeline()
