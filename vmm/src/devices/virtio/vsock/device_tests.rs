@@ -787,7 +787,7 @@ fn guest_close_flushes_backlog_to_slow_host_reader() {
 #[test]
 fn state_restores_into_a_new_device_with_its_own_cid() {
     let mut h = Harness::activated("snap");
-    let (_client, _) = h.host_connect(1024);
+    let (_client, template_port) = h.host_connect(1024);
     let state = h.vsock.lock().unwrap().save_state();
     let queues = state
         .queues
@@ -843,6 +843,25 @@ fn state_restores_into_a_new_device_with_its_own_cid() {
     assert_eq!(pkts.len(), 1, "{pkts:?}");
     assert_eq!(pkts[0].0.op, OP_REQUEST);
     assert_eq!(pkts[0].0.dst_cid, 7);
+    assert!(
+        pkts[0].0.src_port > template_port,
+        "host ports continue from the snapshot, so the guest's stale sockets are not hit"
+    );
+}
+
+#[test]
+fn snapshot_without_a_port_counter_still_restores() {
+    let h = Harness::activated("snap-oldstate");
+    let mut state = h.vsock.lock().unwrap().save_state();
+    state.next_local_port = None;
+    let json = serde_json::to_string(&state).unwrap();
+    let json = json.replace(",\"next_local_port\":null", "");
+    assert!(!json.contains("next_local_port"));
+    let state: super::device::VsockState = serde_json::from_str(&json).unwrap();
+    let mut v2 = Vsock::new(7, h.dir.join("old.sock")).unwrap();
+    v2.restore_state(&state, h.mem.clone(), h.irq.clone())
+        .unwrap();
+    assert!(v2.is_activated());
 }
 
 #[test]
