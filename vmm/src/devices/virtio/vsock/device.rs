@@ -299,6 +299,7 @@ impl Vsock {
             tracing::trace!(
                 target: "vsock_pkt",
                 ms = format!("{:.2}", crate::timeline::elapsed_ms()),
+                cpu_ms = format!("{:.2}", crate::timeline::process_cpu_ms()),
                 rx_used,
                 tx_used,
                 ev_used,
@@ -487,6 +488,7 @@ impl MutEventSubscriber for Vsock {
                 tracing::trace!(
                     target: "vsock_pkt",
                     ms = format!("{:.2}", crate::timeline::elapsed_ms()),
+                cpu_ms = format!("{:.2}", crate::timeline::process_cpu_ms()),
                     queue = i,
                     "queue notify"
                 );
@@ -521,6 +523,7 @@ fn trace_packet(dir: &'static str, p: &Packet) {
         tracing::trace!(
             target: "vsock_pkt",
             ms = format!("{:.2}", crate::timeline::elapsed_ms()),
+            cpu_ms = format!("{:.2}", crate::timeline::process_cpu_ms()),
             dir,
             op = p.hdr.op,
             src = p.hdr.src_port,
@@ -537,6 +540,7 @@ fn trace_event(what: &'static str) {
         tracing::trace!(
             target: "vsock_pkt",
             ms = format!("{:.2}", crate::timeline::elapsed_ms()),
+            cpu_ms = format!("{:.2}", crate::timeline::process_cpu_ms()),
             what
         );
     }
