@@ -34,7 +34,12 @@ pub enum HostKind {
 /// timekeeping, expiring every timer and reseeding its RNG before it
 /// answered anything. kvmclock is restored from the snapshot, so guest time
 /// continues where it stopped.
-pub const PVM_CMDLINE: &str = "clocksource=kvm-clock rodata=off noxsave nopti clearcpuid=smap,smep,popcnt,fsgsbase,invpcid,pcid,pku,umip,rdpid,clflushopt,clwb,avx,avx2,avx512f,bmi1,bmi2,erms,fsrm,movbe,rtm,hle,cx16";
+/// `no-kvmapf`: restoring the async page fault MSR makes KVM send the
+/// guest a "wake all" notification, and the guest walks all 256 buckets of
+/// its sleeper table under spinlocks: milliseconds of emulated work at the
+/// start of every restore, for a feature that only pays off when host
+/// memory is swapped.
+pub const PVM_CMDLINE: &str = "clocksource=kvm-clock no-kvmapf rodata=off noxsave nopti clearcpuid=smap,smep,popcnt,fsgsbase,invpcid,pcid,pku,umip,rdpid,clflushopt,clwb,avx,avx2,avx512f,bmi1,bmi2,erms,fsrm,movbe,rtm,hle,cx16";
 
 impl HostKind {
     /// Detects the host kind: `kvm_pvm` loaded, or no VMX/SVM in CPUID, means PVM.
