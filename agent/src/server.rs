@@ -216,27 +216,29 @@ fn spawn_worker<A: Accept>(pool: Arc<Pool<A>>, permanent: bool) -> io::Result<()
         .map(drop)
 }
 
-/// One pool thread: lead (accept), hand over, serve, repeat.
+/// One pool thread: lead (accept), hand over, serve, repeat. Accept
+/// errors are logged (the first of a run, or all with `debug`) and, when
+/// they repeat (e.g. out of descriptors), slowed down; the leader keeps its
+/// role meanwhile, so failing accepts never start threads.
 fn work<A: Accept>(pool: &Arc<Pool<A>>, permanent: bool) {
-    let mut consecutive_errors = 0u32;
     while pool.become_leader(permanent) {
-        let conn = pool.listener.accept();
+        let mut consecutive_errors = 0u32;
+        let stream = loop {
+            match pool.listener.accept() {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    consecutive_errors += 1;
+                    if consecutive_errors == 1 || pool.ctx.debug {
+                        log_fmt(format_args!("accept: {e}"));
+                    }
+                    if consecutive_errors > ACCEPT_ERRORS_BEFORE_BACKOFF {
+                        std::thread::sleep(ACCEPT_BACKOFF);
+                    }
+                }
+            }
+        };
         pool.hand_over();
-        match conn {
-            Ok(stream) => {
-                consecutive_errors = 0;
-                serve_connection(stream, &pool.ctx);
-            }
-            Err(e) => {
-                consecutive_errors += 1;
-                if consecutive_errors == 1 || pool.ctx.debug {
-                    log_fmt(format_args!("accept: {e}"));
-                }
-                if consecutive_errors > ACCEPT_ERRORS_BEFORE_BACKOFF {
-                    std::thread::sleep(ACCEPT_BACKOFF);
-                }
-            }
-        }
+        serve_connection(stream, &pool.ctx);
     }
 }
 
@@ -717,5 +719,35 @@ mod tests {
         pool.lock().followers = 1;
         pool.hand_over();
         assert!(!pool.lock().leader);
+    }
+
+    #[test]
+    fn accept_errors_keep_the_leader_and_later_connections_work() {
+        struct Flaky {
+            script: Mutex<std::collections::VecDeque<io::Result<UnixStream>>>,
+        }
+        impl Accept for Flaky {
+            type Conn = UnixStream;
+            fn accept(&self) -> io::Result<UnixStream> {
+                loop {
+                    if let Some(next) = self.script.lock().unwrap().pop_front() {
+                        return next;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut script: std::collections::VecDeque<io::Result<UnixStream>> =
+            (0..2).map(|_| Err(io::Error::other("injected"))).collect();
+        script.push_back(Ok(a));
+        let listener = Flaky {
+            script: Mutex::new(script),
+        };
+        let c = Arc::new(ctx(Arc::new(AtomicUsize::new(0))));
+        std::thread::spawn(move || serve(listener, c));
+        write_frame(&mut b, &ping(1)).unwrap();
+        let r: Response = read_frame(&mut b).unwrap();
+        assert_eq!(r.id, 1);
     }
 }
