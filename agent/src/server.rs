@@ -15,7 +15,7 @@
 //! every thread is busy with a connection.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -221,6 +221,7 @@ fn spawn_worker<A: Accept>(pool: Arc<Pool<A>>, permanent: bool) -> io::Result<()
 /// they repeat (e.g. out of descriptors), slowed down; the leader keeps its
 /// role meanwhile, so failing accepts never start threads.
 fn work<A: Accept>(pool: &Arc<Pool<A>>, permanent: bool) {
+    let mut buf = vec![0u8; CONN_READ_BUF];
     while pool.become_leader(permanent) {
         let mut consecutive_errors = 0u32;
         let stream = loop {
@@ -238,18 +239,18 @@ fn work<A: Accept>(pool: &Arc<Pool<A>>, permanent: bool) {
             }
         };
         pool.hand_over();
-        serve_connection(stream, &pool.ctx);
+        serve_connection(stream, &pool.ctx, &mut buf);
     }
 }
 
 /// Serves one connection on this thread. A panic in the handler is caught
 /// and ends only that connection: PID 1 must never exit.
-fn serve_connection<S: Read + Write>(stream: S, ctx: &Context) {
+fn serve_connection<S: Read + Write>(stream: S, ctx: &Context, buf: &mut [u8]) {
     if ctx.debug {
         log_fmt(format_args!("connection accepted at {} ms", boottime_ms()));
     }
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        handle_connection(stream, ctx)
+        handle_connection_with(stream, ctx, buf)
     }));
     if served.is_err() {
         log("connection handler panicked; connection dropped");
@@ -265,8 +266,19 @@ fn error(id: u64, code: ErrorCode, message: String) -> Response {
 
 /// Serves one connection until the peer closes it or the stream is out of
 /// step with the framing.
+#[cfg(test)]
 pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
-    let mut reader = BufReader::with_capacity(CONN_READ_BUF, stream);
+    let mut buf = vec![0u8; CONN_READ_BUF];
+    handle_connection_with(stream, ctx, &mut buf);
+}
+
+/// [`handle_connection`] with the caller's read buffer: pool threads keep
+/// one for all their connections, because a buffer allocated and freed per
+/// connection costs an `mmap` and a `munmap` (musl's allocator returns an
+/// empty group to the kernel) plus page faults on fresh pages, each of them
+/// expensive guest kernel work on some hosts.
+fn handle_connection_with<S: Read + Write>(stream: S, ctx: &Context, buf: &mut [u8]) {
+    let mut reader = Buffered::new(stream, buf);
     loop {
         let body = match read_frame_bytes(&mut reader) {
             Ok(body) => body,
@@ -296,6 +308,48 @@ pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
         if let Some(action) = after {
             action();
         }
+    }
+}
+
+/// A buffered reader over a borrowed buffer (std's `BufReader` owns its
+/// buffer). A small frame, header and body, costs one `read`.
+struct Buffered<'a, S> {
+    inner: S,
+    buf: &'a mut [u8],
+    pos: usize,
+    filled: usize,
+}
+
+impl<'a, S: Read> Buffered<'a, S> {
+    fn new(inner: S, buf: &'a mut [u8]) -> Self {
+        Buffered {
+            inner,
+            buf,
+            pos: 0,
+            filled: 0,
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: Read> Read for Buffered<'_, S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.filled {
+            // Large reads bypass the buffer, like std's BufReader.
+            if out.len() >= self.buf.len() {
+                return self.inner.read(out);
+            }
+            self.filled = self.inner.read(self.buf)?;
+            self.pos = 0;
+        }
+        let available = &self.buf[self.pos..self.filled];
+        let n = available.len().min(out.len());
+        out[..n].copy_from_slice(&available[..n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -643,7 +697,7 @@ mod tests {
     fn spawn_served<S: Read + Write + Send + 'static>(stream: S, ctx: Arc<Context>) {
         std::thread::Builder::new()
             .stack_size(CONN_STACK)
-            .spawn(move || serve_connection(stream, &ctx))
+            .spawn(move || serve_connection(stream, &ctx, &mut vec![0u8; CONN_READ_BUF]))
             .unwrap();
     }
 
@@ -749,5 +803,31 @@ mod tests {
         write_frame(&mut b, &ping(1)).unwrap();
         let r: Response = read_frame(&mut b).unwrap();
         assert_eq!(r.id, 1);
+    }
+
+    #[test]
+    fn buffered_reader_across_small_reads_and_a_small_buffer() {
+        /// Hands out at most 3 bytes per read.
+        struct Trickle(std::io::Cursor<Vec<u8>>);
+        impl Read for Trickle {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                let n = out.len().min(3);
+                self.0.read(&mut out[..n])
+            }
+        }
+        let mut wire = Vec::new();
+        for id in 0..4 {
+            write_frame(&mut wire, &ping(id)).unwrap();
+        }
+        let mut buf = [0u8; 8];
+        let mut r = Buffered::new(Trickle(std::io::Cursor::new(wire)), &mut buf);
+        for id in 0..4 {
+            let req: Request = read_frame(&mut r).unwrap();
+            assert_eq!(req.id, id);
+        }
+        assert!(matches!(
+            read_frame::<_, Request>(&mut r),
+            Err(FrameError::Closed)
+        ));
     }
 }
