@@ -72,7 +72,7 @@ fn run() {
         shutdown: Box::new(server::power_off),
         restored: Box::new(restore::apply),
     });
-    server::serve(server::Incoming::new(listener), ctx);
+    server::serve(server::VsockListener::new(listener), ctx);
 }
 
 /// Creates the vsock listener. The vsock driver is probed before /init

@@ -1,12 +1,23 @@
-//! The vsock server: accept connections, one thread each, and answer
-//! requests. Connection handling is generic over `Read + Write` (and the
-//! accept loop over any source of connections), so it is tested on the host
-//! with Unix sockets.
+//! The vsock server: a pool of threads that accept connections and answer
+//! requests, one connection per thread at a time. Connection handling is
+//! generic over `Read + Write` (and the pool over any [`Accept`]or), so it
+//! is tested on the host with Unix sockets.
+//!
+//! Why a pool: creating a thread (clone, stack mmap and mprotect, first
+//! page faults) costs tens of milliseconds of guest kernel time on hosts
+//! where ring 0 is emulated, and a thread created per connection put that
+//! on the path of every request, most visibly the first one after a
+//! snapshot restore. Pool threads exist already in the snapshot. Exactly
+//! one of them (the leader) waits in `accept`; vsock's accept wait is not
+//! exclusive, so several threads in `accept` would all wake up for each
+//! connection. The leader hands the role to a waiting follower as soon as
+//! it has a connection, and serves it; a new thread is created only when
+//! every thread is busy with a connection.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -78,80 +89,171 @@ pub fn announce_ready() {
     let _ = connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, READY_PORT));
 }
 
-/// Accepted vsock connections, forever.
-pub struct Incoming {
-    listener: OwnedFd,
+/// A listening socket that pool threads accept connections from.
+pub trait Accept: Send + Sync + 'static {
+    /// A connection.
+    type Conn: Read + Write + Send + 'static;
+    /// Waits for the next connection.
+    fn accept(&self) -> io::Result<Self::Conn>;
 }
 
-impl Incoming {
-    /// Accepts on `listener`.
-    pub fn new(listener: OwnedFd) -> Incoming {
-        Incoming { listener }
+/// The agent's vsock listener.
+pub struct VsockListener {
+    fd: OwnedFd,
+}
+
+impl VsockListener {
+    /// Accepts on `fd` (see [`listen`]).
+    pub fn new(fd: OwnedFd) -> VsockListener {
+        VsockListener { fd }
     }
 }
 
-impl Iterator for Incoming {
-    type Item = io::Result<File>;
+impl Accept for VsockListener {
+    type Conn = File;
 
-    fn next(&mut self) -> Option<io::Result<File>> {
+    fn accept(&self) -> io::Result<File> {
         loop {
-            match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            match accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
                 // SAFETY: accept4 returned a new descriptor that nothing else
                 // owns; the File takes ownership.
-                Ok(fd) => return Some(Ok(unsafe { File::from_raw_fd(fd) })),
+                Ok(fd) => return Ok(unsafe { File::from_raw_fd(fd) }),
                 Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Some(Err(e.into())),
+                Err(e) => return Err(e.into()),
             }
         }
     }
 }
 
-/// Serves every connection from `incoming`, each in its own thread. Accept
+/// Threads waiting to become the leader (beyond these, a thread whose
+/// connection ends exits). With the leader, this many connections can
+/// arrive at once without a thread being created for them.
+pub const SPARE_THREADS: usize = 2;
+
+/// Consecutive accept errors after which a thread slows down.
+const ACCEPT_ERRORS_BEFORE_BACKOFF: u32 = 3;
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+struct PoolState {
+    /// A thread is in `accept`.
+    leader: bool,
+    /// Threads waiting to become the leader.
+    followers: usize,
+}
+
+struct Pool<A: Accept> {
+    listener: A,
+    ctx: Arc<Context>,
+    state: Mutex<PoolState>,
+    next_leader: Condvar,
+}
+
+impl<A: Accept> Pool<A> {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // Nothing panics while holding the lock; a poisoned state is fine.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until this thread is the leader. False: enough threads wait
+    /// already, this one should end (never for a `permanent` one).
+    fn become_leader(&self, permanent: bool) -> bool {
+        let mut st = self.lock();
+        while st.leader {
+            if !permanent && st.followers >= SPARE_THREADS {
+                return false;
+            }
+            st.followers += 1;
+            st = self
+                .next_leader
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+            st.followers -= 1;
+        }
+        st.leader = true;
+        true
+    }
+
+    /// Gives up the leader role: to a waiting follower, or to a new thread
+    /// when none waits.
+    fn hand_over(self: &Arc<Self>) {
+        let mut st = self.lock();
+        st.leader = false;
+        if st.followers > 0 {
+            drop(st);
+            self.next_leader.notify_one();
+            return;
+        }
+        drop(st);
+        if let Err(e) = spawn_worker(self.clone(), false) {
+            // This thread takes the role again after its connection.
+            log_fmt(format_args!("cannot start a server thread: {e}"));
+        }
+    }
+}
+
+/// Serves connections from `listener` with a pool of threads, forever. The
+/// calling thread is one of them and never leaves.
+pub fn serve<A: Accept>(listener: A, ctx: Arc<Context>) {
+    let pool = Arc::new(Pool {
+        listener,
+        ctx,
+        state: Mutex::new(PoolState::default()),
+        next_leader: Condvar::new(),
+    });
+    for _ in 0..SPARE_THREADS {
+        if let Err(e) = spawn_worker(pool.clone(), false) {
+            log_fmt(format_args!("cannot start a server thread: {e}"));
+        }
+    }
+    work(&pool, true);
+}
+
+fn spawn_worker<A: Accept>(pool: Arc<Pool<A>>, permanent: bool) -> io::Result<()> {
+    std::thread::Builder::new()
+        .stack_size(CONN_STACK)
+        .spawn(move || work(&pool, permanent))
+        .map(drop)
+}
+
+/// One pool thread: lead (accept), hand over, serve, repeat. Accept
 /// errors are logged (the first of a run, or all with `debug`) and, when
-/// they repeat (e.g. out of descriptors), slowed down.
-pub fn serve<S, I>(incoming: I, ctx: Arc<Context>)
-where
-    S: Read + Write + Send + 'static,
-    I: IntoIterator<Item = io::Result<S>>,
-{
-    let mut consecutive_errors = 0u32;
-    for conn in incoming {
-        match conn {
-            Ok(stream) => {
-                consecutive_errors = 0;
-                spawn_connection(stream, ctx.clone());
-            }
-            Err(e) => {
-                consecutive_errors += 1;
-                if consecutive_errors == 1 || ctx.debug {
-                    log_fmt(format_args!("accept: {e}"));
-                }
-                if consecutive_errors > 3 {
-                    std::thread::sleep(Duration::from_millis(100));
+/// they repeat (e.g. out of descriptors), slowed down; the leader keeps its
+/// role meanwhile, so failing accepts never start threads.
+fn work<A: Accept>(pool: &Arc<Pool<A>>, permanent: bool) {
+    let mut buf = vec![0u8; CONN_READ_BUF];
+    while pool.become_leader(permanent) {
+        let mut consecutive_errors = 0u32;
+        let stream = loop {
+            match pool.listener.accept() {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    consecutive_errors += 1;
+                    if consecutive_errors == 1 || pool.ctx.debug {
+                        log_fmt(format_args!("accept: {e}"));
+                    }
+                    if consecutive_errors > ACCEPT_ERRORS_BEFORE_BACKOFF {
+                        std::thread::sleep(ACCEPT_BACKOFF);
+                    }
                 }
             }
-        }
+        };
+        pool.hand_over();
+        serve_connection(stream, &pool.ctx, &mut buf);
     }
 }
 
-/// Serves one connection in a new thread. A panic in the handler is caught
+/// Serves one connection on this thread. A panic in the handler is caught
 /// and ends only that connection: PID 1 must never exit.
-fn spawn_connection<S: Read + Write + Send + 'static>(stream: S, ctx: Arc<Context>) {
+fn serve_connection<S: Read + Write>(stream: S, ctx: &Context, buf: &mut [u8]) {
     if ctx.debug {
         log_fmt(format_args!("connection accepted at {} ms", boottime_ms()));
     }
-    let spawned = std::thread::Builder::new()
-        .stack_size(CONN_STACK)
-        .spawn(move || {
-            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                handle_connection(stream, &ctx)
-            }));
-            if served.is_err() {
-                log("connection handler panicked; connection dropped");
-            }
-        });
-    if let Err(e) = spawned {
-        log_fmt(format_args!("cannot start a connection thread: {e}"));
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handle_connection_with(stream, ctx, buf)
+    }));
+    if served.is_err() {
+        log("connection handler panicked; connection dropped");
     }
 }
 
@@ -164,8 +266,19 @@ fn error(id: u64, code: ErrorCode, message: String) -> Response {
 
 /// Serves one connection until the peer closes it or the stream is out of
 /// step with the framing.
+#[cfg(test)]
 pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
-    let mut reader = BufReader::with_capacity(CONN_READ_BUF, stream);
+    let mut buf = vec![0u8; CONN_READ_BUF];
+    handle_connection_with(stream, ctx, &mut buf);
+}
+
+/// [`handle_connection`] with the caller's read buffer: pool threads keep
+/// one for all their connections, because a buffer allocated and freed per
+/// connection costs an `mmap` and a `munmap` (musl's allocator returns an
+/// empty group to the kernel) plus page faults on fresh pages, each of them
+/// expensive guest kernel work on some hosts.
+fn handle_connection_with<S: Read + Write>(stream: S, ctx: &Context, buf: &mut [u8]) {
+    let mut reader = Buffered::new(stream, buf);
     loop {
         let body = match read_frame_bytes(&mut reader) {
             Ok(body) => body,
@@ -195,6 +308,48 @@ pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
         if let Some(action) = after {
             action();
         }
+    }
+}
+
+/// A buffered reader over a borrowed buffer (std's `BufReader` owns its
+/// buffer). A small frame, header and body, costs one `read`.
+struct Buffered<'a, S> {
+    inner: S,
+    buf: &'a mut [u8],
+    pos: usize,
+    filled: usize,
+}
+
+impl<'a, S: Read> Buffered<'a, S> {
+    fn new(inner: S, buf: &'a mut [u8]) -> Self {
+        Buffered {
+            inner,
+            buf,
+            pos: 0,
+            filled: 0,
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: Read> Read for Buffered<'_, S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.filled {
+            // Large reads bypass the buffer, like std's BufReader.
+            if out.len() >= self.buf.len() {
+                return self.inner.read(out);
+            }
+            self.filled = self.inner.read(self.buf)?;
+            self.pos = 0;
+        }
+        let available = &self.buf[self.pos..self.filled];
+        let n = available.len().min(out.len());
+        out[..n].copy_from_slice(&available[..n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -467,7 +622,7 @@ mod tests {
         let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         let (a, mut b) = UnixStream::pair().unwrap();
         let c = Arc::new(ctx(Arc::new(AtomicUsize::new(0))));
-        spawn_connection(a, c);
+        spawn_served(a, c);
         write_frame_bytes(&mut b, nested.as_bytes()).unwrap();
         let r: Response = read_frame(&mut b).unwrap();
         assert_eq!(error_code(&r), Some(ErrorCode::InvalidRequest));
@@ -523,7 +678,7 @@ mod tests {
             shutdown: Box::new(|| panic!("injected")),
             ..ctx(Arc::new(AtomicUsize::new(0)))
         };
-        spawn_connection(a, Arc::new(c));
+        spawn_served(a, Arc::new(c));
         let req = Request {
             id: 1,
             body: RequestBody::Shutdown,
@@ -538,6 +693,22 @@ mod tests {
         ));
     }
 
+    /// Serves one connection in a thread with the production stack size.
+    fn spawn_served<S: Read + Write + Send + 'static>(stream: S, ctx: Arc<Context>) {
+        std::thread::Builder::new()
+            .stack_size(CONN_STACK)
+            .spawn(move || serve_connection(stream, &ctx, &mut vec![0u8; CONN_READ_BUF]))
+            .unwrap();
+    }
+
+    impl Accept for UnixListener {
+        type Conn = UnixStream;
+
+        fn accept(&self) -> io::Result<UnixStream> {
+            UnixListener::accept(self).map(|(s, _)| s)
+        }
+    }
+
     #[test]
     fn concurrent_connections_are_served() {
         let dir = std::env::temp_dir().join(format!("vessel-agent-{}", std::process::id()));
@@ -546,23 +717,117 @@ mod tests {
         let path = dir.join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let c = Arc::new(ctx(Arc::new(AtomicUsize::new(0))));
-        let server = std::thread::spawn(move || serve(listener.incoming().take(3), c));
-        // Three clients connected at once, each waiting for its first reply
-        // while the others are open, then interleaving requests.
-        let mut clients: Vec<UnixStream> = (0..3)
-            .map(|_| UnixStream::connect(&path).unwrap())
-            .collect();
-        for round in 0..5u64 {
-            for (i, s) in clients.iter_mut().enumerate() {
-                write_frame(s, &ping(round * 10 + i as u64)).unwrap();
+        // The pool never returns; the thread ends with the test process.
+        std::thread::spawn(move || serve(listener, c));
+        // More clients at once than the pool has spare threads, each
+        // waiting for its first reply while the others are open, then
+        // interleaving requests.
+        let n = SPARE_THREADS as u64 + 3;
+        for generation in 0..2u64 {
+            let mut clients: Vec<UnixStream> = (0..n)
+                .map(|_| UnixStream::connect(&path).unwrap())
+                .collect();
+            for round in 0..5u64 {
+                for (i, s) in clients.iter_mut().enumerate() {
+                    write_frame(s, &ping(generation * 1000 + round * 10 + i as u64)).unwrap();
+                }
+                for (i, s) in clients.iter_mut().enumerate() {
+                    let r: Response = read_frame(s).unwrap();
+                    assert_eq!(r.id, generation * 1000 + round * 10 + i as u64);
+                }
             }
-            for (i, s) in clients.iter_mut().enumerate() {
-                let r: Response = read_frame(s).unwrap();
-                assert_eq!(r.id, round * 10 + i as u64);
+            // Closed connections free their threads for the next ones.
+            drop(clients);
+        }
+        // One after another: served by the threads that are left.
+        for i in 0..5u64 {
+            let mut s = UnixStream::connect(&path).unwrap();
+            write_frame(&mut s, &ping(i)).unwrap();
+            let r: Response = read_frame(&mut s).unwrap();
+            assert_eq!(r.id, i);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pool_keeps_one_leader_and_bounded_followers() {
+        struct Never;
+        impl Accept for Never {
+            type Conn = UnixStream;
+            fn accept(&self) -> io::Result<UnixStream> {
+                Err(io::Error::other("unused"))
             }
         }
-        drop(clients);
-        server.join().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let pool = Arc::new(Pool {
+            listener: Never,
+            ctx: Arc::new(ctx(Arc::new(AtomicUsize::new(0)))),
+            state: Mutex::new(PoolState::default()),
+            next_leader: Condvar::new(),
+        });
+        assert!(pool.become_leader(false));
+        // With a leader and SPARE_THREADS followers, another thread ends.
+        pool.lock().followers = SPARE_THREADS;
+        assert!(!pool.become_leader(false));
+        // Handing over to a waiting follower clears the role and starts no
+        // thread (`Never` would fail any accept).
+        pool.lock().followers = 1;
+        pool.hand_over();
+        assert!(!pool.lock().leader);
+    }
+
+    #[test]
+    fn accept_errors_keep_the_leader_and_later_connections_work() {
+        struct Flaky {
+            script: Mutex<std::collections::VecDeque<io::Result<UnixStream>>>,
+        }
+        impl Accept for Flaky {
+            type Conn = UnixStream;
+            fn accept(&self) -> io::Result<UnixStream> {
+                loop {
+                    if let Some(next) = self.script.lock().unwrap().pop_front() {
+                        return next;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut script: std::collections::VecDeque<io::Result<UnixStream>> =
+            (0..2).map(|_| Err(io::Error::other("injected"))).collect();
+        script.push_back(Ok(a));
+        let listener = Flaky {
+            script: Mutex::new(script),
+        };
+        let c = Arc::new(ctx(Arc::new(AtomicUsize::new(0))));
+        std::thread::spawn(move || serve(listener, c));
+        write_frame(&mut b, &ping(1)).unwrap();
+        let r: Response = read_frame(&mut b).unwrap();
+        assert_eq!(r.id, 1);
+    }
+
+    #[test]
+    fn buffered_reader_across_small_reads_and_a_small_buffer() {
+        /// Hands out at most 3 bytes per read.
+        struct Trickle(std::io::Cursor<Vec<u8>>);
+        impl Read for Trickle {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                let n = out.len().min(3);
+                self.0.read(&mut out[..n])
+            }
+        }
+        let mut wire = Vec::new();
+        for id in 0..4 {
+            write_frame(&mut wire, &ping(id)).unwrap();
+        }
+        let mut buf = [0u8; 8];
+        let mut r = Buffered::new(Trickle(std::io::Cursor::new(wire)), &mut buf);
+        for id in 0..4 {
+            let req: Request = read_frame(&mut r).unwrap();
+            assert_eq!(req.id, id);
+        }
+        assert!(matches!(
+            read_frame::<_, Request>(&mut r),
+            Err(FrameError::Closed)
+        ));
     }
 }

@@ -26,7 +26,20 @@ pub enum HostKind {
 /// `cx16`: the emulator fails on a ring-0 `lock cmpxchg16b` (SLUB's
 /// lockless freelist uses it when the CPU has it; seen at boot of the
 /// kernel built with FUSE/virtio-fs/DAX).
-pub const PVM_CMDLINE: &str = "rodata=off noxsave nopti clearcpuid=smap,smep,popcnt,fsgsbase,invpcid,pcid,pku,umip,rdpid,clflushopt,clwb,avx,avx2,avx512f,bmi1,bmi2,erms,fsrm,movbe,rtm,hle,cx16";
+/// `clocksource=kvm-clock`: a restored guest's TSC does not continue from
+/// the saved value here (the TSC MSR we restore does not take), so with the
+/// TSC as clocksource guest time jumped by the time the snapshot spent on
+/// disk, and the guest spent tens of milliseconds (growing with the
+/// snapshot's age: one NTP `second_overflow` per second) catching up its
+/// timekeeping, expiring every timer and reseeding its RNG before it
+/// answered anything. kvmclock is restored from the snapshot, so guest time
+/// continues where it stopped.
+/// `no-kvmapf`: restoring the async page fault MSR makes KVM send the
+/// guest a "wake all" notification, and the guest walks all 256 buckets of
+/// its sleeper table under spinlocks: milliseconds of emulated work at the
+/// start of every restore, for a feature that only pays off when host
+/// memory is swapped.
+pub const PVM_CMDLINE: &str = "clocksource=kvm-clock no-kvmapf rodata=off noxsave nopti clearcpuid=smap,smep,popcnt,fsgsbase,invpcid,pcid,pku,umip,rdpid,clflushopt,clwb,avx,avx2,avx512f,bmi1,bmi2,erms,fsrm,movbe,rtm,hle,cx16";
 
 impl HostKind {
     /// Detects the host kind: `kvm_pvm` loaded, or no VMX/SVM in CPUID, means PVM.

@@ -6,7 +6,11 @@
 //! the vCPU thread reads the guest's `rip` and counts it, and re-enters the
 //! guest. At exit the histogram is written as `<rip hex> <count>` lines,
 //! highest count first; `cargo xtask bench profile` maps the addresses to
-//! kernel symbols with the build's `System.map`.
+//! kernel symbols with the build's `System.map`. The first
+//! [`MAX_SEQUENCE`] samples are also written in order, as
+//! `<ms since VMM start> <rip hex>` lines, to `FILE.seq`: that shows *when*
+//! the guest runs what (e.g. the steps between a host request and the
+//! guest's answer).
 //!
 //! On hosts where guest ring 0 is emulated (PVM) boot time is dominated by
 //! kernel code, and a sample every millisecond attributes it precisely,
@@ -25,6 +29,10 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static SAMPLES: Mutex<Option<HashMap<u64, u64>>> = Mutex::new(None);
+static SEQUENCE: Mutex<Vec<(f64, u64)>> = Mutex::new(Vec::new());
+
+/// Samples kept in order (about 17 minutes of one vCPU).
+pub const MAX_SEQUENCE: usize = 1 << 20;
 
 /// The kick signal: one above the first real-time signal, which stays free
 /// for other vCPU kicks.
@@ -57,6 +65,11 @@ pub fn record(rip: u64) {
             *map.entry(rip).or_default() += 1;
         }
     }
+    if let Ok(mut seq) = SEQUENCE.lock() {
+        if seq.len() < MAX_SEQUENCE {
+            seq.push((crate::timeline::elapsed_ms(), rip));
+        }
+    }
 }
 
 /// Writes the histogram, highest count first.
@@ -74,6 +87,15 @@ pub fn write(path: &Path) -> std::io::Result<u64> {
     for (rip, count) in rows {
         writeln!(out, "{rip:016x} {count}")?;
         total += count;
+    }
+    out.flush()?;
+    let mut seq_path = path.as_os_str().to_owned();
+    seq_path.push(".seq");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(seq_path)?);
+    if let Ok(seq) = SEQUENCE.lock() {
+        for (ms, rip) in seq.iter() {
+            writeln!(out, "{ms:.2} {rip:016x}")?;
+        }
     }
     out.flush()?;
     Ok(total)

@@ -66,6 +66,27 @@ pub fn mark(m: Milestone) {
     tracing::info!(target: "timeline", milestone = m.name(), ms = format!("{ms:.1}"), "boot timeline");
 }
 
+/// Milliseconds since [`start`] (for diagnostics that are not milestones,
+/// e.g. per-packet vsock traces).
+pub fn elapsed_ms() -> f64 {
+    timeline().start.elapsed().as_secs_f64() * 1000.0
+}
+
+/// CPU time of the whole process (all threads, vCPUs included), in
+/// milliseconds: with guest kernel code emulated on the vCPU threads, this
+/// measures guest work independently of how busy the host is.
+pub fn process_cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass, nothing else.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 * 1000.0 + ts.tv_nsec as f64 / 1e6
+}
+
 /// Milestones recorded so far, in order, as (name, milliseconds since start).
 pub fn snapshot() -> Vec<(&'static str, f64)> {
     timeline()

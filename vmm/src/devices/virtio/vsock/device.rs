@@ -51,6 +51,15 @@ pub struct VsockState {
     pub acked_features: u64,
     /// The device's queues (ring positions included) when it was active.
     pub queues: Option<Vec<crate::devices::virtio::mmio::QueueSnapshot>>,
+    /// Local port of the next host-initiated connection. A restored VM
+    /// continues from here: the guest still has the sockets of connections
+    /// open at snapshot time until it has processed the transport reset
+    /// and their owners have closed them, and Linux looks up an incoming
+    /// packet by source address and destination *port* only, so a new
+    /// connection from a reused host port would hit a stale socket and be
+    /// reset (one wasted round trip and a client retry after every restore).
+    #[serde(default)]
+    pub next_local_port: Option<u32>,
 }
 
 /// The virtio-vsock device.
@@ -111,6 +120,7 @@ impl Vsock {
             cid: self.cid,
             acked_features: self.acked_features,
             queues,
+            next_local_port: Some(self.muxer.next_local_port()),
         }
     }
 
@@ -126,6 +136,9 @@ impl Vsock {
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
         self.acked_features = state.acked_features;
+        if let Some(port) = state.next_local_port {
+            self.muxer.set_next_local_port(port);
+        }
         if let Some(saved) = &state.queues {
             let queues = saved
                 .iter()
@@ -169,12 +182,12 @@ impl Vsock {
                 break;
             };
             let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA as u32) {
-                Ok(pkt) => match Packet::from_guest(&pkt) {
-                    Ok(p) => self.muxer.handle_guest_packet(p),
-                    Err(e) => bad.push(e),
-                },
-                Err(e) => bad.push(format!("{e:?}")),
+            match Packet::from_tx_chain(&*mem, &mut chain) {
+                Ok(p) => {
+                    trace_packet("tx", &p);
+                    self.muxer.handle_guest_packet(p)
+                }
+                Err(e) => bad.push(e.to_string()),
             }
             if let Err(e) = queues[TXQ].add_used(&*mem, head, 0) {
                 bad.push(format!("add_used: {e:?}"));
@@ -220,6 +233,7 @@ impl Vsock {
                     let room = vp.data_slice().map_or(0, |s| s.len()).min(MAX_PKT_DATA);
                     match self.muxer.next_rx(room) {
                         Some(p) => {
+                            trace_packet("rx", &p);
                             let hdr_ok = vp.set_header_from_raw(&p.hdr.to_bytes()).is_ok();
                             let data_ok = p.data.is_empty()
                                 || vp
@@ -281,6 +295,18 @@ impl Vsock {
                 }
             }
         }
+        if tracing::enabled!(target: "vsock_pkt", tracing::Level::TRACE) {
+            tracing::trace!(
+                target: "vsock_pkt",
+                ms = format!("{:.2}", crate::timeline::elapsed_ms()),
+                cpu_ms = format!("{:.2}", crate::timeline::process_cpu_ms()),
+                rx_used,
+                tx_used,
+                ev_used,
+                signal,
+                "kick done"
+            );
+        }
         if signal {
             if let Err(e) = interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
                 tracing::error!("vsock: cannot raise interrupt: {e}");
@@ -324,6 +350,7 @@ impl Vsock {
                 .is_ok()
             {
                 written = 4;
+                trace_event("transport reset delivered");
                 self.transport_reset_pending = false;
                 self.reset_unacked_since = Some(Instant::now());
             }
@@ -457,12 +484,22 @@ impl MutEventSubscriber for Vsock {
         let set = events.event_set();
         if let Some(i) = self.queue_evts.iter().position(|e| e.as_raw_fd() == fd) {
             let _ = self.queue_evts[i].read();
+            if tracing::enabled!(target: "vsock_pkt", tracing::Level::TRACE) {
+                tracing::trace!(
+                    target: "vsock_pkt",
+                    ms = format!("{:.2}", crate::timeline::elapsed_ms()),
+                cpu_ms = format!("{:.2}", crate::timeline::process_cpu_ms()),
+                    queue = i,
+                    "queue notify"
+                );
+            }
             if i == EVQ && self.reset_unacked_since.take().is_some() {
                 tracing::debug!("vsock: guest handled the transport reset");
             }
         } else if fd == self.activate_evt.as_raw_fd() {
             let _ = self.activate_evt.read();
         } else if fd == self.muxer.listener_fd() {
+            trace_event("host client");
             self.muxer.on_listener_ready();
         } else if fd == self.timer.as_raw_fd() {
             // Non-blocking: the timer may have been re-armed or cleared since
@@ -476,6 +513,36 @@ impl MutEventSubscriber for Vsock {
             self.kick();
         }
         self.apply_epoll_changes(ops);
+    }
+}
+
+/// Per-packet trace (`--log-level vsock_pkt=trace`) with the time since
+/// the VMM started, to see where a request's round trips go.
+fn trace_packet(dir: &'static str, p: &Packet) {
+    if tracing::enabled!(target: "vsock_pkt", tracing::Level::TRACE) {
+        tracing::trace!(
+            target: "vsock_pkt",
+            ms = format!("{:.2}", crate::timeline::elapsed_ms()),
+            cpu_ms = format!("{:.2}", crate::timeline::process_cpu_ms()),
+            dir,
+            op = p.hdr.op,
+            src = p.hdr.src_port,
+            dst = p.hdr.dst_port,
+            len = p.hdr.len,
+            flags = p.hdr.flags,
+            "packet"
+        );
+    }
+}
+
+fn trace_event(what: &'static str) {
+    if tracing::enabled!(target: "vsock_pkt", tracing::Level::TRACE) {
+        tracing::trace!(
+            target: "vsock_pkt",
+            ms = format!("{:.2}", crate::timeline::elapsed_ms()),
+            cpu_ms = format!("{:.2}", crate::timeline::process_cpu_ms()),
+            what
+        );
     }
 }
 

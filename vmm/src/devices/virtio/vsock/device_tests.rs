@@ -191,6 +191,36 @@ impl Harness {
         self.notify(TXQ);
     }
 
+    /// Puts a packet on the TX queue with its bytes (header then payload)
+    /// cut into descriptors of the given lengths, wherever the cuts fall.
+    /// The last descriptor takes whatever is left. Returns the head index.
+    fn send_layout(&mut self, mut hdr: Header, data: &[u8], cuts: &[usize]) -> u16 {
+        hdr.len = data.len() as u32;
+        let mut bytes = hdr.to_bytes().to_vec();
+        bytes.extend_from_slice(data);
+        let mut descs = Vec::new();
+        let mut rest = &bytes[..];
+        for &n in cuts {
+            let (piece, tail) = rest.split_at(n.min(rest.len()));
+            descs.push(piece);
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            descs.push(rest);
+        }
+        let descs: Vec<(u64, u32, u32)> = descs
+            .into_iter()
+            .map(|piece| {
+                let a = self.alloc(piece.len() as u64);
+                self.mem.write_slice(piece, GuestAddress(a)).unwrap();
+                (a, piece.len() as u32, 0)
+            })
+            .collect();
+        let head = self.add_chain(TXQ, &descs);
+        self.notify(TXQ);
+        head
+    }
+
     /// Posts `n` RX buffers with room for `room` bytes of data each.
     fn post_rx(&mut self, n: usize, room: u32) {
         for _ in 0..n {
@@ -757,7 +787,7 @@ fn guest_close_flushes_backlog_to_slow_host_reader() {
 #[test]
 fn state_restores_into_a_new_device_with_its_own_cid() {
     let mut h = Harness::activated("snap");
-    let (_client, _) = h.host_connect(1024);
+    let (_client, template_port) = h.host_connect(1024);
     let state = h.vsock.lock().unwrap().save_state();
     let queues = state
         .queues
@@ -813,6 +843,25 @@ fn state_restores_into_a_new_device_with_its_own_cid() {
     assert_eq!(pkts.len(), 1, "{pkts:?}");
     assert_eq!(pkts[0].0.op, OP_REQUEST);
     assert_eq!(pkts[0].0.dst_cid, 7);
+    assert!(
+        pkts[0].0.src_port > template_port,
+        "host ports continue from the snapshot, so the guest's stale sockets are not hit"
+    );
+}
+
+#[test]
+fn snapshot_without_a_port_counter_still_restores() {
+    let h = Harness::activated("snap-oldstate");
+    let mut state = h.vsock.lock().unwrap().save_state();
+    state.next_local_port = None;
+    let json = serde_json::to_string(&state).unwrap();
+    let json = json.replace(",\"next_local_port\":null", "");
+    assert!(!json.contains("next_local_port"));
+    let state: super::device::VsockState = serde_json::from_str(&json).unwrap();
+    let mut v2 = Vsock::new(7, h.dir.join("old.sock")).unwrap();
+    v2.restore_state(&state, h.mem.clone(), h.irq.clone())
+        .unwrap();
+    assert!(v2.is_activated());
 }
 
 #[test]
@@ -835,4 +884,197 @@ fn inactive_state_restores_inactive_and_bad_queues_are_refused() {
         .restore_state(&state, h.mem.clone(), h.irq.clone())
         .is_err());
     assert!(!v3.is_activated());
+}
+
+/// Pattern bytes that show misplaced or missing pieces.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+}
+
+/// Reads exactly `len` bytes from the host end of a connection.
+fn read_all(client: &mut UnixStream, len: usize) -> Vec<u8> {
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = vec![0u8; len];
+    client.read_exact(&mut got).unwrap();
+    got
+}
+
+#[test]
+fn multi_descriptor_payloads_reach_the_host_intact() {
+    let mut h = Harness::activated("multidesc");
+    let (mut client, local) = h.host_connect(1024);
+    // Linux 6.12.y for payloads over ~32 KiB: the header alone, then one
+    // descriptor per page fragment.
+    let data = pattern(40 * 1024);
+    h.send_layout(
+        guest_hdr(1024, local, OP_RW),
+        &data,
+        &[HDR_SIZE, 4096, 10_000, 4096],
+    );
+    assert_eq!(read_all(&mut client, data.len()), data);
+    // Header and payload in one descriptor (Linux 6.2+ may do that).
+    let data = pattern(1000);
+    h.send_layout(guest_hdr(1024, local, OP_RW), &data, &[]);
+    assert_eq!(read_all(&mut client, data.len()), data);
+    // A header split over two descriptors, the second also holding the
+    // start of the payload.
+    let data = pattern(3000);
+    h.send_layout(guest_hdr(1024, local, OP_RW), &data, &[20, 100, 1]);
+    assert_eq!(read_all(&mut client, data.len()), data);
+    // Descriptors past the payload are ignored.
+    let mut hdr = guest_hdr(1024, local, OP_RW);
+    hdr.len = 5;
+    let a = h.alloc(HDR_SIZE as u64 + 5);
+    h.mem.write_slice(&hdr.to_bytes(), GuestAddress(a)).unwrap();
+    h.mem
+        .write_slice(b"hello", GuestAddress(a + HDR_SIZE as u64))
+        .unwrap();
+    let spare = h.alloc(64);
+    h.add_chain(TXQ, &[(a, HDR_SIZE as u32 + 5, 0), (spare, 64, 0)]);
+    h.notify(TXQ);
+    assert_eq!(read_all(&mut client, 5), b"hello");
+    assert_eq!(
+        h.used(TXQ).len(),
+        4 + 1,
+        "the OP_RESPONSE and four data chains"
+    );
+}
+
+#[test]
+fn full_64k_packet_in_page_descriptors() {
+    let mut h = Harness::activated("64k");
+    let (mut client, local) = h.host_connect(1024);
+    let data = pattern(MAX_PKT_DATA);
+    let mut cuts = vec![HDR_SIZE];
+    cuts.extend(std::iter::repeat_n(4096, MAX_PKT_DATA / 4096));
+    let reader = std::thread::spawn(move || {
+        let got = read_all(&mut client, MAX_PKT_DATA);
+        (client, got)
+    });
+    h.send_layout(guest_hdr(1024, local, OP_RW), &data, &cuts);
+    let (mut client, got) = reader.join().unwrap();
+    assert!(got == data, "64 KiB payload corrupted");
+    // And one more right after it on the same connection.
+    h.send_layout(guest_hdr(1024, local, OP_RW), b"tail", &[HDR_SIZE]);
+    assert_eq!(read_all(&mut client, 4), b"tail");
+}
+
+#[test]
+fn malformed_multi_descriptor_chains_are_consumed() {
+    let mut h = Harness::activated("badmulti");
+    let (mut client, local) = h.host_connect(1024);
+    h.post_rx(4, 4096);
+    let _ = h.used(TXQ);
+    let hdr_with_len = |len: u32| {
+        let mut hdr = guest_hdr(1024, local, OP_RW);
+        hdr.len = len;
+        hdr.to_bytes()
+    };
+    let buf = |h: &mut Harness, bytes: &[u8]| {
+        let a = h.alloc(bytes.len() as u64);
+        h.mem.write_slice(bytes, GuestAddress(a)).unwrap();
+        a
+    };
+    let page = pattern(4096);
+    // The pages hold less than the header claims.
+    let a = buf(&mut h, &hdr_with_len(3 * 4096));
+    let (p1, p2) = (buf(&mut h, &page), buf(&mut h, &page));
+    h.add_chain(
+        TXQ,
+        &[(a, HDR_SIZE as u32, 0), (p1, 4096, 0), (p2, 4096, 0)],
+    );
+    // A device-writable page in the middle.
+    let a = buf(&mut h, &hdr_with_len(2 * 4096));
+    let (p1, p2) = (buf(&mut h, &page), buf(&mut h, &page));
+    h.add_chain(
+        TXQ,
+        &[
+            (a, HDR_SIZE as u32, 0),
+            (p1, 4096, VRING_DESC_F_WRITE),
+            (p2, 4096, 0),
+        ],
+    );
+    // A page outside guest memory after a good one.
+    let a = buf(&mut h, &hdr_with_len(2 * 4096));
+    let p1 = buf(&mut h, &page);
+    h.add_chain(
+        TXQ,
+        &[(a, HDR_SIZE as u32, 0), (p1, 4096, 0), (OUTSIDE, 4096, 0)],
+    );
+    // A page that runs past the end of guest memory.
+    let a = buf(&mut h, &hdr_with_len(2 * 4096));
+    let p1 = buf(&mut h, &page);
+    h.add_chain(
+        TXQ,
+        &[
+            (a, HDR_SIZE as u32, 0),
+            (p1, 4096, 0),
+            (MEM_SIZE as u64 - 100, 4096, 0),
+        ],
+    );
+    // More than 64 KiB announced, with enough pages to hold it.
+    let a = buf(&mut h, &hdr_with_len(MAX_PKT_DATA as u32 + 1));
+    let mut descs = vec![(a, HDR_SIZE as u32, 0)];
+    for _ in 0..17 {
+        descs.push((buf(&mut h, &page), 4096, 0));
+    }
+    h.add_chain(TXQ, &descs);
+    // A header cut short: 30 bytes, then the chain ends.
+    let a = buf(&mut h, &hdr_with_len(0)[..30]);
+    h.add_chain(TXQ, &[(a, 30, 0)]);
+    // A header split over zero-length descriptors and a 14-byte tail that
+    // is outside guest memory.
+    let a = buf(&mut h, &hdr_with_len(0)[..30]);
+    h.add_chain(TXQ, &[(a, 0, 0), (a, 30, 0), (a, 0, 0), (OUTSIDE, 14, 0)]);
+    h.notify(TXQ);
+    assert_eq!(h.used(TXQ).len(), 7, "every chain is returned");
+    assert!(h.received().is_empty(), "nothing answered");
+    // The connection is untouched: no partial payload reached the host,
+    // and it still carries data.
+    h.send_layout(guest_hdr(1024, local, OP_RW), b"after", &[HDR_SIZE]);
+    assert_eq!(read_all(&mut client, 5), b"after");
+}
+
+#[test]
+fn indirect_descriptor_tables_are_followed() {
+    use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+    let mut h = Harness::activated("indirect");
+    let (mut client, local) = h.host_connect(1024);
+    let data = pattern(8192);
+    let mut hdr = guest_hdr(1024, local, OP_RW);
+    hdr.len = data.len() as u32;
+    let ha = h.alloc(HDR_SIZE as u64);
+    h.mem
+        .write_slice(&hdr.to_bytes(), GuestAddress(ha))
+        .unwrap();
+    let da = h.alloc(data.len() as u64);
+    h.mem.write_slice(&data, GuestAddress(da)).unwrap();
+    // The indirect table: header, then two pages.
+    let table = h.alloc(3 * 16);
+    let entries = [
+        SplitDescriptor::new(ha, HDR_SIZE as u32, VRING_DESC_F_NEXT as u16, 1),
+        SplitDescriptor::new(da, 4096, VRING_DESC_F_NEXT as u16, 2),
+        SplitDescriptor::new(da + 4096, 4096, 0, 0),
+    ];
+    for (i, e) in entries.iter().enumerate() {
+        h.mem
+            .write_obj(*e, GuestAddress(table + 16 * i as u64))
+            .unwrap();
+    }
+    h.add_chain(TXQ, &[(table, 3 * 16, VRING_DESC_F_INDIRECT)]);
+    h.notify(TXQ);
+    assert_eq!(read_all(&mut client, data.len()), data);
+}
+
+#[test]
+fn header_codec_round_trips() {
+    let mut hdr = guest_hdr(0x1234_5678, 0x9abc_def0, OP_CREDIT_UPDATE);
+    hdr.len = 0xdead;
+    hdr.flags = 3;
+    hdr.buf_alloc = 0x4_0000;
+    hdr.fwd_cnt = 0xffff_fffe;
+    assert_eq!(Header::from_bytes(&hdr.to_bytes()), hdr);
+    assert_eq!(parse_header(&hdr.to_bytes()), hdr);
 }

@@ -401,6 +401,20 @@ impl Muxer {
         self.remove(key);
     }
 
+    /// The local port the next host-initiated connection gets.
+    pub fn next_local_port(&self) -> u32 {
+        self.next_local_port
+    }
+
+    /// Continues local port numbering from `port` (a restored VM carries
+    /// on from its snapshot, see [`super::device::VsockState`]); ports
+    /// below the host-initiated range are ignored.
+    pub fn set_next_local_port(&mut self, port: u32) {
+        if port >= LOCAL_PORT_BASE {
+            self.next_local_port = port;
+        }
+    }
+
     fn alloc_local_port(&mut self) -> u32 {
         loop {
             let p = self.next_local_port;
