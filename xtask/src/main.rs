@@ -127,7 +127,11 @@ fn install(root: &Path, args: &[String]) -> Result<()> {
     let share = prefix.join("share/vessel");
     let items = [
         (a.vmm.clone(), bin.join("vessel-vmm"), 0o755),
-        (root.join("target/release/vessel"), bin.join("vessel"), 0o755),
+        (
+            root.join("target/release/vessel"),
+            bin.join("vessel"),
+            0o755,
+        ),
         (a.kernel.clone(), share.join("vmlinux"), 0o644),
         (a.initrd.clone(), share.join("initramfs.cpio"), 0o644),
     ];
