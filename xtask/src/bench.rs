@@ -34,7 +34,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             restore(root, runs)
         }
-        Some(other) => bail!("unknown benchmark {other:?} (available: boot, profile, restore)"),
+        Some("density") => {
+            let n = match args.get(1) {
+                Some(n) => n.parse().context("number of idle sandboxes")?,
+                None => 50,
+            };
+            density(root, n)
+        }
+        Some(other) => {
+            bail!("unknown benchmark {other:?} (available: boot, profile, restore, density)")
+        }
     }
 }
 
@@ -371,6 +380,163 @@ fn restore(root: &Path, runs: usize) -> Result<()> {
         "clone_rss_mib": median(rss),
     });
     let out = root.join("target/vessel/bench-restore.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("written {}", out.display());
+    Ok(())
+}
+
+/// Restores one clone and times spawn -> first answer; returns the clone
+/// (still running), its client and the time.
+fn timed_restore(
+    a: &vessel_tests::Artifacts,
+    snap: &Path,
+    cid: u32,
+) -> Result<(VmProcess, vessel_proto::client::AgentClient, f64)> {
+    let mut vm = VmProcess::restore(a, snap, cid).context("cannot start a clone")?;
+    let c = vm
+        .connect_and_ping(Duration::from_secs(120))
+        .map_err(|e| anyhow!(e))?;
+    let ms = vm.started.elapsed().as_secs_f64() * 1000.0;
+    Ok((vm, c, ms))
+}
+
+/// `bench density [N]`: restore latency with no other sandbox running (5
+/// restores, the reference), then with N idle sandboxes running (5 more),
+/// and the memory the N idle ones use: VMM Rss and Private_Dirty from
+/// smaps_rollup, and the host's MemAvailable before and after.
+fn density(root: &Path, n: usize) -> Result<()> {
+    let a = build::all(root)?;
+    let snap = root.join("target/vessel/bench-density-template");
+    let _ = std::fs::remove_dir_all(&snap);
+    let opts = VmOptions {
+        api_sock: true,
+        ..VmOptions::default()
+    };
+    let mut template = VmProcess::spawn(&a, &opts).context("cannot start vessel-vmm")?;
+    let mut client = template.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
+    vessel_shim::sandbox::wait_idle(template.pid(), Duration::from_secs(30));
+    let answer = template
+        .api(&format!("snapshot {}", snap.display()))
+        .context("snapshot request")?;
+    if !answer.starts_with("OK") {
+        bail!("snapshot failed: {answer}");
+    }
+    client.shutdown().context("shutdown")?;
+    template
+        .wait_exit(Duration::from_secs(60))
+        .ok_or_else(|| anyhow!("template did not stop"))?;
+
+    let probe = |base: u32| -> Result<Vec<f64>> {
+        let mut t = Vec::new();
+        for i in 0..5 {
+            let (mut vm, mut c, ms) = timed_restore(&a, &snap, base + i)?;
+            t.push(ms);
+            c.shutdown().context("probe shutdown")?;
+            vm.wait_exit(Duration::from_secs(60))
+                .ok_or_else(|| anyhow!("probe clone did not stop"))?;
+        }
+        Ok(t)
+    };
+    let mem_available = || -> f64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemAvailable:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+            .unwrap_or(f64::NAN)
+            / 1024.0
+    };
+    let alone = probe(100)?;
+    let avail_before = mem_available();
+    let mut idle = Vec::with_capacity(n);
+    let mut start_times = Vec::with_capacity(n);
+    for i in 0..n {
+        let (vm, c, ms) = timed_restore(&a, &snap, 1000 + i as u32)?;
+        start_times.push(ms);
+        idle.push((vm, c));
+    }
+    // Let them settle, then measure.
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded = probe(200)?;
+    let avail_after = mem_available();
+    let rss: Vec<f64> = idle
+        .iter()
+        .map(|(vm, _)| smaps_kib(vm.pid(), "Rss").unwrap_or(f64::NAN) / 1024.0)
+        .collect();
+    let private: Vec<f64> = idle
+        .iter()
+        .map(|(vm, _)| smaps_kib(vm.pid(), "Private_Dirty").unwrap_or(f64::NAN) / 1024.0)
+        .collect();
+    let cpu_before: f64 = idle
+        .iter()
+        .filter_map(|(vm, _)| process_cpu_ms(vm.pid()))
+        .sum();
+    std::thread::sleep(Duration::from_secs(5));
+    let cpu_after: f64 = idle
+        .iter()
+        .filter_map(|(vm, _)| process_cpu_ms(vm.pid()))
+        .sum();
+    for (mut vm, mut c) in idle {
+        let _ = c.shutdown();
+        let _ = vm.wait_exit(Duration::from_secs(60));
+    }
+    let _ = std::fs::remove_dir_all(&snap);
+
+    let (m_alone, m_loaded) = (median(alone.clone()), median(loaded.clone()));
+    println!();
+    println!("density: {n} idle sandboxes restored from one template (128 MiB, 1 vCPU each)");
+    println!("method: restore -> first answer, median of 5, with no other sandbox and then with {n} idle ones running; memory from /proc/PID/smaps_rollup and /proc/meminfo");
+    println!(
+        "{:<44} {:>10.1}",
+        "restore, nothing else running (ms)", m_alone
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        format!("restore, {n} idle sandboxes running (ms)"),
+        m_loaded
+    );
+    println!("{:<44} {:>10.2}x", "slowdown", m_loaded / m_alone);
+    println!(
+        "{:<44} {:>10.1}",
+        "starting the idle ones, median (ms)",
+        median(start_times.clone())
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        "per idle sandbox: VMM Rss (MiB)",
+        median(rss.clone())
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        "per idle sandbox: Private_Dirty (MiB)",
+        median(private.clone())
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        "host MemAvailable drop per sandbox (MiB)",
+        (avail_before - avail_after) / n.max(1) as f64
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "idle CPU, all sandboxes together (cores)",
+        (cpu_after - cpu_before) / 5000.0
+    );
+    let json = serde_json::json!({
+        "benchmark": "density",
+        "idle_sandboxes": n,
+        "restore_alone_ms": alone,
+        "restore_loaded_ms": loaded,
+        "slowdown": m_loaded / m_alone,
+        "rss_mib_median": median(rss),
+        "private_dirty_mib_median": median(private),
+        "mem_available_drop_mib_per_sandbox": (avail_before - avail_after) / n.max(1) as f64,
+        "idle_cpu_cores": (cpu_after - cpu_before) / 5000.0,
+    });
+    let out = root.join("target/vessel/bench-density.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", out.display()))?;
     println!("written {}", out.display());
