@@ -18,6 +18,7 @@
 // Under the test harness the entry point is compiled out.
 #![cfg_attr(test, allow(dead_code))]
 
+mod container;
 mod fs;
 mod init;
 mod reaper;

@@ -14,7 +14,7 @@ use nix::sys::socket::{
 };
 use vessel_proto::frame::{read_frame_bytes, write_frame};
 use vessel_proto::{
-    decode_request, ErrorCode, ErrorReply, FrameError, PingReply, RequestBody, Response,
+    decode_request, ErrorCode, ErrorReply, FrameError, PingReply, Request, RequestBody, Response,
     ResponseBody, Uname, HOST_CID, PROTOCOL_VERSION, READY_PORT,
 };
 
@@ -111,7 +111,7 @@ impl Iterator for Incoming {
 /// they repeat (e.g. out of descriptors), slowed down.
 pub fn serve<S, I>(incoming: I, ctx: Arc<Context>)
 where
-    S: Read + Write + Send + 'static,
+    S: Read + Write + Into<OwnedFd> + Send + 'static,
     I: IntoIterator<Item = io::Result<S>>,
 {
     let mut consecutive_errors = 0u32;
@@ -136,7 +136,10 @@ where
 
 /// Serves one connection in a new thread. A panic in the handler is caught
 /// and ends only that connection: PID 1 must never exit.
-fn spawn_connection<S: Read + Write + Send + 'static>(stream: S, ctx: Arc<Context>) {
+fn spawn_connection<S: Read + Write + Into<OwnedFd> + Send + 'static>(
+    stream: S,
+    ctx: Arc<Context>,
+) {
     if ctx.debug {
         log_fmt(format_args!("connection accepted at {} ms", boottime_ms()));
     }
@@ -162,9 +165,9 @@ fn error(id: u64, code: ErrorCode, message: String) -> Response {
     }
 }
 
-/// Serves one connection until the peer closes it or the stream is out of
-/// step with the framing.
-pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
+/// Serves one connection until the peer closes it, the stream is out of
+/// step with the framing, or it becomes a process's stdio (`AttachStdio`).
+pub fn handle_connection<S: Read + Write + Into<OwnedFd>>(stream: S, ctx: &Context) {
     let mut reader = BufReader::with_capacity(CONN_READ_BUF, stream);
     loop {
         let body = match read_frame_bytes(&mut reader) {
@@ -188,7 +191,43 @@ pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
                 continue;
             }
         };
-        let (response, after) = dispatch(&body, ctx);
+        let req = match decode_request(&body) {
+            Ok(req) => req,
+            Err(rejected) => {
+                if ctx.debug {
+                    log_fmt(format_args!("rejected request: {}", rejected.error.message));
+                }
+                if write_frame(reader.get_mut(), &rejected.into_response()).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let RequestBody::AttachStdio(a) = &req.body {
+            // Bytes after the request, before its answer, would be lost.
+            let check = if reader.buffer().is_empty() {
+                crate::container::global().check_stdio(a)
+            } else {
+                Err(ErrorReply {
+                    code: ErrorCode::InvalidRequest,
+                    message: "data sent before the AttachStdio answer".into(),
+                })
+            };
+            let ok = check.is_ok();
+            let body = check.map_or_else(ResponseBody::Error, |()| ResponseBody::StdioAttached);
+            if write_frame(reader.get_mut(), &Response { id: req.id, body }).is_err() {
+                return;
+            }
+            if ok {
+                let fd: OwnedFd = reader.into_inner().into();
+                if let Err(e) = crate::container::global().attach_stdio(a, fd) {
+                    log_fmt(format_args!("stdio stream dropped: {}", e.message));
+                }
+                return;
+            }
+            continue;
+        }
+        let (response, after) = dispatch_request(req, ctx);
         if write_frame(reader.get_mut(), &response).is_err() {
             return;
         }
@@ -200,19 +239,10 @@ pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
 
 type After<'a> = Option<&'a (dyn Fn() + Send + Sync)>;
 
-/// Decodes one frame body and answers it; the second value is an action to
-/// run once the reply has been sent.
-pub fn dispatch<'a>(body: &[u8], ctx: &'a Context) -> (Response, After<'a>) {
-    let req = match decode_request(body) {
-        Ok(req) => req,
-        Err(rejected) => {
-            if ctx.debug {
-                log_fmt(format_args!("rejected request: {}", rejected.error.message));
-            }
-            return (rejected.into_response(), None);
-        }
-    };
-    let (body, after): (ResponseBody, After<'a>) = match req.body {
+/// Answers one decoded request.
+pub fn dispatch_request(req: Request, ctx: &Context) -> (Response, After<'_>) {
+    let containers = crate::container::global();
+    let (body, after): (ResponseBody, After<'_>) = match req.body {
         RequestBody::Ping => (
             ResponseBody::Pong(PingReply {
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -257,6 +287,54 @@ pub fn dispatch<'a>(body: &[u8], ctx: &'a Context) -> (Response, After<'a>) {
         ),
         RequestBody::WriteFile(w) => (
             answer(crate::fs::write_file(&w).map(ResponseBody::Written)),
+            None,
+        ),
+        RequestBody::CreateContainer(c) => (
+            answer(containers.create(c).map(ResponseBody::ContainerCreated)),
+            None,
+        ),
+        RequestBody::StartContainer(r) => (
+            answer(containers.start(&r).map(|()| ResponseBody::Started)),
+            None,
+        ),
+        RequestBody::ExecProcess(r) => (
+            answer(
+                containers
+                    .exec(r)
+                    .map(|pid| ResponseBody::ProcessStarted { pid }),
+            ),
+            None,
+        ),
+        RequestBody::SignalProcess(r) => (
+            answer(containers.signal(&r).map(|()| ResponseBody::Signalled)),
+            None,
+        ),
+        RequestBody::WaitProcess(r) => {
+            (answer(containers.wait(&r).map(ResponseBody::Exited)), None)
+        }
+        RequestBody::State(r) => (
+            answer(containers.state(&r).map(ResponseBody::ContainerState)),
+            None,
+        ),
+        RequestBody::DeleteContainer(r) => (
+            answer(containers.delete(&r).map(|()| ResponseBody::Deleted)),
+            None,
+        ),
+        RequestBody::ListProcesses(r) => (
+            answer(containers.processes(&r).map(ResponseBody::Processes)),
+            None,
+        ),
+        RequestBody::ResizeTerminal(r) => (
+            answer(containers.resize(&r).map(|()| ResponseBody::Resized)),
+            None,
+        ),
+        // Handled in `handle_connection` (it takes the connection over);
+        // reaching here means it came through `dispatch` alone.
+        RequestBody::AttachStdio(_) => (
+            ResponseBody::Error(ErrorReply {
+                code: ErrorCode::InvalidRequest,
+                message: "AttachStdio must be the first request of a connection".into(),
+            }),
             None,
         ),
     };
