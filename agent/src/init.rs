@@ -334,7 +334,7 @@ fn make_root_pivotable() -> Result<(), InitError> {
             })
         }
     };
-    // SAFETY (whole block): system calls on NUL-terminated literals.
+    // SAFETY: (whole block) system calls on NUL-terminated literals.
     unsafe {
         if libc::mkdir(ROOT_BIND.as_ptr(), 0o700) != 0 && Errno::last() != Errno::EEXIST {
             return Err(InitError::Root {
@@ -345,12 +345,24 @@ fn make_root_pivotable() -> Result<(), InitError> {
         let null = std::ptr::null();
         step(
             "bind",
-            libc::mount(c"/".as_ptr(), ROOT_BIND.as_ptr(), null, libc::MS_BIND, null.cast()),
+            libc::mount(
+                c"/".as_ptr(),
+                ROOT_BIND.as_ptr(),
+                null,
+                libc::MS_BIND,
+                null.cast(),
+            ),
         )?;
         step("chdir", libc::chdir(ROOT_BIND.as_ptr()))?;
         step(
             "move",
-            libc::mount(c".".as_ptr(), c"/".as_ptr(), null, libc::MS_MOVE, null.cast()),
+            libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                null,
+                libc::MS_MOVE,
+                null.cast(),
+            ),
         )?;
         step("chroot", libc::chroot(c".".as_ptr()))?;
         step("chdir", libc::chdir(c"/".as_ptr()))?;

@@ -221,6 +221,8 @@ mod tests {
         let reaper = Reaper::get().unwrap();
         let cell = {
             let mut w = reaper.lock();
+            // Not waited for through `Child`: the reaper collects it.
+            #[allow(clippy::zombie_processes)]
             let child = std::process::Command::new("sh")
                 .args(["-c", "exit 7"])
                 .spawn()

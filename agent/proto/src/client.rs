@@ -307,7 +307,7 @@ impl AgentClient {
         &mut self,
         what: &str,
         body: RequestBody,
-        pick: impl FnOnce(ResponseBody) -> Result<T, ResponseBody>,
+        pick: impl FnOnce(ResponseBody) -> Result<T, Box<ResponseBody>>,
     ) -> Result<T, ClientError> {
         match self.call(body)? {
             ResponseBody::Error(e) => Err(ClientError::Remote(e)),
@@ -327,7 +327,7 @@ impl AgentClient {
             RequestBody::CreateContainer(req),
             |b| match b {
                 ResponseBody::ContainerCreated(c) => Ok(c),
-                other => Err(other),
+                other => Err(Box::new(other)),
             },
         )
     }
@@ -340,7 +340,7 @@ impl AgentClient {
             RequestBody::StartContainer(r),
             |b| match b {
                 ResponseBody::Started => Ok(()),
-                other => Err(other),
+                other => Err(Box::new(other)),
             },
         )
     }
@@ -349,7 +349,7 @@ impl AgentClient {
     pub fn exec_process(&mut self, req: ExecProcessRequest) -> Result<i32, ClientError> {
         self.expect("ExecProcess", RequestBody::ExecProcess(req), |b| match b {
             ResponseBody::ProcessStarted { pid } => Ok(pid),
-            other => Err(other),
+            other => Err(Box::new(other)),
         })
     }
 
@@ -360,7 +360,7 @@ impl AgentClient {
             RequestBody::SignalProcess(req),
             |b| match b {
                 ResponseBody::Signalled => Ok(()),
-                other => Err(other),
+                other => Err(Box::new(other)),
             },
         )
     }
@@ -377,7 +377,7 @@ impl AgentClient {
         };
         self.expect("WaitProcess", RequestBody::WaitProcess(r), |b| match b {
             ResponseBody::Exited(e) => Ok(e),
-            other => Err(other),
+            other => Err(Box::new(other)),
         })
     }
 
@@ -386,7 +386,7 @@ impl AgentClient {
         let r = ContainerRef { id: id.into() };
         self.expect("State", RequestBody::State(r), |b| match b {
             ResponseBody::ContainerState(s) => Ok(s),
-            other => Err(other),
+            other => Err(Box::new(other)),
         })
     }
 
@@ -401,7 +401,7 @@ impl AgentClient {
             RequestBody::DeleteContainer(r),
             |b| match b {
                 ResponseBody::Deleted => Ok(()),
-                other => Err(other),
+                other => Err(Box::new(other)),
             },
         )
     }
@@ -414,7 +414,7 @@ impl AgentClient {
             RequestBody::ListProcesses(r),
             |b| match b {
                 ResponseBody::Processes(p) => Ok(p),
-                other => Err(other),
+                other => Err(Box::new(other)),
             },
         )
     }
@@ -426,7 +426,7 @@ impl AgentClient {
             RequestBody::ResizeTerminal(req),
             |b| match b {
                 ResponseBody::Resized => Ok(()),
-                other => Err(other),
+                other => Err(Box::new(other)),
             },
         )
     }
@@ -446,7 +446,7 @@ impl AgentClient {
         };
         self.expect("AttachStdio", RequestBody::AttachStdio(r), |b| match b {
             ResponseBody::StdioAttached => Ok(()),
-            other => Err(other),
+            other => Err(Box::new(other)),
         })?;
         Ok(self.stream)
     }

@@ -435,13 +435,11 @@ fn check(fd: RawFd, step: Step, index: usize, r: libc::c_int) {
 
 /// Session, controlling terminal, stdio.
 fn setup_stdio(fds: &ChildFds, new_session: bool) {
-    // SAFETY (whole function): plain system calls on descriptors the parent
+    // SAFETY: (whole block) plain system calls on descriptors the parent
     // keeps open until the child has executed or exited.
     unsafe {
-        if new_session || fds.tty {
-            if libc::setsid() < 0 {
-                fail(fds.status, Step::Session, 0, errno());
-            }
+        if (new_session || fds.tty) && libc::setsid() < 0 {
+            fail(fds.status, Step::Session, 0, errno());
         }
         if fds.tty {
             check(
@@ -464,7 +462,7 @@ fn setup_stdio(fds: &ChildFds, new_session: bool) {
 /// exec. Never returns.
 pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     let st = fds.status;
-    // SAFETY (whole block): raw system calls on the plan's NUL-terminated
+    // SAFETY: (whole block) raw system calls on the plan's NUL-terminated
     // strings and on plain integers; see the module documentation.
     unsafe {
         // Device nodes get exactly the modes of the plan.
@@ -731,7 +729,7 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     if let Some(caps) = &p.caps {
         drop_bounding(st, caps);
     }
-    // SAFETY (whole block): credential system calls with plain integers and
+    // SAFETY: (whole block) credential system calls with plain integers and
     // a live slice.
     unsafe {
         if p.uid != 0 && p.caps.is_some() {
@@ -753,7 +751,7 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     if let Some(caps) = &p.caps {
         capset(st, caps);
     }
-    // SAFETY (whole block): prctl/umask/chdir/access with plan strings.
+    // SAFETY: (whole block) prctl/umask/chdir/access with plan strings.
     unsafe {
         if p.no_new_privileges {
             check(

@@ -12,6 +12,7 @@
 
 pub mod cgroup;
 pub mod child;
+pub mod oci;
 pub mod spec;
 pub mod stdio;
 
@@ -636,11 +637,14 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-/// Descriptors for fds 0..2 of a new process, and the pty master if any.
+/// A pty pair: (master, slave).
+type Pty = (OwnedFd, OwnedFd);
+
+/// Descriptors for fds 0..2 of a new process, and the pty if any.
 fn stdio_fds(
     taken: &stdio::Taken,
     plan: &ProcessPlan,
-) -> Result<([RawFd; 3], Option<(OwnedFd, OwnedFd)>), ErrorReply> {
+) -> Result<([RawFd; 3], Option<Pty>), ErrorReply> {
     if plan.terminal {
         let (master, slave) = stdio::open_pty(plan.console_size)
             .map_err(|e| internal(format!("cannot open a pty: {e}")))?;
@@ -810,7 +814,10 @@ mod tests {
     #[test]
     fn reports_are_described() {
         let p = spec::process_plan(
-            &spec::parse_process(serde_json::json!({"args": ["nosuch"], "cwd": "/", "user": {"uid": 0, "gid": 0}})).unwrap(),
+            &spec::parse_process(
+                serde_json::json!({"args": ["nosuch"], "cwd": "/", "user": {"uid": 0, "gid": 0}}),
+            )
+            .unwrap(),
         )
         .unwrap();
         let r = Report {

@@ -8,9 +8,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::{Component, Path};
 
-use oci_spec::runtime::{
-    Capabilities, LinuxNamespaceType, LinuxResources, PosixRlimitType, Process, Spec,
-};
+use super::oci::{Process, Resources, Spec};
 
 /// `PATH` when the process's environment has none (runc's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -325,39 +323,40 @@ pub fn cap_number(name: &str) -> Option<u32> {
         .and_then(|i| u32::try_from(i).ok())
 }
 
-fn cap_mask(set: &Option<Capabilities>) -> Result<u64, SpecError> {
+fn cap_mask(set: &Option<Vec<String>>) -> Result<u64, SpecError> {
     let mut mask = 0u64;
-    for cap in set.iter().flatten() {
-        let name = cap.to_string();
-        let n = cap_number(&name).ok_or_else(|| invalid(format!("unknown capability {name}")))?;
+    for name in set.iter().flatten() {
+        let n = cap_number(name).ok_or_else(|| invalid(format!("unknown capability {name}")))?;
         mask |= 1u64 << n;
     }
     Ok(mask)
 }
 
-fn rlimit_resource(t: PosixRlimitType) -> libc::c_int {
-    // The RLIMIT_* constants are small non-negative numbers on Linux; the
-    // casts only adapt libc's per-target integer types.
-    #[allow(clippy::unnecessary_cast)]
-    let r = match t {
-        PosixRlimitType::RlimitCpu => libc::RLIMIT_CPU,
-        PosixRlimitType::RlimitFsize => libc::RLIMIT_FSIZE,
-        PosixRlimitType::RlimitData => libc::RLIMIT_DATA,
-        PosixRlimitType::RlimitStack => libc::RLIMIT_STACK,
-        PosixRlimitType::RlimitCore => libc::RLIMIT_CORE,
-        PosixRlimitType::RlimitRss => libc::RLIMIT_RSS,
-        PosixRlimitType::RlimitNproc => libc::RLIMIT_NPROC,
-        PosixRlimitType::RlimitNofile => libc::RLIMIT_NOFILE,
-        PosixRlimitType::RlimitMemlock => libc::RLIMIT_MEMLOCK,
-        PosixRlimitType::RlimitAs => libc::RLIMIT_AS,
-        PosixRlimitType::RlimitLocks => libc::RLIMIT_LOCKS,
-        PosixRlimitType::RlimitSigpending => libc::RLIMIT_SIGPENDING,
-        PosixRlimitType::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
-        PosixRlimitType::RlimitNice => libc::RLIMIT_NICE,
-        PosixRlimitType::RlimitRtprio => libc::RLIMIT_RTPRIO,
-        PosixRlimitType::RlimitRttime => libc::RLIMIT_RTTIME,
-    } as libc::c_int;
-    r
+/// `RLIMIT_*` names by resource number (Linux, x86_64 and generic).
+const RLIMIT_NAMES: [&str; 16] = [
+    "RLIMIT_CPU",
+    "RLIMIT_FSIZE",
+    "RLIMIT_DATA",
+    "RLIMIT_STACK",
+    "RLIMIT_CORE",
+    "RLIMIT_RSS",
+    "RLIMIT_NPROC",
+    "RLIMIT_NOFILE",
+    "RLIMIT_MEMLOCK",
+    "RLIMIT_AS",
+    "RLIMIT_LOCKS",
+    "RLIMIT_SIGPENDING",
+    "RLIMIT_MSGQUEUE",
+    "RLIMIT_NICE",
+    "RLIMIT_RTPRIO",
+    "RLIMIT_RTTIME",
+];
+
+fn rlimit_resource(name: &str) -> Option<libc::c_int> {
+    RLIMIT_NAMES
+        .iter()
+        .position(|n| *n == name)
+        .and_then(|i| libc::c_int::try_from(i).ok())
 }
 
 /// Parses an OCI `process` object (for exec).
@@ -370,14 +369,14 @@ pub fn parse_process(value: serde_json::Value) -> Result<Process, SpecError> {
 
 /// Builds the process part of a plan.
 pub fn process_plan(p: &Process) -> Result<ProcessPlan, SpecError> {
-    let args: Vec<String> = p.args().clone().unwrap_or_default();
+    let args: Vec<String> = p.args.clone().unwrap_or_default();
     let Some(argv0) = args.first() else {
         return Err(invalid("process.args must not be empty"));
     };
     if argv0.is_empty() {
         return Err(invalid("process.args[0] is empty"));
     }
-    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let env: Vec<String> = p.env.clone().unwrap_or_default();
     for e in &env {
         if !e.contains('=') {
             return Err(invalid(format!("env entry {e:?} has no '='")));
@@ -400,45 +399,45 @@ pub fn process_plan(p: &Process) -> Result<ProcessPlan, SpecError> {
             })
             .collect::<Result<_, _>>()?
     };
-    let cwd = p.cwd().to_str().unwrap_or_default();
+    let cwd = p.cwd.as_str();
     if !cwd.starts_with('/') {
         return Err(invalid(format!("process.cwd {cwd:?} is not absolute")));
     }
-    let user = p.user();
-    if user.username().is_some() {
+    let user = &p.user;
+    if user.username.is_some() {
         // Windows only in the spec; a name cannot be resolved without the
         // image's /etc/passwd.
         return Err(SpecError::Unsupported("process.user.username".into()));
     }
-    let caps = match p.capabilities() {
+    let caps = match &p.capabilities {
         None => None,
         Some(c) => Some(CapSets {
-            bounding: cap_mask(c.bounding())?,
-            effective: cap_mask(c.effective())?,
-            permitted: cap_mask(c.permitted())?,
-            inheritable: cap_mask(c.inheritable())?,
-            ambient: cap_mask(c.ambient())?,
+            bounding: cap_mask(&c.bounding)?,
+            effective: cap_mask(&c.effective)?,
+            permitted: cap_mask(&c.permitted)?,
+            inheritable: cap_mask(&c.inheritable)?,
+            ambient: cap_mask(&c.ambient)?,
         }),
     };
     let mut rlimits = Vec::new();
-    for r in p.rlimits().iter().flatten() {
-        if r.soft() > r.hard() {
+    for r in p.rlimits.iter().flatten() {
+        let resource =
+            rlimit_resource(&r.typ).ok_or_else(|| invalid(format!("unknown rlimit {}", r.typ)))?;
+        if r.soft > r.hard {
             return Err(invalid(format!(
-                "rlimit {:?}: soft {} exceeds hard {}",
-                r.typ(),
-                r.soft(),
-                r.hard()
+                "rlimit {}: soft {} exceeds hard {}",
+                r.typ, r.soft, r.hard
             )));
         }
         rlimits.push((
-            rlimit_resource(r.typ()),
+            resource,
             libc::rlimit {
-                rlim_cur: r.soft(),
-                rlim_max: r.hard(),
+                rlim_cur: r.soft,
+                rlim_max: r.hard,
             },
         ));
     }
-    let oom_score_adj = match p.oom_score_adj() {
+    let oom_score_adj = match p.oom_score_adj {
         None => None,
         Some(v) if (-1000..=1000).contains(&v) => Some(cstring("oomScoreAdj", &v.to_string())?),
         Some(v) => return Err(invalid(format!("oomScoreAdj {v} out of -1000..=1000"))),
@@ -454,27 +453,24 @@ pub fn process_plan(p: &Process) -> Result<ProcessPlan, SpecError> {
             .collect::<Result<_, _>>()?,
         exec_candidates,
         cwd: cstring("cwd", cwd)?,
-        uid: user.uid(),
-        gid: user.gid(),
-        additional_gids: user.additional_gids().clone().unwrap_or_default(),
-        umask: user.umask().unwrap_or(0o022) & 0o777,
+        uid: user.uid,
+        gid: user.gid,
+        additional_gids: user.additional_gids.clone().unwrap_or_default(),
+        umask: user.umask.unwrap_or(0o022) & 0o777,
         caps,
-        no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        no_new_privileges: p.no_new_privileges.unwrap_or(false),
         rlimits,
         oom_score_adj,
-        terminal: p.terminal().unwrap_or(false),
-        console_size: p.console_size().and_then(|b| {
-            Some((
-                u16::try_from(b.height()).ok()?,
-                u16::try_from(b.width()).ok()?,
-            ))
-        }),
+        terminal: p.terminal.unwrap_or(false),
+        console_size: p
+            .console_size
+            .and_then(|b| Some((u16::try_from(b.height).ok()?, u16::try_from(b.width).ok()?))),
     })
 }
 
 /// cgroup v2 writes for `linux.resources`, runc's conversions.
 pub fn cgroup_writes(
-    r: &LinuxResources,
+    r: &Resources,
     ignored: &mut Vec<String>,
 ) -> Result<Vec<(String, String)>, SpecError> {
     fn limit(v: i64) -> String {
@@ -485,15 +481,15 @@ pub fn cgroup_writes(
         }
     }
     let mut w = Vec::new();
-    if let Some(m) = r.memory() {
-        if let Some(l) = m.limit() {
+    if let Some(m) = &r.memory {
+        if let Some(l) = m.limit {
             w.push(("memory.max".into(), limit(l)));
         }
-        if let Some(l) = m.reservation() {
+        if let Some(l) = m.reservation {
             w.push(("memory.low".into(), limit(l)));
         }
         // OCI's swap is memory + swap; cgroup v2 limits swap alone.
-        match (m.swap(), m.limit()) {
+        match (m.swap, m.limit) {
             (Some(s), _) if s < 0 => w.push(("memory.swap.max".into(), "max".into())),
             (Some(s), Some(l)) if l >= 0 => {
                 if s < l {
@@ -508,15 +504,15 @@ pub fn cgroup_writes(
             }
             (None, _) => {}
         }
-        if m.kernel().is_some() || m.kernel_tcp().is_some() || m.swappiness().is_some() {
+        if m.kernel.is_some() || m.kernel_tcp.is_some() || m.swappiness.is_some() {
             ignored.push("linux.resources.memory.{kernel,kernelTCP,swappiness}".into());
         }
     }
-    if let Some(p) = r.pids() {
-        w.push(("pids.max".into(), limit(p.limit())));
+    if let Some(p) = &r.pids {
+        w.push(("pids.max".into(), limit(p.limit)));
     }
-    if let Some(c) = r.cpu() {
-        if let Some(shares) = c.shares() {
+    if let Some(c) = &r.cpu {
+        if let Some(shares) = c.shares {
             if shares > 0 {
                 // runc: weight = 1 + (shares - 2) * 9999 / 262142.
                 let s = shares.clamp(2, 262_144);
@@ -526,7 +522,7 @@ pub fn cgroup_writes(
                 ));
             }
         }
-        match (c.quota(), c.period()) {
+        match (c.quota, c.period) {
             (None, None) => {}
             (q, p) => {
                 let quota = match q {
@@ -539,14 +535,14 @@ pub fn cgroup_writes(
                 ));
             }
         }
-        if let Some(cpus) = c.cpus() {
+        if let Some(cpus) = &c.cpus {
             w.push(("cpuset.cpus".into(), cpus.clone()));
         }
-        if let Some(mems) = c.mems() {
+        if let Some(mems) = &c.mems {
             w.push(("cpuset.mems".into(), mems.clone()));
         }
     }
-    if let Some(u) = r.unified() {
+    if let Some(u) = &r.unified {
         let mut keys: Vec<_> = u.iter().collect();
         keys.sort();
         for (k, v) in keys {
@@ -557,13 +553,13 @@ pub fn cgroup_writes(
         }
     }
     for (present, name) in [
-        (r.block_io().is_some(), "linux.resources.blockIO"),
+        (r.block_io.is_some(), "linux.resources.blockIO"),
         (
-            r.hugepage_limits().is_some(),
+            r.hugepage_limits.is_some(),
             "linux.resources.hugepageLimits",
         ),
-        (r.network().is_some(), "linux.resources.network"),
-        (r.rdma().is_some(), "linux.resources.rdma"),
+        (r.network.is_some(), "linux.resources.network"),
+        (r.rdma.is_some(), "linux.resources.rdma"),
     ] {
         if present {
             ignored.push(name.into());
@@ -604,59 +600,83 @@ pub fn parse_spec(value: serde_json::Value) -> Result<Spec, SpecError> {
     })
 }
 
+/// Annotation asking for a network namespace of the container's own
+/// (value `private`); by default the container shares the VM's.
+pub const NETNS_ANNOTATION: &str = "vessel.netns";
+
 /// Builds the plan of a container's init; `rootfs` is the absolute guest
 /// path of its root filesystem.
+///
+/// A `network` namespace in the spec is *shared with the VM* unless the
+/// annotation [`NETNS_ANNOTATION`] is `private`: the VM is the network
+/// sandbox (its NICs live in the guest's namespace, as in Kata), and a
+/// fresh network namespace costs seconds of emulated kernel time on PVM
+/// hosts while giving the container nothing but a loopback device.
 pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
     if !rootfs.starts_with('/') {
         return Err(invalid(format!("rootfs {rootfs:?} is not absolute")));
     }
     let mut ignored = Vec::new();
     let process = spec
-        .process()
+        .process
         .as_ref()
         .ok_or_else(|| invalid("config.json has no process"))?;
     let process = process_plan(process)?;
     let linux = spec
-        .linux()
+        .linux
         .as_ref()
         .ok_or_else(|| invalid("config.json has no linux section"))?;
+    let private_netns = spec
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(NETNS_ANNOTATION))
+        .is_some_and(|v| v == "private");
 
     let mut clone_flags = 0u64;
     let mut cgroup_ns = false;
     let mut seen = HashMap::new();
-    for ns in linux.namespaces().iter().flatten() {
-        if seen.insert(ns.typ() as u64, ()).is_some() {
-            return Err(invalid(format!("namespace {} listed twice", ns.typ())));
+    for ns in linux.namespaces.iter().flatten() {
+        let typ = ns.typ.as_str();
+        if seen.insert(typ, ()).is_some() {
+            return Err(invalid(format!("namespace {typ} listed twice")));
         }
-        if let Some(p) = ns.path() {
+        if let Some(p) = &ns.path {
             return Err(SpecError::Unsupported(format!(
-                "joining the {} namespace at {}",
-                ns.typ(),
-                p.display()
+                "joining the {typ} namespace at {p}"
             )));
         }
-        match ns.typ() {
-            LinuxNamespaceType::Mount => clone_flags |= libc::CLONE_NEWNS as u64,
-            LinuxNamespaceType::Pid => clone_flags |= libc::CLONE_NEWPID as u64,
-            LinuxNamespaceType::Uts => clone_flags |= libc::CLONE_NEWUTS as u64,
-            LinuxNamespaceType::Ipc => clone_flags |= libc::CLONE_NEWIPC as u64,
-            LinuxNamespaceType::Network => clone_flags |= libc::CLONE_NEWNET as u64,
-            LinuxNamespaceType::Cgroup => cgroup_ns = true,
-            LinuxNamespaceType::User => {
-                return Err(SpecError::Unsupported("user namespaces".into()))
+        let flag = match typ {
+            "mount" => libc::CLONE_NEWNS,
+            "pid" => libc::CLONE_NEWPID,
+            "uts" => libc::CLONE_NEWUTS,
+            "ipc" => libc::CLONE_NEWIPC,
+            "network" if private_netns => libc::CLONE_NEWNET,
+            "network" => {
+                ignored.push(format!(
+                    "linux.namespaces network (shared with the VM; annotation {NETNS_ANNOTATION}=private for a new one)"
+                ));
+                0
             }
-            LinuxNamespaceType::Time => {
-                return Err(SpecError::Unsupported("time namespaces".into()))
+            "cgroup" => {
+                cgroup_ns = true;
+                0
             }
-        }
+            "user" => return Err(SpecError::Unsupported("user namespaces".into())),
+            "time" => return Err(SpecError::Unsupported("time namespaces".into())),
+            other => return Err(invalid(format!("unknown namespace type {other:?}"))),
+        };
+        clone_flags |= u64::try_from(flag).unwrap_or(0);
+    }
+    if linux.uid_mappings.is_some() || linux.gid_mappings.is_some() {
+        return Err(SpecError::Unsupported("uid/gid mappings".into()));
     }
     if clone_flags & libc::CLONE_NEWNS as u64 == 0 {
         return Err(SpecError::Unsupported(
             "containers without a mount namespace".into(),
         ));
     }
-    let hostname = spec.hostname().as_deref().filter(|h| !h.is_empty());
-    let domainname = spec.domainname().as_deref().filter(|h| !h.is_empty());
+    let hostname = spec.hostname.as_deref().filter(|h| !h.is_empty());
+    let domainname = spec.domainname.as_deref().filter(|h| !h.is_empty());
     if (hostname.is_some() || domainname.is_some()) && clone_flags & libc::CLONE_NEWUTS as u64 == 0
     {
         return Err(invalid("hostname needs a uts namespace"));
@@ -667,7 +687,7 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         }
     }
 
-    let rootfs_propagation = match linux.rootfs_propagation().as_deref() {
+    let rootfs_propagation = match linux.rootfs_propagation.as_deref() {
         None | Some("") => libc::MS_PRIVATE | libc::MS_REC,
         Some(p) => {
             propagation_flags(p).ok_or_else(|| invalid(format!("rootfsPropagation {p:?}")))?
@@ -676,20 +696,19 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
 
     let mut mounts = Vec::new();
     let mut dev_is_tmpfs = false;
-    for m in spec.mounts().iter().flatten() {
-        let dest = m.destination();
+    for m in spec.mounts.iter().flatten() {
+        let dest = Path::new(&m.destination);
         let target = in_root(rootfs, dest)?;
-        let options = m.options().clone().unwrap_or_default();
+        let options = m.options.clone().unwrap_or_default();
         let (mut flags, propagation, data, unsupported) = parse_mount_options(&options);
         for u in unsupported {
             ignored.push(format!("mount option {u} on {}", dest.display()));
         }
-        let mut typ = m.typ().clone().unwrap_or_default();
+        let mut typ = m.typ.clone().unwrap_or_default();
         let bind = flags & libc::MS_BIND != 0 || typ == "bind";
         let source = m
-            .source()
-            .as_ref()
-            .and_then(|s| s.to_str())
+            .source
+            .as_deref()
             .unwrap_or(if bind { "" } else { typ.as_str() })
             .to_string();
         if bind && !source.starts_with('/') {
@@ -739,13 +758,11 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
 
     let mut devices = Vec::new();
     let mut dev_symlinks = Vec::new();
+    let root_prefix = rootfs.trim_end_matches('/');
     if dev_is_tmpfs {
         for (name, major, minor) in DEFAULT_DEVICES {
             devices.push(DeviceOp {
-                path: cstring(
-                    "device",
-                    &format!("{}/dev/{name}", rootfs.trim_end_matches('/')),
-                )?,
+                path: cstring("device", &format!("{root_prefix}/dev/{name}"))?,
                 mode: libc::S_IFCHR | 0o666,
                 dev: libc::makedev(major, minor),
                 uid: 0,
@@ -755,36 +772,29 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         for (target, name) in DEFAULT_DEV_LINKS {
             dev_symlinks.push((
                 cstring("symlink", target)?,
-                cstring(
-                    "symlink",
-                    &format!("{}/dev/{name}", rootfs.trim_end_matches('/')),
-                )?,
+                cstring("symlink", &format!("{root_prefix}/dev/{name}"))?,
             ));
         }
     }
-    for d in linux.devices().iter().flatten() {
-        let kind = match d.typ() {
-            oci_spec::runtime::LinuxDeviceType::C | oci_spec::runtime::LinuxDeviceType::U => {
-                libc::S_IFCHR
-            }
-            oci_spec::runtime::LinuxDeviceType::B => libc::S_IFBLK,
-            oci_spec::runtime::LinuxDeviceType::P => libc::S_IFIFO,
-            oci_spec::runtime::LinuxDeviceType::A => {
-                return Err(invalid("device type 'a' is only for cgroup rules"))
-            }
+    for d in linux.devices.iter().flatten() {
+        let kind = match d.typ.as_str() {
+            "c" | "u" => libc::S_IFCHR,
+            "b" => libc::S_IFBLK,
+            "p" => libc::S_IFIFO,
+            other => return Err(invalid(format!("device {} type {other:?}", d.path))),
         };
-        let (Ok(major), Ok(minor)) = (u32::try_from(d.major()), u32::try_from(d.minor())) else {
-            return Err(invalid(format!("device {} numbers", d.path().display())));
+        let (Ok(major), Ok(minor)) = (u32::try_from(d.major), u32::try_from(d.minor)) else {
+            return Err(invalid(format!("device {} numbers", d.path)));
         };
-        let path = in_root(rootfs, d.path())?;
+        let path = in_root(rootfs, Path::new(&d.path))?;
         // A spec device replaces a default one of the same path.
         devices.retain(|x| x.path.as_bytes() != path.as_bytes());
         devices.push(DeviceOp {
             path: cstring("device", &path)?,
-            mode: kind | (d.file_mode().unwrap_or(0o666) & 0o7777),
+            mode: kind | (d.file_mode.unwrap_or(0o666) & 0o7777),
             dev: libc::makedev(major, minor),
-            uid: d.uid().unwrap_or(0),
-            gid: d.gid().unwrap_or(0),
+            uid: d.uid.unwrap_or(0),
+            gid: d.gid.unwrap_or(0),
         });
     }
 
@@ -798,47 +808,48 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
             .collect()
     };
     let mut sysctls = Vec::new();
-    if let Some(s) = linux.sysctl() {
+    if let Some(s) = &linux.sysctl {
         let mut keys: Vec<_> = s.iter().collect();
         keys.sort();
         for (k, v) in keys {
-            if k.is_empty() || k.contains('/') && k.contains("..") || k.starts_with('.') {
+            let path = format!("/proc/sys/{}", k.replace('.', "/"));
+            in_root("/", Path::new(&path)).map_err(|_| invalid(format!("sysctl {k:?}")))?;
+            if k.is_empty() || k.starts_with('.') {
                 return Err(invalid(format!("sysctl {k:?}")));
             }
-            let path = format!("/proc/sys/{}", k.replace('.', "/"));
             sysctls.push((cstring("sysctl", &path)?, cstring("sysctl value", v)?));
         }
     }
-    let cgroup_writes = match linux.resources() {
+    let cgroup_writes = match &linux.resources {
         Some(r) => cgroup_writes(r, &mut ignored)?,
         None => Vec::new(),
     };
 
     for (present, name) in [
-        (linux.seccomp().is_some(), "linux.seccomp"),
-        (spec.hooks().is_some(), "hooks"),
-        (linux.cgroups_path().is_some(), "linux.cgroupsPath"),
+        (linux.seccomp.is_some(), "linux.seccomp"),
+        (spec.hooks.is_some(), "hooks"),
+        (linux.cgroups_path.is_some(), "linux.cgroupsPath"),
         (
             linux
-                .resources()
+                .resources
                 .as_ref()
-                .is_some_and(|r| r.devices().is_some()),
+                .is_some_and(|r| r.devices.is_some()),
             "linux.resources.devices",
         ),
-        (linux.intel_rdt().is_some(), "linux.intelRdt"),
-        (linux.personality().is_some(), "linux.personality"),
-        (linux.mount_label().is_some(), "linux.mountLabel"),
+        (linux.intel_rdt.is_some(), "linux.intelRdt"),
+        (linux.personality.is_some(), "linux.personality"),
+        (linux.mount_label.is_some(), "linux.mountLabel"),
     ] {
         if present {
             ignored.push(name.into());
         }
     }
-    if let Some(p) = spec.process() {
+    if let Some(p) = &spec.process {
         for (present, name) in [
-            (p.apparmor_profile().is_some(), "process.apparmorProfile"),
-            (p.selinux_label().is_some(), "process.selinuxLabel"),
-            (p.scheduler().is_some(), "process.scheduler"),
-            (p.io_priority().is_some(), "process.ioPriority"),
+            (p.apparmor_profile.is_some(), "process.apparmorProfile"),
+            (p.selinux_label.is_some(), "process.selinuxLabel"),
+            (p.scheduler.is_some(), "process.scheduler"),
+            (p.io_priority.is_some(), "process.ioPriority"),
         ] {
             if present {
                 ignored.push(name.into());
@@ -854,13 +865,9 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         mounts,
         devices,
         dev_symlinks,
-        readonly_root: spec
-            .root()
-            .as_ref()
-            .and_then(|r| r.readonly())
-            .unwrap_or(false),
-        masked_paths: paths(linux.masked_paths())?,
-        readonly_paths: paths(linux.readonly_paths())?,
+        readonly_root: spec.root.as_ref().and_then(|r| r.readonly).unwrap_or(false),
+        masked_paths: paths(&linux.masked_paths)?,
+        readonly_paths: paths(&linux.readonly_paths)?,
         hostname: hostname.map(|h| cstring("hostname", h)).transpose()?,
         domainname: domainname.map(|h| cstring("domainname", h)).transpose()?,
         sysctls,
@@ -924,11 +931,8 @@ mod tests {
     #[test]
     fn a_full_spec_becomes_a_plan() {
         let p = plan(base()).unwrap();
-        let ns = (libc::CLONE_NEWPID
-            | libc::CLONE_NEWNS
-            | libc::CLONE_NEWUTS
-            | libc::CLONE_NEWIPC
-            | libc::CLONE_NEWNET) as u64;
+        let ns = (libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC)
+            as u64;
         assert_eq!(p.clone_flags, ns);
         assert!(p.cgroup_ns);
         assert!(p.readonly_root);
@@ -962,7 +966,14 @@ mod tests {
                 ("cpu.max".into(), "50000 100000".into()),
             ]
         );
-        assert_eq!(p.ignored, vec!["linux.seccomp".to_string()]);
+        assert_eq!(p.ignored.len(), 2, "{:?}", p.ignored);
+        assert!(p.ignored[0].starts_with("linux.namespaces network (shared"));
+        assert_eq!(p.ignored[1], "linux.seccomp");
+        // With the annotation, a network namespace of its own.
+        let mut v = base();
+        v["annotations"] = json!({NETNS_ANNOTATION: "private"});
+        let p = plan(v).unwrap();
+        assert_eq!(p.clone_flags, ns | libc::CLONE_NEWNET as u64);
         let pr = &p.process;
         assert_eq!(
             pr.exec_candidates,
@@ -1025,7 +1036,7 @@ mod tests {
                 json!({"linux": {"resources": {"memory": {"limit": 100, "swap": 50}}}}),
             ),
             (
-                "CAP_NOPE",
+                "unknown capability CAP_NOPE",
                 json!({"process": {"args": ["a"], "cwd": "/", "capabilities": {"bounding": ["CAP_NOPE"]}}}),
             ),
         ];
@@ -1099,13 +1110,15 @@ mod tests {
 
     #[test]
     fn exec_process_without_path_uses_the_default() {
-        let p = parse_process(json!({"args": ["ls"], "cwd": "/", "user": {"uid": 0, "gid": 0}})).unwrap();
+        let p = parse_process(json!({"args": ["ls"], "cwd": "/", "user": {"uid": 0, "gid": 0}}))
+            .unwrap();
         let plan = process_plan(&p).unwrap();
         assert_eq!(plan.exec_candidates.len(), DEFAULT_PATH.split(':').count());
         assert_eq!(plan.exec_candidates[5].as_c_str(), c"/bin/ls");
         assert_eq!(plan.umask, 0o022);
         assert!(plan.caps.is_none());
-        let p = parse_process(json!({"args": ["./x"], "cwd": "/", "user": {"uid": 0, "gid": 0}})).unwrap();
+        let p = parse_process(json!({"args": ["./x"], "cwd": "/", "user": {"uid": 0, "gid": 0}}))
+            .unwrap();
         assert_eq!(
             process_plan(&p).unwrap().exec_candidates,
             vec![c"./x".to_owned()]
