@@ -205,27 +205,16 @@ pub fn handle_connection<S: Read + Write + Into<OwnedFd>>(stream: S, ctx: &Conte
         };
         if let RequestBody::AttachStdio(a) = &req.body {
             // Bytes after the request, before its answer, would be lost.
-            let check = if reader.buffer().is_empty() {
-                crate::container::global().check_stdio(a)
-            } else {
-                Err(ErrorReply {
+            if !reader.buffer().is_empty() {
+                let body = ResponseBody::Error(ErrorReply {
                     code: ErrorCode::InvalidRequest,
                     message: "data sent before the AttachStdio answer".into(),
-                })
-            };
-            let ok = check.is_ok();
-            let body = check.map_or_else(ResponseBody::Error, |()| ResponseBody::StdioAttached);
-            if write_frame(reader.get_mut(), &Response { id: req.id, body }).is_err() {
+                });
+                let _ = write_frame(reader.get_mut(), &Response { id: req.id, body });
                 return;
             }
-            if ok {
-                let fd: OwnedFd = reader.into_inner().into();
-                if let Err(e) = crate::container::global().attach_stdio(a, fd) {
-                    log_fmt(format_args!("stdio stream dropped: {}", e.message));
-                }
-                return;
-            }
-            continue;
+            attach_stdio(reader.into_inner().into(), req.id, a);
+            return;
         }
         let (response, after) = dispatch_request(req, ctx);
         if write_frame(reader.get_mut(), &response).is_err() {
@@ -238,6 +227,23 @@ pub fn handle_connection<S: Read + Write + Into<OwnedFd>>(stream: S, ctx: &Conte
 }
 
 type After<'a> = Option<&'a (dyn Fn() + Send + Sync)>;
+
+/// Hands a connection over as a stdio stream. The stream is registered
+/// *before* the answer is written, so a host that sends `CreateContainer`
+/// right after reading the answer always finds it; the answer goes out on
+/// a duplicate of the descriptor.
+fn attach_stdio(fd: OwnedFd, id: u64, req: &vessel_proto::container::AttachStdioRequest) {
+    let mut conn = File::from(fd);
+    let attached = conn
+        .try_clone()
+        .map_err(|e| ErrorReply {
+            code: ErrorCode::Internal,
+            message: format!("cannot duplicate the connection: {e}"),
+        })
+        .and_then(|dup| crate::container::global().attach_stdio(req, dup.into()));
+    let body = attached.map_or_else(ResponseBody::Error, |()| ResponseBody::StdioAttached);
+    let _ = write_frame(&mut conn, &Response { id, body });
+}
 
 /// Answers one decoded request.
 pub fn dispatch_request(req: Request, ctx: &Context) -> (Response, After<'_>) {
@@ -460,6 +466,40 @@ mod tests {
             ResponseBody::Error(e) => Some(e.code),
             _ => None,
         }
+    }
+
+    #[test]
+    fn attach_stdio_registers_the_stream_before_answering() {
+        use vessel_proto::container::{AttachStdioRequest, StdioSpec, StdioStream};
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let c = ctx(Arc::new(AtomicUsize::new(0)));
+        let req = Request {
+            id: 7,
+            body: RequestBody::AttachStdio(AttachStdioRequest {
+                id: "unit-attach".into(),
+                exec_id: None,
+                stream: StdioStream::Stdout,
+            }),
+        };
+        write_frame(&mut b, &req).unwrap();
+        // The handler returns once the connection is handed over.
+        handle_connection(a, &c);
+        let r: Response = read_frame(&mut b).unwrap();
+        assert_eq!((r.id, r.body), (7, ResponseBody::StdioAttached));
+        let spec = StdioSpec {
+            stdout: true,
+            ..StdioSpec::default()
+        };
+        let taken = crate::container::global()
+            .take_stdio_for_test("unit-attach", spec)
+            .unwrap();
+        // Bytes written to the taken stream reach the host raw.
+        let mut out = File::from(taken);
+        out.write_all(b"raw").unwrap();
+        drop(out);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"raw");
     }
 
     #[test]

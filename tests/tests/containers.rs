@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::container::{
-    ContainerStatus, CreateContainerRequest, ExecProcessRequest, ProcessExit, RootfsSource,
-    SignalProcessRequest, StdioSpec, StdioStream,
+    ContainerStatus, CreateContainerRequest, ExecProcessRequest, ProcessExit,
+    ResizeTerminalRequest, RootfsSource, SignalProcessRequest, StdioSpec, StdioStream,
 };
 use vessel_proto::{ErrorCode, ReadFileRequest};
 use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_TIMEOUT};
@@ -27,9 +27,9 @@ use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_
 /// Where the test mounts the rootfs share in the guest.
 const ROOTFS: &str = "/run/rootfs";
 
-const APPLETS: [&str; 14] = [
+const APPLETS: [&str; 15] = [
     "sh", "cat", "echo", "sleep", "chown", "touch", "hostname", "pwd", "true", "ls", "id", "env",
-    "mount", "grep",
+    "mount", "grep", "stty",
 ];
 
 /// A private directory removed on drop.
@@ -205,6 +205,23 @@ fn run(c: &mut AgentClient, vm: &VmProcess, id: &str, spec: Value, stdin: Option
         start,
         start_to_exit,
     }
+}
+
+/// Reads from `s` until what was read contains `needle`; returns it all.
+fn read_until(s: &mut UnixStream, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match s.read(&mut buf) {
+            Ok(0) => panic!("EOF before {needle:?}: {:?}", String::from_utf8_lossy(&got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "reading for {needle:?}: {e}; got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 fn remote_code(r: Result<impl std::fmt::Debug, ClientError>) -> (ErrorCode, String) {
@@ -450,6 +467,33 @@ fn containers_run_in_the_guest() {
     assert_eq!(code, ErrorCode::FailedPrecondition);
     c.delete_container(id, false).expect("delete sleeper");
     ids.push(id.into());
+
+    // Terminal mode: a guest pty, its size from consoleSize, then resized.
+    let mut s = spec(&["sh", "-c", "stty size; read x; stty size"]);
+    s["process"]["terminal"] = json!(true);
+    s["process"]["consoleSize"] = json!({"height": 24, "width": 80});
+    let mut term = attach(&vm, "tty", None, StdioStream::Terminal);
+    let stdio = StdioSpec {
+        terminal: true,
+        ..StdioSpec::default()
+    };
+    c.create_container(create_req("tty", s, stdio))
+        .expect("create tty");
+    c.start_container("tty").expect("start tty");
+    read_until(&mut term, "24 80");
+    c.resize_terminal(ResizeTerminalRequest {
+        id: "tty".into(),
+        exec_id: None,
+        rows: 30,
+        cols: 100,
+    })
+    .expect("resize");
+    term.write_all(b"\n").unwrap();
+    read_until(&mut term, "30 100");
+    let exit = c.wait_process("tty", None).expect("wait tty");
+    assert_eq!(exit.status, 0);
+    c.delete_container("tty", false).expect("delete tty");
+    ids.push("tty".into());
 
     // Bad input.
     let (code, msg) = remote_code(c.start_container("nope"));

@@ -23,6 +23,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+#[cfg(test)]
+use vessel_proto::container::StdioSpec;
 use vessel_proto::container::{
     runc_exit_status, valid_id, AttachStdioRequest, ContainerCreated, ContainerRef, ContainerState,
     ContainerStatus, CreateContainerRequest, DeleteContainerRequest, ExecProcessRequest,
@@ -257,8 +259,8 @@ impl Containers {
         }
     }
 
-    /// Whether `AttachStdio` would be accepted (checked before answering).
-    pub fn check_stdio(&self, req: &AttachStdioRequest) -> Result<(), ErrorReply> {
+    /// `AttachStdio`: keeps the connection for the process it names.
+    pub fn attach_stdio(&self, req: &AttachStdioRequest, fd: OwnedFd) -> Result<(), ErrorReply> {
         if !valid_id(&req.id) || req.exec_id.as_deref().is_some_and(|e| !valid_id(e)) {
             return Err(reply(
                 ErrorCode::InvalidRequest,
@@ -266,16 +268,16 @@ impl Containers {
             ));
         }
         self.stdio
-            .check(req)
+            .attach(req, fd)
             .map_err(|m| reply(ErrorCode::FailedPrecondition, m))
     }
 
-    /// `AttachStdio`: keeps the connection for the process it names.
-    pub fn attach_stdio(&self, req: &AttachStdioRequest, fd: OwnedFd) -> Result<(), ErrorReply> {
-        self.check_stdio(req)?;
-        self.stdio
-            .attach(req, fd)
-            .map_err(|m| reply(ErrorCode::FailedPrecondition, m))
+    /// Takes the stdout stream attached for `id` (server tests).
+    #[cfg(test)]
+    pub fn take_stdio_for_test(&self, id: &str, spec: StdioSpec) -> Result<OwnedFd, String> {
+        self.stdio.take(id, None, spec, false)?.std[1]
+            .take()
+            .ok_or_else(|| "no stdout".to_string())
     }
 
     /// `CreateContainer`.
@@ -809,7 +811,6 @@ fn spawn_exec(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vessel_proto::container::StdioSpec;
 
     #[test]
     fn reports_are_described() {

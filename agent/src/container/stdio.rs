@@ -35,12 +35,6 @@ pub struct Taken {
 }
 
 impl Pending {
-    /// Whether [`Pending::attach`] would accept a stream for `req`.
-    pub fn check(&self, req: &AttachStdioRequest) -> Result<(), String> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        Self::check_locked(&map, req)
-    }
-
     fn check_locked(map: &HashMap<Key, OwnedFd>, req: &AttachStdioRequest) -> Result<(), String> {
         if map.len() >= MAX_PENDING {
             return Err(format!(
