@@ -19,6 +19,14 @@ use nix::time::{clock_gettime, ClockId};
 /// Kernel command-line word that turns on verbose logging.
 pub const DEBUG_FLAG: &str = "vessel.debug";
 
+/// Verbose logging is on (set once at start from [`DEBUG_FLAG`]).
+pub static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether verbose logging is on.
+pub fn debug() -> bool {
+    DEBUG.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Errors of the early set-up; each is logged, none stops the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {

@@ -187,6 +187,12 @@ fn reaper_thread(wake: OwnedFd) {
             let cell = reaper.lock().0.remove(&pid);
             if let Some(cell) = cell {
                 cell.set(raw);
+                if crate::init::debug() {
+                    crate::init::log_fmt(format_args!(
+                        "pid {pid} exited (status {raw:#x}) at {} ms",
+                        crate::init::boottime_ms()
+                    ));
+                }
             }
         }
     }

@@ -320,6 +320,7 @@ impl Containers {
         req: CreateContainerRequest,
     ) -> Result<(Container, ContainerCreated), ErrorReply> {
         let started = Instant::now();
+        let t0 = crate::init::boottime_ms();
         let id = req.id;
         let spec = spec::parse_spec(req.spec).map_err(from_spec)?;
         let plan = spec::init_plan(&spec, &req.rootfs.path).map_err(from_spec)?;
@@ -344,6 +345,7 @@ impl Containers {
                 let _ = nix::mount::umount2(path.as_str(), nix::mount::MntFlags::MNT_DETACH);
             }
         };
+        let t_parsed = crate::init::boottime_ms();
         let cgroup = match Cgroup::create(&id, &plan.cgroup_writes) {
             Ok(c) => c,
             Err(e) => {
@@ -351,7 +353,17 @@ impl Containers {
                 return Err(internal(crate::container::chain(&e)));
             }
         };
+        let t_cgroup = crate::init::boottime_ms();
         let spawned = spawn_init(&plan, taken, &cgroup);
+        if crate::init::debug() {
+            crate::init::log_fmt(format_args!(
+                "container {id}: parse+mount {} ms, cgroup {} ms, clone+set-up {} ms (at {} ms)",
+                t_parsed.saturating_sub(t0),
+                t_cgroup.saturating_sub(t_parsed),
+                crate::init::boottime_ms().saturating_sub(t_cgroup),
+                crate::init::boottime_ms()
+            ));
+        }
         let (init, pidfd, start, status) = match spawned {
             Ok(v) => v,
             Err(e) => {
@@ -410,8 +422,18 @@ impl Containers {
             .write_all(&[1])
             .map_err(|e| internal(format!("cannot start the container: {e}")))?;
         drop(start);
+        let t_start = crate::init::boottime_ms();
         let mut status = File::from(status);
-        match read_report(&mut status)? {
+        let report = read_report(&mut status)?;
+        if crate::init::debug() {
+            let now = crate::init::boottime_ms();
+            crate::init::log_fmt(format_args!(
+                "container {}: exec took {} ms (at {now} ms)",
+                c.id,
+                now.saturating_sub(t_start)
+            ));
+        }
+        match report {
             None => Ok(()),
             Some(r) => Err(internal(format!(
                 "container {}: {}",
