@@ -439,6 +439,14 @@ fn containers_run_in_the_guest() {
         stdio: StdioSpec::default(),
     }));
     assert_eq!(code, ErrorCode::AlreadyExists);
+    let (code, msg) = remote_code(c.exec_process(ExecProcessRequest {
+        id: id.into(),
+        exec_id: "e2".into(),
+        process: json!({"args": ["nosuchprogram"], "cwd": "/", "user": {"uid": 0, "gid": 0}}),
+        stdio: StdioSpec::default(),
+    }));
+    assert_eq!(code, ErrorCode::Internal);
+    assert!(msg.contains("executable file not found"), "{msg}");
     let pids = c.list_processes(id).unwrap();
     let st = c.container_state(id).unwrap();
     assert_eq!(pids, vec![st.pid], "ps");
@@ -494,6 +502,13 @@ fn containers_run_in_the_guest() {
     assert_eq!(exit.status, 0);
     c.delete_container("tty", false).expect("delete tty");
     ids.push("tty".into());
+
+    // A created (never started) container is deleted without force.
+    c.create_container(create_req("created", spec(&["true"]), StdioSpec::default()))
+        .expect("create");
+    c.delete_container("created", false)
+        .expect("delete a created container");
+    ids.push("created".into());
 
     // Bad input.
     let (code, msg) = remote_code(c.start_container("nope"));
