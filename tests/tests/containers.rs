@@ -4,7 +4,8 @@
 //! stdout and stderr kept apart; stdin piped through `cat`; env, cwd and
 //! hostname applied; an exec sees the init's pid namespace; a read-only
 //! rootfs refuses writes; without CAP_CHOWN `chown` fails; a memory limit
-//! OOM-kills and the status says so; bad input gets clear errors; after
+//! OOM-kills and the status says so; terminal mode with a resize; a rootfs
+//! share mounted by the agent itself; bad input gets clear errors; after
 //! delete no cgroup and no mount is left in the guest.
 //!
 //! Needs Debian's `busybox-static` (`/bin/busybox`).
@@ -224,6 +225,17 @@ fn read_until(s: &mut UnixStream, needle: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// The guest kernel's lines about crashed user processes, for messages.
+fn kernel_faults(vm: &VmProcess) -> String {
+    vm.serial_output()
+        .lines()
+        .filter(|l| {
+            l.contains("segfault") || l.contains("trap") || l.contains("general protection")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn remote_code(r: Result<impl std::fmt::Debug, ClientError>) -> (ErrorCode, String) {
     match r {
         Err(ClientError::Remote(e)) => (e.code, e.message),
@@ -252,7 +264,12 @@ fn containers_run_in_the_guest() {
     busybox_rootfs(&root.0);
     let opts = VmOptions {
         mem_mib: 256,
-        shares: vec![format!("rootfs={}", root.0.display())],
+        // The same tree twice: once mounted by the test for most
+        // containers, once mounted by the agent for one container (tag).
+        shares: vec![
+            format!("rootfs={}", root.0.display()),
+            format!("rootfs2={}", root.0.display()),
+        ],
         ..VmOptions::default()
     };
     let mut vm = VmProcess::spawn(&art, &opts).expect("spawn vessel-vmm");
@@ -297,6 +314,22 @@ fn containers_run_in_the_guest() {
         );
         ids.push(id);
     }
+
+    // A rootfs share the agent mounts itself (and unmounts on delete).
+    let mut req = create_req(
+        "tagged",
+        spec(&["sh", "-c", "exit 5"]),
+        StdioSpec::default(),
+    );
+    req.rootfs = RootfsSource {
+        tag: Some("rootfs2".into()),
+        path: "/run/vessel/tagged/rootfs".into(),
+    };
+    c.create_container(req).expect("create with a rootfs tag");
+    c.start_container("tagged").expect("start tagged");
+    assert_eq!(c.wait_process("tagged", None).expect("wait").status, 5);
+    c.delete_container("tagged", false).expect("delete tagged");
+    ids.push("tagged".into());
 
     // Exit codes.
     let r = run(&mut c, &vm, "exit3", spec(&["sh", "-c", "exit 3"]), None);
@@ -421,7 +454,12 @@ fn containers_run_in_the_guest() {
     let exec_exit = c.wait_process(id, Some("e1")).expect("wait exec");
     eprintln!("exec: start->exit {:?}", t.elapsed());
     assert!(pid > 1);
-    assert_eq!(exec_exit.status, 0);
+    assert_eq!(
+        exec_exit.status,
+        0,
+        "exec: {exec_exit:?}; {}",
+        kernel_faults(&vm)
+    );
     let out = out.join().unwrap();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out:?}");

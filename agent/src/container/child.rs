@@ -7,7 +7,8 @@
 //! locks, never panics and never unwinds: it only reads the plan the parent
 //! built (C strings, flag words) and makes raw system calls. Failures are
 //! reported to the parent as a fixed-size [`Report`] on the status pipe,
-//! followed by `_exit(127)`; a successful `execve` closes the (close-on-exec)
+//! followed by `_exit(127)`; right before `execve` the child reports
+//! [`REPORT_EXEC`], and a successful `execve` closes the (close-on-exec)
 //! pipe, which the parent sees as EOF.
 
 use std::ffi::CStr;
@@ -148,6 +149,9 @@ impl Step {
 pub const REPORT_READY: u32 = 1;
 /// Report kind: a step failed.
 pub const REPORT_ERROR: u32 = 2;
+/// Report kind: everything applied, `execve` comes next. EOF without it
+/// means the child died before (e.g. a signal).
+pub const REPORT_EXEC: u32 = 3;
 
 /// What the child writes on the status pipe.
 #[repr(C)]
@@ -797,6 +801,13 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             unsafe { libc::_exit(0) };
         }
     }
+    report(
+        st,
+        Report {
+            kind: REPORT_EXEC,
+            ..Report::default()
+        },
+    );
     // SAFETY: argv/envp are NULL-terminated arrays of pointers into the
     // plan's strings, alive for the whole life of this child.
     unsafe { libc::execve(path.as_ptr(), ptrs.argv.as_ptr(), ptrs.envp.as_ptr()) };

@@ -34,7 +34,7 @@ use vessel_proto::{ErrorCode, ErrorReply, MountRequest};
 
 use crate::reaper::{ExitCell, Reaper};
 use cgroup::Cgroup;
-use child::{ChildFds, ExecPtrs, Report, Step, REPORT_ERROR, REPORT_READY};
+use child::{ChildFds, ExecPtrs, Report, Step, REPORT_ERROR, REPORT_EXEC, REPORT_READY};
 use spec::{InitPlan, ProcessPlan, SpecError};
 
 /// Stack of the short-lived thread that creates an exec's process (it
@@ -185,6 +185,21 @@ fn read_report(status: &mut File) -> Result<Option<Report>, ErrorReply> {
         return Err(internal("truncated report from the container process"));
     }
     Ok(Some(Report::from_bytes(&b)))
+}
+
+/// Reads reports until EOF after the child was let go: `Ok` when it reached
+/// `execve` and the pipe closed (the program runs), else the failed step's
+/// report, or `None` when it died before reaching `execve`.
+fn wait_exec(status: &mut File) -> Result<(), Option<Report>> {
+    let mut reached_exec = false;
+    loop {
+        match read_report(status) {
+            Ok(None) if reached_exec => return Ok(()),
+            Ok(None) | Err(_) => return Err(None),
+            Ok(Some(r)) if r.kind == REPORT_EXEC => reached_exec = true,
+            Ok(Some(r)) => return Err(Some(r)),
+        }
+    }
 }
 
 /// What a failed step was doing, for the error message.
@@ -424,7 +439,7 @@ impl Containers {
         drop(start);
         let t_start = crate::init::boottime_ms();
         let mut status = File::from(status);
-        let report = read_report(&mut status)?;
+        let result = wait_exec(&mut status);
         if crate::init::debug() {
             let now = crate::init::boottime_ms();
             crate::init::log_fmt(format_args!(
@@ -433,12 +448,16 @@ impl Containers {
                 now.saturating_sub(t_start)
             ));
         }
-        match report {
-            None => Ok(()),
-            Some(r) => Err(internal(format!(
+        match result {
+            Ok(()) => Ok(()),
+            Err(Some(r)) => Err(internal(format!(
                 "container {}: {}",
                 c.id,
                 describe_exec(&r)
+            ))),
+            Err(None) => Err(internal(format!(
+                "container {}: the process died before it could be executed",
+                c.id
             ))),
         }
     }
@@ -819,12 +838,12 @@ fn spawn_exec(
     let term_conn = taken.terminal.take();
     drop(taken);
     let mut status = File::from(status_r);
-    match read_report(&mut status)? {
-        None => {}
-        Some(r) => {
-            exit.wait();
-            return Err(internal(describe(&r, None, plan)));
-        }
+    if let Err(r) = wait_exec(&mut status) {
+        let raw = exit.wait();
+        return Err(internal(match r {
+            Some(r) => describe(&r, None, plan),
+            None => format!("the process died before it could be executed (wait status {raw:#x})"),
+        }));
     }
     let pty = relay_terminal(pty.map(|(m, _slave)| m), term_conn)?;
     Ok(Proc { pid, exit, pty })
