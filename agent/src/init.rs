@@ -19,6 +19,14 @@ use nix::time::{clock_gettime, ClockId};
 /// Kernel command-line word that turns on verbose logging.
 pub const DEBUG_FLAG: &str = "vessel.debug";
 
+/// Verbose logging is on (set once at start from [`DEBUG_FLAG`]).
+pub static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether verbose logging is on.
+pub fn debug() -> bool {
+    DEBUG.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Errors of the early set-up; each is logged, none stops the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -45,6 +53,16 @@ pub enum InitError {
     /// The console could not be opened for fds 0..2.
     #[error("cannot open /dev/console")]
     Console(#[source] std::io::Error),
+    /// The root could not be made a mount with a parent (containers then
+    /// cannot pivot_root).
+    #[error("cannot re-mount the root ({what})")]
+    Root {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        #[source]
+        errno: Errno,
+    },
     /// /proc/cmdline could not be read.
     #[error("cannot read /proc/cmdline")]
     Cmdline(#[source] std::io::Error),
@@ -304,11 +322,72 @@ fn read_debug_flag() -> Result<bool, InitError> {
     Ok(debug_flag(&buf[..n]))
 }
 
+/// Where the initramfs root is bind-mounted before it is moved onto `/`.
+const ROOT_BIND: &CStr = c"/.vessel-root";
+
+/// Makes the agent's root a mount with a parent, so that containers can
+/// `pivot_root`: the kernel refuses `pivot_root` while the caller's root is
+/// the initramfs itself (the one mount without a parent). A bind mount of
+/// the initramfs moved on top of `/`, then `chroot` into it (what
+/// `switch_root` does, without copying anything): six system calls, before
+/// anything else is mounted.
+fn make_root_pivotable() -> Result<(), InitError> {
+    let step = |what: &'static str, r: libc::c_int| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(InitError::Root {
+                what,
+                errno: Errno::last(),
+            })
+        }
+    };
+    // SAFETY: (whole block) system calls on NUL-terminated literals.
+    unsafe {
+        if libc::mkdir(ROOT_BIND.as_ptr(), 0o700) != 0 && Errno::last() != Errno::EEXIST {
+            return Err(InitError::Root {
+                what: "mkdir",
+                errno: Errno::last(),
+            });
+        }
+        let null = std::ptr::null();
+        step(
+            "bind",
+            libc::mount(
+                c"/".as_ptr(),
+                ROOT_BIND.as_ptr(),
+                null,
+                libc::MS_BIND,
+                null.cast(),
+            ),
+        )?;
+        step("chdir", libc::chdir(ROOT_BIND.as_ptr()))?;
+        step(
+            "move",
+            libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                null,
+                libc::MS_MOVE,
+                null.cast(),
+            ),
+        )?;
+        step("chroot", libc::chroot(c".".as_ptr()))?;
+        step("chdir", libc::chdir(c"/".as_ptr()))?;
+        // The (now plain) directory in the bound initramfs.
+        libc::rmdir(ROOT_BIND.as_ptr());
+    }
+    Ok(())
+}
+
 /// Mounts the basic filesystems, makes sure stdio is open on the console,
 /// and returns whether `vessel.debug` is on the kernel command line.
 /// Failures are logged and survived.
 pub fn setup() -> bool {
     let mut errors = Vec::new();
+    if let Err(e) = make_root_pivotable() {
+        errors.push(e);
+    }
     for m in &MOUNTS {
         if let Err(e) = mount_one(m) {
             errors.push(e);

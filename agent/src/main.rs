@@ -18,6 +18,7 @@
 // Under the test harness the entry point is compiled out.
 #![cfg_attr(test, allow(dead_code))]
 
+mod container;
 mod fs;
 mod init;
 mod reaper;
@@ -51,6 +52,7 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
 fn run() {
     let init_started_ms = init::boottime_ms();
     let debug = init::setup();
+    init::DEBUG.store(debug, std::sync::atomic::Ordering::Relaxed);
     if let Err(e) = reaper::install() {
         init::log_error(&e);
     }

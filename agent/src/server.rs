@@ -25,7 +25,7 @@ use nix::sys::socket::{
 };
 use vessel_proto::frame::{read_frame_bytes, write_frame};
 use vessel_proto::{
-    decode_request, ErrorCode, ErrorReply, FrameError, PingReply, RequestBody, Response,
+    decode_request, ErrorCode, ErrorReply, FrameError, PingReply, Request, RequestBody, Response,
     ResponseBody, Uname, HOST_CID, PROTOCOL_VERSION, READY_PORT,
 };
 
@@ -92,7 +92,7 @@ pub fn announce_ready() {
 /// A listening socket that pool threads accept connections from.
 pub trait Accept: Send + Sync + 'static {
     /// A connection.
-    type Conn: Read + Write + Send + 'static;
+    type Conn: Read + Write + Into<OwnedFd> + Send + 'static;
     /// Waits for the next connection.
     fn accept(&self) -> io::Result<Self::Conn>;
 }
@@ -245,7 +245,7 @@ fn work<A: Accept>(pool: &Arc<Pool<A>>, permanent: bool) {
 
 /// Serves one connection on this thread. A panic in the handler is caught
 /// and ends only that connection: PID 1 must never exit.
-fn serve_connection<S: Read + Write>(stream: S, ctx: &Context, buf: &mut [u8]) {
+fn serve_connection<S: Read + Write + Into<OwnedFd>>(stream: S, ctx: &Context, buf: &mut [u8]) {
     if ctx.debug {
         log_fmt(format_args!("connection accepted at {} ms", boottime_ms()));
     }
@@ -267,7 +267,7 @@ fn error(id: u64, code: ErrorCode, message: String) -> Response {
 /// Serves one connection until the peer closes it or the stream is out of
 /// step with the framing.
 #[cfg(test)]
-pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
+pub fn handle_connection<S: Read + Write + Into<OwnedFd>>(stream: S, ctx: &Context) {
     let mut buf = vec![0u8; CONN_READ_BUF];
     handle_connection_with(stream, ctx, &mut buf);
 }
@@ -277,7 +277,11 @@ pub fn handle_connection<S: Read + Write>(stream: S, ctx: &Context) {
 /// connection costs an `mmap` and a `munmap` (musl's allocator returns an
 /// empty group to the kernel) plus page faults on fresh pages, each of them
 /// expensive guest kernel work on some hosts.
-fn handle_connection_with<S: Read + Write>(stream: S, ctx: &Context, buf: &mut [u8]) {
+fn handle_connection_with<S: Read + Write + Into<OwnedFd>>(
+    stream: S,
+    ctx: &Context,
+    buf: &mut [u8],
+) {
     let mut reader = Buffered::new(stream, buf);
     loop {
         let body = match read_frame_bytes(&mut reader) {
@@ -301,7 +305,32 @@ fn handle_connection_with<S: Read + Write>(stream: S, ctx: &Context, buf: &mut [
                 continue;
             }
         };
-        let (response, after) = dispatch(&body, ctx);
+        let req = match decode_request(&body) {
+            Ok(req) => req,
+            Err(rejected) => {
+                if ctx.debug {
+                    log_fmt(format_args!("rejected request: {}", rejected.error.message));
+                }
+                if write_frame(reader.get_mut(), &rejected.into_response()).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let RequestBody::AttachStdio(a) = &req.body {
+            // Bytes after the request, before its answer, would be lost.
+            if reader.buffered() > 0 {
+                let body = ResponseBody::Error(ErrorReply {
+                    code: ErrorCode::InvalidRequest,
+                    message: "data sent before the AttachStdio answer".into(),
+                });
+                let _ = write_frame(reader.get_mut(), &Response { id: req.id, body });
+                return;
+            }
+            attach_stdio(reader.into_inner().into(), req.id, a);
+            return;
+        }
+        let (response, after) = dispatch_request(req, ctx);
         if write_frame(reader.get_mut(), &response).is_err() {
             return;
         }
@@ -333,6 +362,15 @@ impl<'a, S: Read> Buffered<'a, S> {
     fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
+
+    /// Bytes read from the stream but not consumed yet.
+    fn buffered(&self) -> usize {
+        self.filled - self.pos
+    }
+
+    fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: Read> Read for Buffered<'_, S> {
@@ -355,19 +393,27 @@ impl<S: Read> Read for Buffered<'_, S> {
 
 type After<'a> = Option<&'a (dyn Fn() + Send + Sync)>;
 
-/// Decodes one frame body and answers it; the second value is an action to
-/// run once the reply has been sent.
-pub fn dispatch<'a>(body: &[u8], ctx: &'a Context) -> (Response, After<'a>) {
-    let req = match decode_request(body) {
-        Ok(req) => req,
-        Err(rejected) => {
-            if ctx.debug {
-                log_fmt(format_args!("rejected request: {}", rejected.error.message));
-            }
-            return (rejected.into_response(), None);
-        }
-    };
-    let (body, after): (ResponseBody, After<'a>) = match req.body {
+/// Hands a connection over as a stdio stream. The stream is registered
+/// *before* the answer is written, so a host that sends `CreateContainer`
+/// right after reading the answer always finds it; the answer goes out on
+/// a duplicate of the descriptor.
+fn attach_stdio(fd: OwnedFd, id: u64, req: &vessel_proto::container::AttachStdioRequest) {
+    let mut conn = File::from(fd);
+    let attached = conn
+        .try_clone()
+        .map_err(|e| ErrorReply {
+            code: ErrorCode::Internal,
+            message: format!("cannot duplicate the connection: {e}"),
+        })
+        .and_then(|dup| crate::container::global().attach_stdio(req, dup.into()));
+    let body = attached.map_or_else(ResponseBody::Error, |()| ResponseBody::StdioAttached);
+    let _ = write_frame(&mut conn, &Response { id, body });
+}
+
+/// Answers one decoded request.
+pub fn dispatch_request(req: Request, ctx: &Context) -> (Response, After<'_>) {
+    let containers = crate::container::global();
+    let (body, after): (ResponseBody, After<'_>) = match req.body {
         RequestBody::Ping => (
             ResponseBody::Pong(PingReply {
                 agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -412,6 +458,54 @@ pub fn dispatch<'a>(body: &[u8], ctx: &'a Context) -> (Response, After<'a>) {
         ),
         RequestBody::WriteFile(w) => (
             answer(crate::fs::write_file(&w).map(ResponseBody::Written)),
+            None,
+        ),
+        RequestBody::CreateContainer(c) => (
+            answer(containers.create(c).map(ResponseBody::ContainerCreated)),
+            None,
+        ),
+        RequestBody::StartContainer(r) => (
+            answer(containers.start(&r).map(|()| ResponseBody::Started)),
+            None,
+        ),
+        RequestBody::ExecProcess(r) => (
+            answer(
+                containers
+                    .exec(r)
+                    .map(|pid| ResponseBody::ProcessStarted { pid }),
+            ),
+            None,
+        ),
+        RequestBody::SignalProcess(r) => (
+            answer(containers.signal(&r).map(|()| ResponseBody::Signalled)),
+            None,
+        ),
+        RequestBody::WaitProcess(r) => {
+            (answer(containers.wait(&r).map(ResponseBody::Exited)), None)
+        }
+        RequestBody::State(r) => (
+            answer(containers.state(&r).map(ResponseBody::ContainerState)),
+            None,
+        ),
+        RequestBody::DeleteContainer(r) => (
+            answer(containers.delete(&r).map(|()| ResponseBody::Deleted)),
+            None,
+        ),
+        RequestBody::ListProcesses(r) => (
+            answer(containers.processes(&r).map(ResponseBody::Processes)),
+            None,
+        ),
+        RequestBody::ResizeTerminal(r) => (
+            answer(containers.resize(&r).map(|()| ResponseBody::Resized)),
+            None,
+        ),
+        // Handled in `handle_connection` (it takes the connection over);
+        // reaching here means it came through `dispatch` alone.
+        RequestBody::AttachStdio(_) => (
+            ResponseBody::Error(ErrorReply {
+                code: ErrorCode::InvalidRequest,
+                message: "AttachStdio must be the first request of a connection".into(),
+            }),
             None,
         ),
     };
@@ -694,7 +788,10 @@ mod tests {
     }
 
     /// Serves one connection in a thread with the production stack size.
-    fn spawn_served<S: Read + Write + Send + 'static>(stream: S, ctx: Arc<Context>) {
+    fn spawn_served<S: Read + Write + Into<OwnedFd> + Send + 'static>(
+        stream: S,
+        ctx: Arc<Context>,
+    ) {
         std::thread::Builder::new()
             .stack_size(CONN_STACK)
             .spawn(move || serve_connection(stream, &ctx, &mut vec![0u8; CONN_READ_BUF]))
@@ -829,5 +926,39 @@ mod tests {
             read_frame::<_, Request>(&mut r),
             Err(FrameError::Closed)
         ));
+    }
+
+    #[test]
+    fn attach_stdio_registers_the_stream_before_answering() {
+        use vessel_proto::container::{AttachStdioRequest, StdioSpec, StdioStream};
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let c = ctx(Arc::new(AtomicUsize::new(0)));
+        let req = Request {
+            id: 7,
+            body: RequestBody::AttachStdio(AttachStdioRequest {
+                id: "unit-attach".into(),
+                exec_id: None,
+                stream: StdioStream::Stdout,
+            }),
+        };
+        write_frame(&mut b, &req).unwrap();
+        // The handler returns once the connection is handed over.
+        handle_connection(a, &c);
+        let r: Response = read_frame(&mut b).unwrap();
+        assert_eq!((r.id, r.body), (7, ResponseBody::StdioAttached));
+        let spec = StdioSpec {
+            stdout: true,
+            ..StdioSpec::default()
+        };
+        let taken = crate::container::global()
+            .take_stdio_for_test("unit-attach", spec)
+            .unwrap();
+        // Bytes written to the taken stream reach the host raw.
+        let mut out = File::from(taken);
+        out.write_all(b"raw").unwrap();
+        drop(out);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"raw");
     }
 }

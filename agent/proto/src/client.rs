@@ -7,6 +7,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::container::{
+    AttachStdioRequest, ContainerCreated, ContainerRef, ContainerState, CreateContainerRequest,
+    DeleteContainerRequest, ExecProcessRequest, ProcessExit, ProcessRef, ResizeTerminalRequest,
+    SignalProcessRequest, StdioStream,
+};
 use crate::frame::{read_frame, read_frame_bytes, write_frame, write_frame_bytes, FrameError};
 use crate::messages::{
     ErrorReply, FileData, MountRequest, PingReply, ReadFileRequest, Request, RequestBody, Response,
@@ -294,6 +299,156 @@ impl AgentClient {
                 "unexpected answer to WriteFile: {other:?}"
             ))),
         }
+    }
+
+    /// Calls `body` and maps the answer with `pick` (an `Error` answer is
+    /// [`ClientError::Remote`], anything `pick` refuses a protocol error).
+    fn expect<T>(
+        &mut self,
+        what: &str,
+        body: RequestBody,
+        pick: impl FnOnce(ResponseBody) -> Result<T, Box<ResponseBody>>,
+    ) -> Result<T, ClientError> {
+        match self.call(body)? {
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => pick(other).map_err(|other| {
+                ClientError::Protocol(format!("unexpected answer to {what}: {other:?}"))
+            }),
+        }
+    }
+
+    /// `CreateContainer`.
+    pub fn create_container(
+        &mut self,
+        req: CreateContainerRequest,
+    ) -> Result<ContainerCreated, ClientError> {
+        self.expect(
+            "CreateContainer",
+            RequestBody::CreateContainer(req),
+            |b| match b {
+                ResponseBody::ContainerCreated(c) => Ok(c),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `StartContainer`.
+    pub fn start_container(&mut self, id: &str) -> Result<(), ClientError> {
+        let r = ContainerRef { id: id.into() };
+        self.expect(
+            "StartContainer",
+            RequestBody::StartContainer(r),
+            |b| match b {
+                ResponseBody::Started => Ok(()),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `ExecProcess`: returns the guest pid.
+    pub fn exec_process(&mut self, req: ExecProcessRequest) -> Result<i32, ClientError> {
+        self.expect("ExecProcess", RequestBody::ExecProcess(req), |b| match b {
+            ResponseBody::ProcessStarted { pid } => Ok(pid),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `SignalProcess`.
+    pub fn signal_process(&mut self, req: SignalProcessRequest) -> Result<(), ClientError> {
+        self.expect(
+            "SignalProcess",
+            RequestBody::SignalProcess(req),
+            |b| match b {
+                ResponseBody::Signalled => Ok(()),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `WaitProcess` (blocks until the process exits; mind the timeout).
+    pub fn wait_process(
+        &mut self,
+        id: &str,
+        exec_id: Option<&str>,
+    ) -> Result<ProcessExit, ClientError> {
+        let r = ProcessRef {
+            id: id.into(),
+            exec_id: exec_id.map(str::to_string),
+        };
+        self.expect("WaitProcess", RequestBody::WaitProcess(r), |b| match b {
+            ResponseBody::Exited(e) => Ok(e),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `State`.
+    pub fn container_state(&mut self, id: &str) -> Result<ContainerState, ClientError> {
+        let r = ContainerRef { id: id.into() };
+        self.expect("State", RequestBody::State(r), |b| match b {
+            ResponseBody::ContainerState(s) => Ok(s),
+            other => Err(Box::new(other)),
+        })
+    }
+
+    /// `DeleteContainer`.
+    pub fn delete_container(&mut self, id: &str, force: bool) -> Result<(), ClientError> {
+        let r = DeleteContainerRequest {
+            id: id.into(),
+            force,
+        };
+        self.expect(
+            "DeleteContainer",
+            RequestBody::DeleteContainer(r),
+            |b| match b {
+                ResponseBody::Deleted => Ok(()),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `ListProcesses`: guest pids.
+    pub fn list_processes(&mut self, id: &str) -> Result<Vec<i32>, ClientError> {
+        let r = ContainerRef { id: id.into() };
+        self.expect(
+            "ListProcesses",
+            RequestBody::ListProcesses(r),
+            |b| match b {
+                ResponseBody::Processes(p) => Ok(p),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `ResizeTerminal`.
+    pub fn resize_terminal(&mut self, req: ResizeTerminalRequest) -> Result<(), ClientError> {
+        self.expect(
+            "ResizeTerminal",
+            RequestBody::ResizeTerminal(req),
+            |b| match b {
+                ResponseBody::Resized => Ok(()),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `AttachStdio` on this (fresh) connection: returns the raw stream
+    /// that from now on carries the process's `stream` bytes.
+    pub fn attach_stdio(
+        mut self,
+        id: &str,
+        exec_id: Option<&str>,
+        stream: StdioStream,
+    ) -> Result<UnixStream, ClientError> {
+        let r = AttachStdioRequest {
+            id: id.into(),
+            exec_id: exec_id.map(str::to_string),
+            stream,
+        };
+        self.expect("AttachStdio", RequestBody::AttachStdio(r), |b| match b {
+            ResponseBody::StdioAttached => Ok(()),
+            other => Err(Box::new(other)),
+        })?;
+        Ok(self.stream)
     }
 
     /// `Shutdown`: the agent answers, syncs and reboots the guest, which

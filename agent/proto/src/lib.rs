@@ -24,6 +24,7 @@
 //! (`CONNECT <port>\n` / `OK <port>\n`) and makes calls.
 
 pub mod client;
+pub mod container;
 pub mod frame;
 pub mod messages;
 

@@ -23,6 +23,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::container::{
+    AttachStdioRequest, ContainerCreated, ContainerRef, ContainerState, CreateContainerRequest,
+    DeleteContainerRequest, ExecProcessRequest, ProcessExit, ProcessRef, ResizeTerminalRequest,
+    SignalProcessRequest,
+};
+
 /// A request from the host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
@@ -58,6 +64,32 @@ pub enum RequestBody {
         /// Number of bytes.
         len: u32,
     },
+    /// Create a container whose init waits for `StartContainer`; answered
+    /// with `ContainerCreated`.
+    CreateContainer(CreateContainerRequest),
+    /// Let a created container's init exec the user's process; answered
+    /// with `Started`.
+    StartContainer(ContainerRef),
+    /// Start another process in a running container; answered with
+    /// `ProcessStarted`.
+    ExecProcess(ExecProcessRequest),
+    /// Send a signal; answered with `Signalled`.
+    SignalProcess(SignalProcessRequest),
+    /// Wait until a process has exited; answered with `Exited`. Blocks the
+    /// connection: use a connection of its own.
+    WaitProcess(ProcessRef),
+    /// A container's state; answered with `ContainerState`.
+    State(ContainerRef),
+    /// Remove a stopped (or, with `force`, any) container; answered with
+    /// `Deleted`.
+    DeleteContainer(DeleteContainerRequest),
+    /// Guest pids of the container's processes; answered with `Processes`.
+    ListProcesses(ContainerRef),
+    /// Turn this connection into a stdio stream; answered with
+    /// `StdioAttached`, then raw bytes.
+    AttachStdio(AttachStdioRequest),
+    /// Set a process's terminal size; answered with `Resized`.
+    ResizeTerminal(ResizeTerminalRequest),
 }
 
 /// Smallest entropy a `Restored` request must carry.
@@ -173,6 +205,29 @@ pub enum ResponseBody {
     FileData(FileData),
     /// Answer to `WriteFile`: bytes written.
     Written(u64),
+    /// Answer to `CreateContainer`.
+    ContainerCreated(ContainerCreated),
+    /// Answer to `StartContainer`: the user's process was executed.
+    Started,
+    /// Answer to `ExecProcess`: guest pid of the new process.
+    ProcessStarted {
+        /// Guest pid.
+        pid: i32,
+    },
+    /// Answer to `SignalProcess`.
+    Signalled,
+    /// Answer to `WaitProcess`.
+    Exited(ProcessExit),
+    /// Answer to `State`.
+    ContainerState(ContainerState),
+    /// Answer to `DeleteContainer`.
+    Deleted,
+    /// Answer to `ListProcesses`: guest pids.
+    Processes(Vec<i32>),
+    /// Answer to `AttachStdio`: raw bytes follow.
+    StdioAttached,
+    /// Answer to `ResizeTerminal`.
+    Resized,
     /// The request failed or was not understood.
     Error(ErrorReply),
 }
@@ -186,6 +241,13 @@ pub enum ErrorCode {
     Unsupported,
     /// The operation failed inside the guest.
     Internal,
+    /// No container or process with that id.
+    NotFound,
+    /// A container or process with that id exists already.
+    AlreadyExists,
+    /// The container is not in a state that allows the operation (e.g.
+    /// `StartContainer` twice, deleting a running container).
+    FailedPrecondition,
     /// A code this side does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,

@@ -620,13 +620,15 @@ fn extended_attributes_and_ioctls_are_not_served() {
 
 #[test]
 fn secure_defaults_are_what_the_documentation_says() {
-    let c = passthrough_config("/x".into());
-    assert!(!c.inode_file_handles, "open_by_handle_at must stay off");
-    assert!(!c.xattr);
-    assert!(!c.writeback);
-    assert!(!c.killpriv_v2);
-    assert!(c.dax_file_size.is_none());
-    assert!(c.do_import);
+    for ro in [false, true] {
+        let c = passthrough_config("/x".into(), ro);
+        assert!(!c.inode_file_handles, "open_by_handle_at must stay off");
+        assert!(!c.xattr);
+        assert!(!c.writeback);
+        assert!(!c.killpriv_v2);
+        assert!(c.dax_file_size.is_none());
+        assert!(c.do_import);
+    }
 }
 
 #[test]

@@ -1,0 +1,849 @@
+//! The cloned child: applies a plan to itself and executes the process.
+//!
+//! The agent is multi-threaded, and the child is created with a raw
+//! `clone3` (namespaces, cgroup and a pidfd in one system call), so in the
+//! child another thread may have held the allocator's or any other lock at
+//! the moment of the clone. The child therefore never allocates, never
+//! locks, never panics and never unwinds: it only reads the plan the parent
+//! built (C strings, flag words) and makes raw system calls. Failures are
+//! reported to the parent as a fixed-size [`Report`] on the status pipe,
+//! followed by `_exit(127)`; right before `execve` the child reports
+//! [`REPORT_EXEC`], and a successful `execve` closes the (close-on-exec)
+//! pipe, which the parent sees as EOF.
+
+use std::ffi::CStr;
+use std::os::fd::RawFd;
+
+use super::spec::{CapSets, InitPlan, MountOp, ProcessPlan, CAP_LAST};
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+pub const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Which step failed, in a [`Report`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Step {
+    /// unshare(CLONE_NEWCGROUP).
+    CgroupNs = 1,
+    /// setns into the container (exec).
+    Setns,
+    /// setsid / controlling terminal.
+    Session,
+    /// dup2 of stdio.
+    Stdio,
+    /// Making the mount tree private.
+    RootPropagation,
+    /// Bind-mounting the rootfs onto itself.
+    RootBind,
+    /// A spec mount (index).
+    Mount,
+    /// Creating a mount point (index).
+    MountPoint,
+    /// Remounting a bind mount with its flags (index).
+    MountRemount,
+    /// Setting a mount's propagation (index).
+    MountPropagation,
+    /// mknod (index).
+    Device,
+    /// /dev symlink (index).
+    DevSymlink,
+    /// pivot_root and detaching the old root.
+    PivotRoot,
+    /// A masked path (index).
+    MaskedPath,
+    /// A read-only path (index).
+    ReadonlyPath,
+    /// Remounting / read-only.
+    ReadonlyRoot,
+    /// sethostname.
+    Hostname,
+    /// setdomainname.
+    Domainname,
+    /// A sysctl (index).
+    Sysctl,
+    /// oom_score_adj.
+    OomScoreAdj,
+    /// An rlimit (index).
+    Rlimit,
+    /// Dropping from the bounding set.
+    CapBounding,
+    /// setgroups.
+    Setgroups,
+    /// setresgid.
+    Setgid,
+    /// setresuid.
+    Setuid,
+    /// capset.
+    Capset,
+    /// Raising ambient capabilities.
+    Ambient,
+    /// PR_SET_NO_NEW_PRIVS.
+    NoNewPrivs,
+    /// chdir to the process's cwd.
+    Cwd,
+    /// The executable is not found in PATH.
+    ExecLookup,
+    /// execve (index into the candidates).
+    Exec,
+}
+
+impl Step {
+    /// From the wire value.
+    pub fn from_u32(v: u32) -> Option<Step> {
+        use Step::*;
+        const ALL: [Step; 31] = [
+            CgroupNs,
+            Setns,
+            Session,
+            Stdio,
+            RootPropagation,
+            RootBind,
+            Mount,
+            MountPoint,
+            MountRemount,
+            MountPropagation,
+            Device,
+            DevSymlink,
+            PivotRoot,
+            MaskedPath,
+            ReadonlyPath,
+            ReadonlyRoot,
+            Hostname,
+            Domainname,
+            Sysctl,
+            OomScoreAdj,
+            Rlimit,
+            CapBounding,
+            Setgroups,
+            Setgid,
+            Setuid,
+            Capset,
+            Ambient,
+            NoNewPrivs,
+            Cwd,
+            ExecLookup,
+            Exec,
+        ];
+        ALL.into_iter().find(|s| *s as u32 == v)
+    }
+}
+
+/// Report kind: the init is set up and waits for start.
+pub const REPORT_READY: u32 = 1;
+/// Report kind: a step failed.
+pub const REPORT_ERROR: u32 = 2;
+/// Report kind: everything applied, `execve` comes next. EOF without it
+/// means the child died before (e.g. a signal).
+pub const REPORT_EXEC: u32 = 3;
+
+/// What the child writes on the status pipe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// [`REPORT_READY`] or [`REPORT_ERROR`].
+    pub kind: u32,
+    /// [`Step`] as u32.
+    pub step: u32,
+    /// Index of the mount, path, ... within its list.
+    pub index: u32,
+    /// errno.
+    pub errno: i32,
+}
+
+impl Report {
+    /// Size on the wire.
+    pub const SIZE: usize = 16;
+
+    /// Decodes a report read from the pipe.
+    pub fn from_bytes(b: &[u8; Self::SIZE]) -> Report {
+        let word = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        Report {
+            kind: u32::from_ne_bytes(word(0)),
+            step: u32::from_ne_bytes(word(4)),
+            index: u32::from_ne_bytes(word(8)),
+            errno: i32::from_ne_bytes(word(12)),
+        }
+    }
+
+    fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[0..4].copy_from_slice(&self.kind.to_ne_bytes());
+        b[4..8].copy_from_slice(&self.step.to_ne_bytes());
+        b[8..12].copy_from_slice(&self.index.to_ne_bytes());
+        b[12..16].copy_from_slice(&self.errno.to_ne_bytes());
+        b
+    }
+}
+
+/// Descriptors the child uses (all open in the parent at clone time).
+pub struct ChildFds {
+    /// Becomes fds 0, 1, 2.
+    pub stdio: [RawFd; 3],
+    /// fd 0 is a pty slave: make it the controlling terminal.
+    pub tty: bool,
+    /// Write end of the status pipe (close-on-exec).
+    pub status: RawFd,
+    /// Read end of the start pipe (init only).
+    pub start: Option<RawFd>,
+    /// (pidfd of the container's init, namespaces to join) for an exec.
+    pub join: Option<(RawFd, libc::c_int)>,
+}
+
+/// argv and envp as NULL-terminated pointer arrays into a
+/// [`ProcessPlan`]'s strings. Built in the parent (it allocates).
+pub struct ExecPtrs {
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl ExecPtrs {
+    /// Pointers into `p`, which must outlive the clone.
+    pub fn new(p: &ProcessPlan) -> ExecPtrs {
+        let ptrs = |v: &[std::ffi::CString]| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        ExecPtrs {
+            argv: ptrs(&p.args),
+            envp: ptrs(&p.env),
+        }
+    }
+}
+
+/// `clone3` like fork: returns the child's pid and pidfd in the parent, and
+/// `0` in the child.
+///
+/// # Safety
+///
+/// In the child only the calling thread exists and locks held by other
+/// threads stay locked forever: the caller must run nothing in the child
+/// but this module's `run_*` functions, which neither allocate nor lock.
+pub unsafe fn clone3(flags: u64, cgroup: Option<RawFd>) -> std::io::Result<(libc::pid_t, RawFd)> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: flags | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    if let Some(fd) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = u64::try_from(fd).unwrap_or(0);
+    }
+    // SAFETY: `args` is a valid clone_args of the size passed, `pidfd`
+    // outlives the call; with no stack given the child continues on a copy
+    // of this stack like after fork (the caller upholds the rules above).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let pid = libc::pid_t::try_from(ret).unwrap_or(-1);
+    Ok((pid, pidfd))
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn report(fd: RawFd, r: Report) {
+    let b = r.to_bytes();
+    // SAFETY: writes 16 bytes from a stack buffer to a descriptor we hold.
+    unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+}
+
+/// Reports a failed step and exits.
+fn fail(fd: RawFd, step: Step, index: usize, err: i32) -> ! {
+    report(
+        fd,
+        Report {
+            kind: REPORT_ERROR,
+            step: step as u32,
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            errno: err,
+        },
+    );
+    // SAFETY: _exit ends the process without running anything else.
+    unsafe { libc::_exit(127) }
+}
+
+fn cptr(s: &CStr) -> *const libc::c_char {
+    s.as_ptr()
+}
+
+fn opt_ptr(s: Option<&std::ffi::CString>) -> *const libc::c_char {
+    s.map_or(std::ptr::null(), |s| s.as_ptr())
+}
+
+/// mount(2); Err(errno).
+fn mount(
+    source: *const libc::c_char,
+    target: *const libc::c_char,
+    fstype: *const libc::c_char,
+    flags: libc::c_ulong,
+    data: *const libc::c_char,
+) -> Result<(), i32> {
+    // SAFETY: every pointer is NULL or a NUL-terminated string owned by
+    // the plan, which outlives the call.
+    let r = unsafe { libc::mount(source, target, fstype, flags, data.cast()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// Creates `path` and its missing parents (0755), without allocating; with
+/// `file`, the last component is created as an empty file.
+fn mkdir_p(path: &CStr, file: bool) -> Result<(), i32> {
+    let bytes = path.to_bytes();
+    let mut buf = [0u8; 4096];
+    if bytes.len() >= buf.len() {
+        return Err(libc::ENAMETOOLONG);
+    }
+    buf[..bytes.len()].copy_from_slice(bytes);
+    let mut i = 1;
+    while i <= bytes.len() {
+        if i == bytes.len() || bytes[i] == b'/' {
+            let saved = buf[i];
+            buf[i] = 0;
+            let last = i == bytes.len();
+            let p = buf.as_ptr().cast::<libc::c_char>();
+            // SAFETY: `buf` holds a NUL-terminated prefix of the path.
+            let r = unsafe {
+                if last && file {
+                    let fd = libc::open(
+                        p,
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOCTTY,
+                        0o644,
+                    );
+                    if fd >= 0 {
+                        libc::close(fd);
+                        0
+                    } else {
+                        -1
+                    }
+                } else {
+                    libc::mkdir(p, 0o755)
+                }
+            };
+            if r != 0 && errno() != libc::EEXIST {
+                return Err(errno());
+            }
+            buf[i] = saved;
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+fn do_mount(m: &MountOp) -> Result<(), (Step, i32)> {
+    let attempt = || {
+        mount(
+            cptr(&m.source),
+            cptr(&m.target),
+            opt_ptr(m.fstype.as_ref()),
+            m.flags,
+            opt_ptr(m.data.as_ref()),
+        )
+    };
+    match attempt() {
+        Ok(()) => {}
+        Err(libc::ENOENT) => {
+            // The mount point is missing (a missing bind source is ENOENT
+            // too and fails again below). A file bind needs a file.
+            let file = m.fstype.is_none() && !is_dir(&m.source);
+            mkdir_p(&m.target, file).map_err(|e| (Step::MountPoint, e))?;
+            attempt().map_err(|e| (Step::Mount, e))?;
+        }
+        Err(e) => return Err((Step::Mount, e)),
+    }
+    if let Some(flags) = m.remount_flags {
+        mount(
+            std::ptr::null(),
+            cptr(&m.target),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+        .map_err(|e| (Step::MountRemount, e))?;
+    }
+    if m.propagation != 0 {
+        mount(
+            std::ptr::null(),
+            cptr(&m.target),
+            std::ptr::null(),
+            m.propagation,
+            std::ptr::null(),
+        )
+        .map_err(|e| (Step::MountPropagation, e))?;
+    }
+    Ok(())
+}
+
+fn is_dir(path: &CStr) -> bool {
+    // SAFETY: an all-zero stat is a valid value for the kernel to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is writable.
+    let r = unsafe { libc::stat(path.as_ptr(), &mut st) };
+    r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+fn write_file(path: &CStr, value: &[u8]) -> Result<(), i32> {
+    // SAFETY: `path` is NUL-terminated; the descriptor is closed below.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: writes from a live slice to the descriptor just opened.
+    let n = unsafe { libc::write(fd, value.as_ptr().cast(), value.len()) };
+    let err = errno();
+    // SAFETY: closes the descriptor opened above.
+    unsafe { libc::close(fd) };
+    if n < 0 {
+        Err(err)
+    } else {
+        Ok(())
+    }
+}
+
+fn check(fd: RawFd, step: Step, index: usize, r: libc::c_int) {
+    if r != 0 {
+        fail(fd, step, index, errno());
+    }
+}
+
+/// Session, controlling terminal, stdio.
+fn setup_stdio(fds: &ChildFds, new_session: bool) {
+    // SAFETY: (whole block) plain system calls on descriptors the parent
+    // keeps open until the child has executed or exited.
+    unsafe {
+        if (new_session || fds.tty) && libc::setsid() < 0 {
+            fail(fds.status, Step::Session, 0, errno());
+        }
+        if fds.tty {
+            check(
+                fds.status,
+                Step::Session,
+                1,
+                libc::ioctl(fds.stdio[0], libc::TIOCSCTTY, 0),
+            );
+        }
+        for (target, &fd) in fds.stdio.iter().enumerate() {
+            let target = libc::c_int::try_from(target).unwrap_or(0);
+            if libc::dup2(fd, target) < 0 {
+                fail(fds.status, Step::Stdio, 0, errno());
+            }
+        }
+    }
+}
+
+/// The container's init: everything of `plan`, then wait for start, then
+/// exec. Never returns.
+pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
+    let st = fds.status;
+    // SAFETY: (whole block) raw system calls on the plan's NUL-terminated
+    // strings and on plain integers; see the module documentation.
+    unsafe {
+        // Device nodes get exactly the modes of the plan.
+        libc::umask(0);
+        if plan.cgroup_ns {
+            check(st, Step::CgroupNs, 0, libc::unshare(libc::CLONE_NEWCGROUP));
+        }
+    }
+    setup_stdio(fds, true);
+    let root = plan.rootfs.as_c_str();
+    if let Err(e) = mount(
+        std::ptr::null(),
+        c"/".as_ptr(),
+        std::ptr::null(),
+        plan.rootfs_propagation,
+        std::ptr::null(),
+    ) {
+        fail(st, Step::RootPropagation, 0, e);
+    }
+    if let Err(e) = mount(
+        root.as_ptr(),
+        root.as_ptr(),
+        std::ptr::null(),
+        libc::MS_BIND | libc::MS_REC,
+        std::ptr::null(),
+    ) {
+        fail(st, Step::RootBind, 0, e);
+    }
+    for (i, m) in plan.mounts.iter().enumerate() {
+        if let Err((step, e)) = do_mount(m) {
+            fail(st, step, i, e);
+        }
+    }
+    for (i, d) in plan.devices.iter().enumerate() {
+        // SAFETY: NUL-terminated path from the plan.
+        let r = unsafe { libc::mknod(d.path.as_ptr(), d.mode, d.dev) };
+        if r != 0 && errno() != libc::EEXIST {
+            fail(st, Step::Device, i, errno());
+        }
+        if d.uid != 0 || d.gid != 0 {
+            // SAFETY: as above.
+            check(st, Step::Device, i, unsafe {
+                libc::chown(d.path.as_ptr(), d.uid, d.gid)
+            });
+        }
+    }
+    for (i, (target, link)) in plan.dev_symlinks.iter().enumerate() {
+        // SAFETY: NUL-terminated strings from the plan.
+        let r = unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) };
+        if r != 0 && errno() != libc::EEXIST {
+            fail(st, Step::DevSymlink, i, errno());
+        }
+    }
+    // pivot_root(".", ".") then detach the old root stacked below: no
+    // directory for the old root is needed (runc's way).
+    // SAFETY: system calls on NUL-terminated literals and plan strings.
+    unsafe {
+        check(st, Step::PivotRoot, 0, libc::chdir(root.as_ptr()));
+        let r = libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr());
+        if r != 0 {
+            fail(st, Step::PivotRoot, 1, errno());
+        }
+        check(
+            st,
+            Step::PivotRoot,
+            2,
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+        );
+        check(st, Step::PivotRoot, 3, libc::chdir(c"/".as_ptr()));
+    }
+    for (i, p) in plan.masked_paths.iter().enumerate() {
+        match mount(
+            c"/dev/null".as_ptr(),
+            p.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) {
+            Ok(()) | Err(libc::ENOENT) => {}
+            Err(libc::ENOTDIR) => {
+                if let Err(e) = mount(
+                    c"tmpfs".as_ptr(),
+                    p.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY,
+                    std::ptr::null(),
+                ) {
+                    fail(st, Step::MaskedPath, i, e);
+                }
+            }
+            Err(e) => fail(st, Step::MaskedPath, i, e),
+        }
+    }
+    for (i, p) in plan.readonly_paths.iter().enumerate() {
+        match mount(
+            p.as_ptr(),
+            p.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) {
+            Ok(()) => {
+                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC;
+                if let Err(e) = mount(
+                    p.as_ptr(),
+                    p.as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                ) {
+                    fail(st, Step::ReadonlyPath, i, e);
+                }
+            }
+            Err(libc::ENOENT) => {}
+            Err(e) => fail(st, Step::ReadonlyPath, i, e),
+        }
+    }
+    if plan.readonly_root {
+        if let Err(e) = mount(
+            c"/".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        ) {
+            fail(st, Step::ReadonlyRoot, 0, e);
+        }
+    }
+    // SAFETY: lengths and pointers of plan strings.
+    unsafe {
+        if let Some(h) = &plan.hostname {
+            check(
+                st,
+                Step::Hostname,
+                0,
+                libc::sethostname(h.as_ptr(), h.as_bytes().len()),
+            );
+        }
+        if let Some(d) = &plan.domainname {
+            check(
+                st,
+                Step::Domainname,
+                0,
+                libc::setdomainname(d.as_ptr(), d.as_bytes().len()),
+            );
+        }
+    }
+    for (i, (path, value)) in plan.sysctls.iter().enumerate() {
+        if let Err(e) = write_file(path, value.as_bytes()) {
+            fail(st, Step::Sysctl, i, e);
+        }
+    }
+    run_process(&plan.process, fds, ptrs)
+}
+
+/// An exec: join the container's namespaces, then the process part.
+/// Never returns.
+pub fn run_exec(plan: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
+    if let Some((pidfd, flags)) = fds.join {
+        // SAFETY: setns on the pidfd the parent holds open.
+        check(fds.status, Step::Setns, 0, unsafe {
+            libc::setns(pidfd, flags)
+        });
+    }
+    setup_stdio(fds, false);
+    run_process(plan, fds, ptrs)
+}
+
+fn drop_bounding(st: RawFd, caps: &CapSets) {
+    for cap in 0..=CAP_LAST {
+        if caps.bounding & (1u64 << cap) == 0 {
+            // SAFETY: prctl with integer arguments.
+            let r =
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
+            // EINVAL: a capability this kernel does not have.
+            if r != 0 && errno() != libc::EINVAL {
+                fail(st, Step::CapBounding, cap as usize, errno());
+            }
+        }
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn capset(st: RawFd, caps: &CapSets) {
+    let lo = |m: u64| (m & 0xffff_ffff) as u32;
+    let hi = |m: u64| (m >> 32) as u32;
+    let header = CapHeader {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: lo(caps.effective),
+            permitted: lo(caps.permitted),
+            inheritable: lo(caps.inheritable),
+        },
+        CapData {
+            effective: hi(caps.effective),
+            permitted: hi(caps.permitted),
+            inheritable: hi(caps.inheritable),
+        },
+    ];
+    // SAFETY: a v3 header and two data structs, as capset(2) expects.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    if r != 0 {
+        fail(st, Step::Capset, 0, errno());
+    }
+    for cap in 0..=CAP_LAST {
+        if caps.ambient & (1u64 << cap) != 0 {
+            // SAFETY: prctl with integer arguments.
+            let r = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    libc::c_ulong::from(cap),
+                    0,
+                    0,
+                )
+            };
+            if r != 0 {
+                fail(st, Step::Ambient, cap as usize, errno());
+            }
+        }
+    }
+}
+
+/// The part common to init and exec: limits, user, capabilities, cwd, then
+/// (init) report ready and wait for start, then execve.
+fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
+    let st = fds.status;
+    if let Some(v) = &p.oom_score_adj {
+        if let Err(e) = write_file(c"/proc/self/oom_score_adj", v.as_bytes()) {
+            fail(st, Step::OomScoreAdj, 0, e);
+        }
+    }
+    for (i, (resource, limit)) in p.rlimits.iter().enumerate() {
+        // SAFETY: prlimit64 on ourselves with a valid rlimit struct.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                *resource,
+                limit as *const libc::rlimit,
+                std::ptr::null_mut::<libc::rlimit>(),
+            )
+        };
+        if r != 0 {
+            fail(st, Step::Rlimit, i, errno());
+        }
+    }
+    if let Some(caps) = &p.caps {
+        drop_bounding(st, caps);
+    }
+    // SAFETY: (whole block) credential system calls with plain integers and
+    // a live slice.
+    unsafe {
+        if p.uid != 0 && p.caps.is_some() {
+            libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0);
+        }
+        check(
+            st,
+            Step::Setgroups,
+            0,
+            libc::setgroups(p.additional_gids.len(), p.additional_gids.as_ptr()),
+        );
+        if p.gid != 0 {
+            check(st, Step::Setgid, 0, libc::setresgid(p.gid, p.gid, p.gid));
+        }
+        if p.uid != 0 {
+            check(st, Step::Setuid, 0, libc::setresuid(p.uid, p.uid, p.uid));
+        }
+    }
+    if let Some(caps) = &p.caps {
+        capset(st, caps);
+    }
+    // SAFETY: (whole block) prctl/umask/chdir/access with plan strings.
+    unsafe {
+        if p.no_new_privileges {
+            check(
+                st,
+                Step::NoNewPrivs,
+                0,
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            );
+        }
+        libc::umask(p.umask);
+        check(st, Step::Cwd, 0, libc::chdir(p.cwd.as_ptr()));
+    }
+    let mut chosen = None;
+    let mut last_err = libc::ENOENT;
+    for (i, c) in p.exec_candidates.iter().enumerate() {
+        // SAFETY: NUL-terminated candidate path.
+        if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
+            chosen = Some((i, c));
+            break;
+        }
+        let e = errno();
+        if e != libc::ENOENT && e != libc::ENOTDIR {
+            last_err = e;
+        }
+    }
+    let Some((index, path)) = chosen else {
+        fail(st, Step::ExecLookup, 0, last_err);
+    };
+    if let Some(start) = fds.start {
+        report(
+            st,
+            Report {
+                kind: REPORT_READY,
+                ..Report::default()
+            },
+        );
+        let mut b = [0u8; 1];
+        // SAFETY: reads one byte into a stack buffer.
+        let n = unsafe { libc::read(start, b.as_mut_ptr().cast(), 1) };
+        if n != 1 {
+            // The agent closed the pipe without starting us: deleted.
+            // SAFETY: _exit ends the process.
+            unsafe { libc::_exit(0) };
+        }
+    }
+    report(
+        st,
+        Report {
+            kind: REPORT_EXEC,
+            ..Report::default()
+        },
+    );
+    // SAFETY: argv/envp are NULL-terminated arrays of pointers into the
+    // plan's strings, alive for the whole life of this child.
+    unsafe { libc::execve(path.as_ptr(), ptrs.argv.as_ptr(), ptrs.envp.as_ptr()) };
+    fail(st, Step::Exec, index, errno())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_round_trip() {
+        let r = Report {
+            kind: REPORT_ERROR,
+            step: Step::Mount as u32,
+            index: 3,
+            errno: libc::EPERM,
+        };
+        assert_eq!(Report::from_bytes(&r.to_bytes()), r);
+        assert_eq!(Step::from_u32(Step::Exec as u32), Some(Step::Exec));
+        assert_eq!(Step::from_u32(Step::CgroupNs as u32), Some(Step::CgroupNs));
+        assert_eq!(Step::from_u32(0), None);
+        assert_eq!(Step::from_u32(999), None);
+    }
+
+    #[test]
+    fn mkdir_p_makes_parents_and_files() {
+        let d = std::env::temp_dir().join(format!("vessel-child-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let dir = std::ffi::CString::new(format!("{}/a/b", d.display())).unwrap();
+        mkdir_p(&dir, false).unwrap();
+        assert!(d.join("a/b").is_dir());
+        let file = std::ffi::CString::new(format!("{}/c/f", d.display())).unwrap();
+        mkdir_p(&file, true).unwrap();
+        assert!(d.join("c/f").is_file());
+        mkdir_p(&file, true).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
