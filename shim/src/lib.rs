@@ -1,8 +1,10 @@
 //! vessel's host side: the runc-compatible `vessel` command's building
 //! blocks (state store, configuration, runc-style logging, default spec).
 
+pub mod bundle;
 pub mod config;
 pub mod log;
 pub mod sandbox;
+pub mod signal;
 pub mod spec;
 pub mod state;
