@@ -1,24 +1,26 @@
 //! `vessel`: the runc-compatible command line.
 //!
 //! Engines (podman, docker, conmon, containerd's runc shim) call it with
-//! runc's global flags and commands. The state store, configuration,
-//! `spec`, `state`, `list` and `delete` work; the commands that need a
-//! running sandbox (`create`, `start`, `run`, `exec`, `kill`, `ps`,
-//! `pause`, `resume`, `update`, `events`, `features`) are accepted with
-//! runc's flags and fail with a clear error until container support lands
-//! (see README).
+//! runc's global flags and commands. `create`, `start`, `run`, `state`,
+//! `list`, `kill`, `delete` and `spec` work (see `cli`); terminal
+//! containers (`--console-socket`), `exec`, `ps`, `pause`, `resume`,
+//! `update`, `events` and `features` are accepted with runc's flags and fail
+//! with a clear error until they land (see README).
 
+mod cli;
+
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::layer::SubscriberExt;
 
 use vessel_shim::config::Config;
 use vessel_shim::sandbox::Templates;
-use vessel_shim::state::{self, Status, Store};
+use vessel_shim::state::Store;
 use vessel_shim::{log, spec};
 
 /// vessel: OCI containers, each in its own KVM microVM (runc-compatible CLI).
@@ -199,6 +201,18 @@ enum Command {
     /// Manage VM templates (snapshots new sandboxes start from).
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Internal: owns one container's sandbox (started by `create`).
+    #[command(hide = true)]
+    Monitor {
+        /// Container id.
+        id: String,
+        /// Absolute bundle directory.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Pipe to report readiness on.
+        #[arg(long)]
+        ready_fd: i32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,19 +255,13 @@ fn init_logging(cli: &Cli) -> Result<()> {
 }
 
 fn not_yet(what: &str) -> Result<()> {
-    bail!("{what} is not implemented yet: vessel cannot run containers in its microVMs yet (see README)")
-}
-
-fn state(store: &Store, id: &str) -> Result<()> {
-    let s = store.load(id)?;
-    println!("{}", serde_json::to_string_pretty(&s)?);
-    Ok(())
+    bail!("{what} is not implemented yet (see README)")
 }
 
 fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
     let mut states = Vec::new();
     for id in store.ids()? {
-        match store.load(&id) {
+        match cli::load_effective(store, &id) {
             Ok(s) => states.push(s),
             Err(e) => tracing::warn!("skipping {id}: {e}"),
         }
@@ -288,22 +296,6 @@ fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
-    let lock = store.lock(id)?;
-    match store.load(id) {
-        Ok(s) if s.status == Status::Stopped => {}
-        Ok(s) if !force => bail!(
-            "cannot delete container {id} that is not stopped: {}",
-            s.status.as_str()
-        ),
-        // --force, or state that cannot be read: nothing can run without
-        // a sandbox yet, so removing the directory is all there is.
-        _ => {}
-    }
-    store.remove(id, lock)?;
-    Ok(())
-}
-
 fn spec(bundle: &std::path::Path, rootless: bool) -> Result<()> {
     if rootless {
         bail!("rootless containers are not supported by vessel");
@@ -316,29 +308,93 @@ fn spec(bundle: &std::path::Path, rootless: bool) -> Result<()> {
     std::fs::write(&path, body + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The global flags a monitor is started with (the same store, config
+/// and logging as the `create` that starts it).
+fn monitor_globals(cli: &Cli) -> Result<Vec<OsString>> {
+    let mut g: Vec<OsString> = vec!["--root".into()];
+    g.push(std::path::absolute(&cli.root)?.into());
+    if let Some(c) = &cli.config {
+        g.push("--config".into());
+        g.push(std::path::absolute(c)?.into());
+    }
+    if let Some(l) = &cli.log {
+        g.push("--log".into());
+        g.push(std::path::absolute(l)?.into());
+    }
+    if let Some(v) = cli.log_format.to_possible_value() {
+        g.push("--log-format".into());
+        g.push(v.get_name().into());
+    }
+    if cli.debug {
+        g.push("--debug".into());
+    }
+    Ok(g)
+}
+
+fn check_create(a: &CreateArgs) -> Result<()> {
+    if a.console_socket.is_some() {
+        bail!("--console-socket (terminal containers) is not implemented yet");
+    }
+    if a.preserve_fds > 0 {
+        bail!("--preserve-fds is not implemented yet");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
     let store = Store::new(&cli.root);
+    let ok = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match &cli.command {
-        Command::State { id } => state(&store, id),
-        Command::List { format, quiet } => list(&store, format, *quiet),
-        Command::Delete { id, force } => delete(&store, id, *force),
-        Command::Spec { bundle, rootless } => spec(bundle, *rootless),
-        Command::Create(a) | Command::Run { create: a, .. } => {
-            state::validate_id(&a.id)?;
+        Command::State { id } => ok(cli::state(&store, id)),
+        Command::List { format, quiet } => ok(list(&store, format, *quiet)),
+        Command::Delete { id, force } => ok(cli::delete(&store, id, *force)),
+        Command::Spec { bundle, rootless } => ok(spec(bundle, *rootless)),
+        Command::Create(a) => {
+            check_create(a)?;
             let cfg = Config::load(cli.config.as_deref())?;
-            cfg.check_artifacts()?;
-            not_yet("create")
+            let globals = monitor_globals(&cli)?;
+            cli::create(
+                &store,
+                &cfg,
+                &globals,
+                &a.id,
+                &a.bundle,
+                a.pid_file.as_deref(),
+            )?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Start { .. } => not_yet("start"),
-        Command::Kill { .. } => not_yet("kill"),
-        Command::Exec { .. } => not_yet("exec"),
-        Command::Ps { .. } => not_yet("ps"),
-        Command::Pause { .. } => not_yet("pause"),
-        Command::Resume { .. } => not_yet("resume"),
-        Command::Update { .. } => not_yet("update"),
-        Command::Events { .. } => not_yet("events"),
-        Command::Features => not_yet("features"),
-        Command::Template(t) => template(&Config::load(cli.config.as_deref())?, t),
+        Command::Run { create: a, detach } => {
+            check_create(a)?;
+            let cfg = Config::load(cli.config.as_deref())?;
+            let globals = monitor_globals(&cli)?;
+            cli::run(
+                &store,
+                &cfg,
+                &globals,
+                &a.id,
+                &a.bundle,
+                a.pid_file.as_deref(),
+                *detach,
+            )
+        }
+        Command::Monitor {
+            id,
+            bundle,
+            ready_fd,
+        } => {
+            let cfg = Config::load(cli.config.as_deref())?;
+            Ok(cli::monitor(&store, &cfg, id, bundle, *ready_fd))
+        }
+        Command::Start { id } => ok(cli::start(&store, id)),
+        Command::Kill { id, signal, all } => ok(cli::kill(&store, id, signal.as_deref(), *all)),
+        Command::Exec { .. } => ok(not_yet("exec")),
+        Command::Ps { .. } => ok(not_yet("ps")),
+        Command::Pause { .. } => ok(not_yet("pause")),
+        Command::Resume { .. } => ok(not_yet("resume")),
+        Command::Update { .. } => ok(not_yet("update")),
+        Command::Events { .. } => ok(not_yet("events")),
+        Command::Features => ok(not_yet("features")),
+        Command::Template(t) => ok(template(&Config::load(cli.config.as_deref())?, t)),
     }
 }
 
@@ -388,7 +444,7 @@ fn main() -> ExitCode {
     }
     let logs_to_file = cli.log.is_some();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             let msg = format!("{e:#}");
             tracing::error!("{msg}");

@@ -1,0 +1,549 @@
+//! The container lifecycle: `create`, `start`, `run`, `state`, `kill`,
+//! `delete`, and the hidden `monitor` command.
+//!
+//! `vessel create` starts a **monitor**: the `vessel` binary again
+//! (`vessel monitor ID --bundle B --ready-fd N`), in a session of its own.
+//! The monitor owns the sandbox: it restores (or boots) the VM with the
+//! bundle's rootfs shared as [`ROOTFS_TAG`], relays the stdio `vessel
+//! create` was given to the container's stdio streams, creates the
+//! container, and says `ok` (or `error MESSAGE`) on the pipe. `vessel
+//! create` then writes `state.json` (pid = the monitor) and `--pid-file`.
+//! The monitor waits for the container's init, shuts the VM down, records
+//! `stopped` with the exit status, and exits with that status, so the pid
+//! in `--pid-file` behaves like runc's container process.
+//!
+//! `<root>/<id>/` holds the state, the lock, the VM's sockets
+//! (`vsock.sock`, `api.sock`), its logs and `vmm.pid`.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use vessel_proto::client::AgentClient;
+use vessel_proto::container::{
+    CreateContainerRequest, RootfsSource, SignalProcessRequest, StdioSpec, StdioStream,
+};
+use vessel_proto::AGENT_PORT;
+
+use vessel_shim::bundle::Bundle;
+use vessel_shim::config::Config;
+use vessel_shim::sandbox::{Sandbox, Templates, ROOTFS_TAG};
+use vessel_shim::signal;
+use vessel_shim::state::{self, ContainerState, Status, Store, OCI_VERSION};
+
+/// Where the agent mounts the rootfs share in the guest.
+const GUEST_ROOTFS: &str = "/run/vessel/rootfs";
+/// The VMM's pid, written by the monitor.
+const VMM_PID_FILE: &str = "vmm.pid";
+/// How long the agent may take for create/start (guest kernels are slow
+/// where ring 0 is emulated).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long `delete --force` waits for the monitor after SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The vsock socket of container `id`'s sandbox.
+fn vsock_path(store: &Store, id: &str) -> Result<PathBuf> {
+    Ok(store.dir(id)?.join("vsock.sock"))
+}
+
+fn connect(store: &Store, id: &str) -> Result<AgentClient> {
+    let uds = vsock_path(store, id)?;
+    AgentClient::connect(&uds, AGENT_PORT, Duration::from_secs(10))
+        .with_context(|| format!("cannot reach the sandbox of container {id}"))
+}
+
+/// Fields of `/proc/PID/stat` after the command name, or `None`.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+fn proc_args(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `pid` is a live (not zombie) process whose arguments contain
+/// every one of `needles`.
+fn alive_with(pid: i32, needles: &[&str]) -> bool {
+    if pid <= 0 || matches!(proc_state(pid), None | Some('Z') | Some('X')) {
+        return false;
+    }
+    let args = proc_args(pid);
+    needles
+        .iter()
+        .all(|n| args.iter().any(|a| a == n || a.contains(n)))
+}
+
+fn monitor_alive(pid: i32, id: &str) -> bool {
+    alive_with(pid, &["monitor", id])
+}
+
+/// The state as it really is: a container whose monitor is gone is stopped.
+fn effective(mut s: ContainerState) -> ContainerState {
+    if s.status != Status::Stopped && !monitor_alive(s.pid, &s.id) {
+        s.status = Status::Stopped;
+        s.pid = 0;
+    }
+    s
+}
+
+/// `vessel state`.
+pub fn state(store: &Store, id: &str) -> Result<()> {
+    let s = effective(store.load(id)?);
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
+
+/// A state for `vessel list` (monitor checked).
+pub fn load_effective(store: &Store, id: &str) -> Result<ContainerState> {
+    Ok(effective(store.load(id)?))
+}
+
+fn send_signal(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) on a pid we checked belongs to our process; no
+        // memory is involved.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Kills the VMM of `dir` (from `vmm.pid`) if it still runs.
+fn kill_vmm(dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(dir.join(VMM_PID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let sock = dir.join("vsock.sock");
+    let sock = sock.to_string_lossy();
+    if alive_with(pid, &["vessel-vmm", &sock]) {
+        send_signal(pid, libc::SIGKILL);
+        wait_until(Duration::from_secs(10), || {
+            !alive_with(pid, &["vessel-vmm"])
+        });
+    }
+}
+
+/// Polls `done` every 10 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes `pid` to `path` atomically (like runc).
+fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("invalid pid file {}", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    std::fs::write(&tmp, pid.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing pid file {}", path.display()))
+}
+
+/// `vessel create`: returns the monitor (still our child).
+pub fn create(
+    store: &Store,
+    cfg: &Config,
+    globals: &[OsString],
+    id: &str,
+    bundle: &Path,
+    pid_file: Option<&Path>,
+) -> Result<Child> {
+    state::validate_id(id)?;
+    cfg.check_artifacts()?;
+    let b = Bundle::load(bundle)?;
+    if b.terminal {
+        bail!("terminal containers (process.terminal = true) are not implemented yet");
+    }
+    let (dir, lock) = store.create(id)?;
+    let mut child: Option<Child> = None;
+    let result = (|| -> Result<()> {
+        let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+        let wfd: RawFd = writer.as_raw_fd();
+        let exe = std::env::current_exe().context("finding the vessel binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(globals)
+            .arg("monitor")
+            .arg(id)
+            .arg("--bundle")
+            .arg(&b.dir)
+            .arg("--ready-fd")
+            .arg(wfd.to_string());
+        // SAFETY: runs in the child between fork and exec; setsid(2) and
+        // fcntl(2) are async-signal-safe and touch no memory of ours.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 || libc::fcntl(wfd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let c = child.insert(cmd.spawn().context("starting the sandbox monitor")?);
+        drop(writer);
+        let mut line = String::new();
+        BufReader::new(reader)
+            .read_line(&mut line)
+            .context("waiting for the sandbox monitor")?;
+        let line = line.trim_end();
+        if line != "ok" {
+            bail!(
+                "{}",
+                line.strip_prefix("error ")
+                    .unwrap_or("the sandbox monitor exited before the container was created")
+            );
+        }
+        let pid = c.id();
+        let st = ContainerState {
+            oci_version: OCI_VERSION.into(),
+            id: id.into(),
+            pid: i32::try_from(pid).context("pid out of range")?,
+            status: Status::Created,
+            bundle: b.dir.clone(),
+            rootfs: b.rootfs.clone(),
+            created: state::rfc3339(SystemTime::now()),
+            owner: String::new(),
+            annotations: b.annotations.clone(),
+            exit_status: None,
+        };
+        store.save(&st, &lock)?;
+        if let Some(p) = pid_file {
+            write_pid_file(p, pid)?;
+        }
+        Ok(())
+    })();
+    match (result, child) {
+        (Ok(()), Some(c)) => Ok(c),
+        (Ok(()), None) => Err(anyhow!("internal error: no monitor")),
+        (Err(e), c) => {
+            if let Some(mut c) = c {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            kill_vmm(&dir);
+            let _ = store.remove(id, lock);
+            Err(e)
+        }
+    }
+}
+
+/// `vessel start`.
+pub fn start(store: &Store, id: &str) -> Result<()> {
+    let lock = store.lock(id)?;
+    let mut s = effective(store.load(id)?);
+    match s.status {
+        Status::Created => {}
+        Status::Stopped => bail!("cannot start a container that has stopped"),
+        Status::Running => bail!("cannot start an already running container"),
+        other => bail!("cannot start a container in the {} state", other.as_str()),
+    }
+    let mut c = connect(store, id)?;
+    c.set_timeout(Some(AGENT_TIMEOUT))?;
+    c.start_container(id)
+        .with_context(|| format!("starting container {id}"))?;
+    s.status = Status::Running;
+    store.save(&s, &lock)?;
+    Ok(())
+}
+
+/// `vessel kill`.
+pub fn kill(store: &Store, id: &str, sig: Option<&str>, all: bool) -> Result<()> {
+    let signal = signal::parse(sig.unwrap_or("SIGTERM"))?;
+    let s = effective(store.load(id)?);
+    if s.status == Status::Stopped {
+        bail!("container not running");
+    }
+    let mut c = connect(store, id)?;
+    c.signal_process(SignalProcessRequest {
+        id: id.into(),
+        exec_id: None,
+        signal,
+        all,
+    })
+    .with_context(|| format!("signalling container {id}"))?;
+    Ok(())
+}
+
+/// `vessel delete [--force]`.
+pub fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
+    let lock = store.lock(id)?;
+    let s = store.load(id).ok().map(effective);
+    if let Some(s) = &s {
+        if matches!(s.status, Status::Running | Status::Paused) && !force {
+            bail!(
+                "cannot delete container {id} that is not stopped: {}",
+                s.status.as_str()
+            );
+        }
+    }
+    // The monitor takes the lock to record `stopped`: let it.
+    drop(lock);
+    let dir = store.dir(id)?;
+    if let Some(s) = s.filter(|s| s.status != Status::Stopped) {
+        if let Ok(mut c) = connect(store, id) {
+            let killed = c.signal_process(SignalProcessRequest {
+                id: id.into(),
+                exec_id: None,
+                signal: libc::SIGKILL,
+                all: true,
+            });
+            if killed.is_err() {
+                let _ = c.delete_container(id, true);
+            }
+        }
+        if !wait_until(STOP_TIMEOUT, || !monitor_alive(s.pid, id)) {
+            tracing::warn!("the monitor of {id} did not stop; killing it");
+            send_signal(s.pid, libc::SIGKILL);
+            wait_until(Duration::from_secs(10), || !monitor_alive(s.pid, id));
+        }
+    }
+    kill_vmm(&dir);
+    let lock = store.lock(id)?;
+    store.remove(id, lock)?;
+    Ok(())
+}
+
+/// The exit code a shell would report for `status`.
+fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c).unwrap_or(255),
+        (None, Some(s)) => u8::try_from(128 + s).unwrap_or(255),
+        _ => 255,
+    }
+}
+
+/// `vessel run [--detach]`.
+pub fn run(
+    store: &Store,
+    cfg: &Config,
+    globals: &[OsString],
+    id: &str,
+    bundle: &Path,
+    pid_file: Option<&Path>,
+    detach: bool,
+) -> Result<ExitCode> {
+    let mut child = create(store, cfg, globals, id, bundle, pid_file)?;
+    if let Err(e) = start(store, id) {
+        let _ = delete(store, id, true);
+        let _ = child.wait();
+        return Err(e);
+    }
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = child.wait().context("waiting for the container")?;
+    // Like runc: a foreground container is deleted once it exits.
+    delete(store, id, true)?;
+    Ok(ExitCode::from(exit_code(status)))
+}
+
+/// Whether our stdin is worth relaying (open and not /dev/null).
+fn stdin_wanted() -> bool {
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    let null = std::fs::metadata("/dev/null").ok();
+    !(meta.file_type().is_char_device() && null.is_some_and(|n| n.rdev() == meta.rdev()))
+}
+
+/// Copies `src` to `dst` until EOF; keeps draining when `dst` fails so the
+/// container never blocks on a reader that went away.
+fn relay(mut src: impl Read, mut dst: impl Write) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut ok = true;
+    loop {
+        match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if ok && dst.write_all(&buf[..n]).and_then(|()| dst.flush()).is_err() {
+                    ok = false;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+}
+
+/// The pieces of a created container the monitor keeps.
+struct Monitored {
+    sb: Sandbox,
+    client: AgentClient,
+    /// One message per output relay that finished.
+    relays_done: mpsc::Receiver<()>,
+    relays: usize,
+}
+
+fn attach(uds: &Path, id: &str, s: StdioStream) -> Result<UnixStream> {
+    let stream = AgentClient::connect(uds, AGENT_PORT, Duration::from_secs(10))
+        .and_then(|c| c.attach_stdio(id, None, s))
+        .with_context(|| format!("attaching {s:?}"))?;
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
+fn setup(store: &Store, cfg: &Config, id: &str, bundle: &Path) -> Result<Monitored> {
+    let b = Bundle::load(bundle)?;
+    let dir = store.dir(id)?;
+    let share = format!(
+        "{ROOTFS_TAG}={}{}",
+        b.rootfs.display(),
+        if b.readonly { ",ro" } else { "" }
+    );
+    let (mut sb, mut client) = if cfg.templates {
+        let (tpl, _) = Templates::new(cfg).ensure(false)?;
+        Sandbox::restore(cfg, &tpl, &dir, &[share], b.hostname.clone())?
+    } else {
+        Sandbox::boot(cfg, &dir, &[share])?
+    };
+    let created = (|| -> Result<(mpsc::Receiver<()>, usize)> {
+        std::fs::write(dir.join(VMM_PID_FILE), sb.pid().to_string()).context("writing vmm.pid")?;
+        let out = attach(&sb.uds, id, StdioStream::Stdout)?;
+        let err = attach(&sb.uds, id, StdioStream::Stderr)?;
+        let input = if stdin_wanted() {
+            Some(attach(&sb.uds, id, StdioStream::Stdin)?)
+        } else {
+            None
+        };
+        client.set_timeout(Some(AGENT_TIMEOUT))?;
+        let c = client
+            .create_container(CreateContainerRequest {
+                id: id.into(),
+                rootfs: RootfsSource {
+                    tag: Some(ROOTFS_TAG.into()),
+                    path: GUEST_ROOTFS.into(),
+                },
+                spec: b.spec.clone(),
+                stdio: StdioSpec {
+                    stdin: input.is_some(),
+                    stdout: true,
+                    stderr: true,
+                    terminal: false,
+                },
+            })
+            .context("creating the container")?;
+        if !c.ignored.is_empty() {
+            tracing::warn!("{id}: not applied in the guest: {}", c.ignored.join(", "));
+        }
+        let (tx, rx) = mpsc::channel();
+        let stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+        let stderr = std::fs::File::from(std::io::stderr().as_fd().try_clone_to_owned()?);
+        for (src, dst) in [(out, stdout), (err, stderr)] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                relay(src, dst);
+                let _ = tx.send(());
+            });
+        }
+        if let Some(input) = input {
+            let stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+            // Dropping the stream at EOF closes the container's stdin.
+            std::thread::spawn(move || relay(stdin, input));
+        }
+        Ok((rx, 2))
+    })();
+    match created {
+        Ok((relays_done, relays)) => Ok(Monitored {
+            sb,
+            client,
+            relays_done,
+            relays,
+        }),
+        Err(e) => {
+            sb.kill();
+            let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
+            Err(e)
+        }
+    }
+}
+
+/// The hidden `vessel monitor` command (see the module documentation).
+pub fn monitor(store: &Store, cfg: &Config, id: &str, bundle: &Path, ready_fd: RawFd) -> ExitCode {
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
+    if ready_fd < 3 || unsafe { libc::fcntl(ready_fd, libc::F_GETFD) } < 0 {
+        tracing::error!("monitor: --ready-fd {ready_fd} is not an open descriptor");
+        return ExitCode::from(1);
+    }
+    // SAFETY: the descriptor is open (checked above) and is the pipe's
+    // write end `vessel create` left to us alone; we take ownership once.
+    let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
+    let mut m = match setup(store, cfg, id, bundle) {
+        Ok(m) => m,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            let _ = writeln!(ready, "error {msg}");
+            return ExitCode::from(1);
+        }
+    };
+    let _ = writeln!(ready, "ok");
+    drop(ready);
+
+    let status = match m
+        .client
+        .set_timeout(None)
+        .and_then(|()| m.client.wait_process(id, None))
+    {
+        Ok(exit) => exit.status,
+        Err(e) => {
+            tracing::error!("{id}: waiting for the container: {e}");
+            255
+        }
+    };
+    // Let the last output through (a child holding the stream open past
+    // init's exit must not keep us here).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..m.relays {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if m.relays_done.recv_timeout(left).is_err() {
+            break;
+        }
+    }
+    if let Err(e) = m.sb.shutdown(&mut m.client, Duration::from_secs(30)) {
+        tracing::warn!("{id}: stopping the sandbox: {e}");
+    }
+    if let Ok(dir) = store.dir(id) {
+        let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
+    }
+    if let Ok(lock) = store.lock(id) {
+        if let Ok(mut s) = store.load(id) {
+            s.status = Status::Stopped;
+            s.pid = 0;
+            s.exit_status = Some(status);
+            if let Err(e) = store.save(&s, &lock) {
+                tracing::warn!("{id}: recording the exit: {e}");
+            }
+        }
+    }
+    ExitCode::from(u8::try_from(status).unwrap_or(255))
+}
