@@ -733,23 +733,33 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     if let Some(caps) = &p.caps {
         drop_bounding(st, caps);
     }
+    // Raw system calls, not libc's wrappers: musl applies setgroups and
+    // setres[ug]id to every thread of the process (__synccall), and after
+    // a raw clone3 its thread list still names the agent's threads, which
+    // do not exist here. The signal to the first of them fails, musl turns
+    // the call into a no-op that returns 1, and the step failed with a
+    // stale errno ("cannot Setgroups: No such file or directory") whenever
+    // the agent had other threads alive at clone time. The kernel call
+    // changes this (only) thread, which is all the child has.
     // SAFETY: (whole block) credential system calls with plain integers and
     // a live slice.
     unsafe {
         if p.uid != 0 && p.caps.is_some() {
             libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0);
         }
-        check(
-            st,
-            Step::Setgroups,
-            0,
-            libc::setgroups(p.additional_gids.len(), p.additional_gids.as_ptr()),
+        let r = libc::syscall(
+            libc::SYS_setgroups,
+            p.additional_gids.len(),
+            p.additional_gids.as_ptr(),
         );
+        check(st, Step::Setgroups, 0, r as libc::c_int);
         if p.gid != 0 {
-            check(st, Step::Setgid, 0, libc::setresgid(p.gid, p.gid, p.gid));
+            let r = libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid);
+            check(st, Step::Setgid, 0, r as libc::c_int);
         }
         if p.uid != 0 {
-            check(st, Step::Setuid, 0, libc::setresuid(p.uid, p.uid, p.uid));
+            let r = libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid);
+            check(st, Step::Setuid, 0, r as libc::c_int);
         }
     }
     if let Some(caps) = &p.caps {
