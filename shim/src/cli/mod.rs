@@ -358,10 +358,53 @@ pub fn run(
     if detach {
         return Ok(ExitCode::SUCCESS);
     }
+    forward_signals(store, id);
     let status = child.wait().context("waiting for the container")?;
     // Like runc: a foreground container is deleted once it exits.
     delete(store, id, true)?;
     Ok(ExitCode::from(exit_code(status)))
+}
+
+/// Signals a foreground `vessel run` forwards to the container's init.
+const FORWARDED: [i32; 6] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Blocks [`FORWARDED`] in this process and forwards each one that arrives
+/// to container `id` from a thread (like runc's foreground `run`).
+fn forward_signals(store: &Store, id: &str) {
+    // SAFETY: sigset_t is plain data; zeroed is a valid value that
+    // sigemptyset then initializes.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set is a local we own; the calls only write to it and to
+    // this thread's signal mask (inherited by the thread spawned below).
+    let blocked = unsafe {
+        libc::sigemptyset(&mut set);
+        for s in FORWARDED {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if blocked != 0 {
+        tracing::warn!("cannot forward signals to {id}");
+        return;
+    }
+    let (store, id) = (store.clone(), id.to_string());
+    std::thread::spawn(move || loop {
+        let mut sig = 0;
+        // SAFETY: sigwait reads the set we built and writes one int.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        if let Err(e) = kill(&store, &id, Some(&sig.to_string()), false) {
+            tracing::warn!("forwarding signal {sig} to {id}: {e:#}");
+        }
+    });
 }
 
 /// Whether our stdin is worth relaying (open and not /dev/null).
@@ -454,7 +497,7 @@ fn setup(store: &Store, cfg: &Config, id: &str, bundle: &Path) -> Result<Monitor
             })
             .context("creating the container")?;
         if !c.ignored.is_empty() {
-            tracing::warn!("{id}: not applied in the guest: {}", c.ignored.join(", "));
+            tracing::info!("{id}: not applied in the guest: {}", c.ignored.join(", "));
         }
         let (tx, rx) = mpsc::channel();
         let stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
