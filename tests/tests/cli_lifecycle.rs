@@ -5,7 +5,7 @@
 //! `create` + `state` + `start` + `kill KILL` -> the monitor (the pid in
 //! `--pid-file`) exits 137 and the state is `stopped`; `delete` of a running
 //! container without `--force` fails, `run --detach` + `delete --force`
-//! cleans up; bad input (missing config.json, duplicate id, start of an
+//! cleans up, a created container is deleted without `--force`; bad input (missing config.json, duplicate id, start of an
 //! unknown id) fails and leaves nothing behind; at the end no VMM of the
 //! test runs and `--root` is empty.
 //!
@@ -329,6 +329,24 @@ fn runc_lifecycle_through_the_microvm() {
     );
     assert_eq!(reap(pid, Duration::from_secs(60)), 137);
     assert!(!env.output(&["state", "force"]).status.success());
+
+    // A created container that never started is deleted without --force.
+    let pf = env.tmp.join("created.pid").to_string_lossy().into_owned();
+    let (st, err) = env.detached(&["create", "--bundle", &b, "--pid-file", &pf, "created"]);
+    assert!(st.success(), "create: {err}");
+    let pid: i32 = std::fs::read_to_string(&pf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let o = env.output(&["delete", "created"]);
+    assert!(
+        o.status.success(),
+        "delete: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    reap(pid, Duration::from_secs(60));
+    assert!(!env.output(&["state", "created"]).status.success());
 
     // Bad input fails and leaves nothing behind.
     let empty = env.tmp.join("b-empty");
