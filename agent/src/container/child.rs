@@ -687,8 +687,12 @@ fn capset(st: RawFd, caps: &CapSets) {
     if r != 0 {
         fail(st, Step::Capset, 0, errno());
     }
+    // Like runc, only what permitted and inheritable both hold is raised
+    // (the kernel refuses the rest with EPERM; runc warns and goes on):
+    // runc's default spec lists ambient capabilities without inheritable.
+    let ambient = caps.ambient & caps.permitted & caps.inheritable;
     for cap in 0..=CAP_LAST {
-        if caps.ambient & (1u64 << cap) != 0 {
+        if ambient & (1u64 << cap) != 0 {
             // SAFETY: prctl with integer arguments.
             let r = unsafe {
                 libc::prctl(
