@@ -81,7 +81,7 @@ fn boot(root: &Path, runs: usize, cmdline: &str) -> Result<()> {
         .context("cannot start vessel-vmm")?;
         let mut client = vm.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
         let host_ready = vm.started.elapsed().as_secs_f64() * 1000.0;
-        if let Some(ms) = process_cpu_ms(vm.pid()) {
+        if let Some(ms) = vessel_shim::sandbox::process_cpu_ms(vm.pid()) {
             cpu_at_ready.push(ms);
         }
         let pong = client.ping().context("ping")?;
@@ -170,22 +170,6 @@ fn boot(root: &Path, runs: usize, cmdline: &str) -> Result<()> {
         .with_context(|| format!("writing {}", out.display()))?;
     println!("written {}", out.display());
     Ok(())
-}
-
-/// User + system CPU time of process `pid` so far, in ms (from
-/// /proc/PID/stat, clock ticks of 1/100 s on Linux).
-fn process_cpu_ms(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start at ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as f64 } else { 100.0 };
-    Some((utime + stime) * 1000.0 / hz)
 }
 
 /// `bench profile [CMDLINE]`: one cold boot with the VMM's rip sampler
@@ -473,12 +457,12 @@ fn density(root: &Path, n: usize) -> Result<()> {
         .collect();
     let cpu_before: f64 = idle
         .iter()
-        .filter_map(|(vm, _)| process_cpu_ms(vm.pid()))
+        .filter_map(|(vm, _)| vessel_shim::sandbox::process_cpu_ms(vm.pid()))
         .sum();
     std::thread::sleep(Duration::from_secs(5));
     let cpu_after: f64 = idle
         .iter()
-        .filter_map(|(vm, _)| process_cpu_ms(vm.pid()))
+        .filter_map(|(vm, _)| vessel_shim::sandbox::process_cpu_ms(vm.pid()))
         .sum();
     for (mut vm, mut c) in idle {
         let _ = c.shutdown();

@@ -318,13 +318,7 @@ impl VirtioDevice for Balloon {
         let mut config = [0u8; 8];
         config[..4].copy_from_slice(&self.num_pages.to_le_bytes());
         config[4..].copy_from_slice(&self.actual.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        crate::devices::virtio::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

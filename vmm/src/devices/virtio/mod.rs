@@ -121,6 +121,19 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
 }
 
+/// Copies `config[offset..]` into `data` for a driver read of a device's
+/// configuration space; bytes beyond `config` (or an offset that does not
+/// fit) read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
 /// Whether the driver wants an interrupt for new used buffers on `q`.
 /// Without VIRTIO_F_EVENT_IDX that is the avail ring's NO_INTERRUPT flag.
 pub fn guest_wants_interrupt(mem: &GuestMemoryMmap, q: &mut Queue) -> bool {

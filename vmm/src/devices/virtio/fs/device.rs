@@ -201,13 +201,7 @@ impl VirtioDevice for VirtioFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
+        crate::devices::virtio::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
