@@ -6,13 +6,18 @@
 //! cargo xtask build        kernel + initramfs + release binaries
 //! cargo xtask install [--prefix P]   install binaries and guest artifacts (default /usr/local)
 //! cargo xtask demo         build everything and boot a microVM
-//! cargo xtask test         build everything and run the whole test suite
+//! cargo xtask test [ARGS]  build everything and run the whole test suite
+//!                          (or the targets ARGS select: `--test cli_lifecycle`)
 //! cargo xtask lint         rustfmt --check and clippy -D warnings
 //! cargo xtask bench boot [N [CMDLINE]]   cold-boot N times and print the median breakdown
 //! cargo xtask bench profile [CMDLINE]    one boot with the rip sampler, top kernel functions
+//! cargo xtask bench restore [N]          template restore to agent ready vs a cold boot
+//! cargo xtask bench density [N]          N idle sandboxes: memory, idle CPU, start slowdown
+//! cargo xtask bench run [N]              `vessel run true` vs `runc run`, and 10 concurrent
 //! ```
 
 mod bench;
+mod bench_run;
 mod build;
 mod demo;
 mod initramfs;
@@ -23,7 +28,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run]>";
 
 fn main() {
     if let Err(e) = run() {
@@ -82,20 +87,46 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// `cargo xtask test`: build the artifacts, then run every test of the workspace.
+/// `cargo xtask test [CARGO TEST ARGS]`: build the artifacts, then run every
+/// test of the workspace, or only the targets the extra arguments select
+/// (`--test cli_lifecycle`, `-p vessel-agent --lib`, ...).
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     let a = build::all(root)?;
     if !Path::new("/dev/kvm").exists() && std::env::var("VESSEL_SKIP_KVM").as_deref() != Ok("1") {
         bail!("/dev/kvm is missing: the end-to-end tests boot real microVMs (set VESSEL_SKIP_KVM=1 to skip them explicitly)");
     }
     let mut cmd = cargo();
-    cmd.current_dir(root)
-        .args(["test", "--workspace", "--all-targets"])
-        .args(extra)
+    cmd.current_dir(root).args(["test", "--workspace"]);
+    if !selects_targets(extra) {
+        cmd.arg("--all-targets");
+    }
+    cmd.args(extra)
         .env("VESSEL_VMM", &a.vmm)
         .env("VESSEL_KERNEL", &a.kernel)
         .env("VESSEL_INITRD", &a.initrd);
     run_cmd(&mut cmd)
+}
+
+/// Whether cargo test arguments name their own targets: `--all-targets` would
+/// widen the selection back to everything.
+fn selects_targets(args: &[String]) -> bool {
+    const FLAGS: [&str; 10] = [
+        "--test",
+        "--tests",
+        "--lib",
+        "--bin",
+        "--bins",
+        "--example",
+        "--examples",
+        "--bench",
+        "--benches",
+        "--doc",
+    ];
+    args.iter().take_while(|a| *a != "--").any(|a| {
+        FLAGS
+            .iter()
+            .any(|f| a == f || a.starts_with(&format!("{f}=")))
+    })
 }
 
 /// `cargo xtask lint`: formatting and clippy, warnings are errors.
@@ -147,4 +178,29 @@ fn install(root: &Path, args: &[String]) -> Result<()> {
         println!("installed {}", to.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selects_targets;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn target_flags_disable_all_targets() {
+        assert!(!selects_targets(&[]));
+        assert!(!selects_targets(&args(&["--", "--nocapture"])));
+        assert!(!selects_targets(&args(&["-p", "vessel-agent"])));
+        assert!(selects_targets(&args(&["--test", "cli_lifecycle"])));
+        assert!(selects_targets(&args(&[
+            "--test=boot",
+            "--",
+            "--nocapture"
+        ])));
+        assert!(selects_targets(&args(&["-p", "vessel-agent", "--lib"])));
+        // After `--` the words belong to the test binary.
+        assert!(!selects_targets(&args(&["--", "--test"])));
+    }
 }
