@@ -41,13 +41,20 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             density(root, n)
         }
+        Some("run") => {
+            let runs = match args.get(1) {
+                Some(n) => n.parse().context("number of runs")?,
+                None => 10,
+            };
+            crate::bench_run::run(root, runs)
+        }
         Some(other) => {
-            bail!("unknown benchmark {other:?} (available: boot, profile, restore, density)")
+            bail!("unknown benchmark {other:?} (available: boot, profile, restore, density, run)")
         }
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
