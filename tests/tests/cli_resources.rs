@@ -405,6 +405,24 @@ fn pause_resume_update_events_features() {
     assert_eq!(env.status("res"), "running");
     counter_above(&rootfs, c1, Duration::from_secs(30));
 
+    // Latencies: three more cycles, CLI process start to exit (`state`,
+    // which does not reach the guest, as the reference).
+    let mut lat: [Vec<Duration>; 4] = Default::default();
+    for i in 0..3 {
+        lat[0].push(env.ok(&["state", "res"]).1);
+        lat[1].push(env.ok(&["pause", "res"]).1);
+        lat[2].push(env.ok(&["resume", "res"]).1);
+        let limit = (20 + i).to_string();
+        lat[3].push(env.ok(&["update", "--pids-limit", &limit, "res"]).1);
+    }
+    for (name, mut l) in ["state", "pause", "resume", "update"].into_iter().zip(lat) {
+        l.sort();
+        eprintln!(
+            "latency {name}: median {:?} (min {:?}, max {:?})",
+            l[1], l[0], l[2]
+        );
+    }
+
     // kill of a paused container.
     env.ok(&["pause", "res"]);
     env.ok(&["kill", "res", "KILL"]);
