@@ -11,7 +11,10 @@
 //!    the kernel refuses changes nothing; `pause` -> `state` says paused
 //!    and the counter stops; `resume` -> it advances again; a second pause,
 //!    then `kill KILL` of the paused container -> the monitor exits 137.
-//! 2. `res2` (`sleep`) is paused and removed with `delete --force`.
+//! 2. In `res2`, a background subshell holds a 2 MiB string; `update
+//!    --memory 1m` makes the kernel reclaim and then OOM-kill it (init,
+//!    small, survives): the `events` stream prints an `oom` line. Then
+//!    `res2` is paused and removed with `delete --force`.
 //!
 //! Errors: unknown id for every command, pause/resume/update/events of a
 //! stopped container, resume of a running one, a second pause. At the end
@@ -43,9 +46,16 @@ const APPLETS: [&str; 4] = ["sh", "mkfifo", "sleep", "cat"];
 const COUNTER: &str = "mkfifo /tmp/tick; i=0; while true; do i=$((i+1)); \
                        echo $i > /count; read -t 1 x <> /tmp/tick; done";
 
+/// `res2`: a background subshell builds a 2 MiB string, says so in
+/// `/big`, and waits; init waits too.
+const BIG: &str = "mkfifo /tmp/tick; (x=aaaaaaaaaaaaaaaa; i=0; \
+                   while [ $i -lt 17 ]; do x=$x$x; i=$((i+1)); done; echo ok > /big; \
+                   while true; do read -t 1 y <> /tmp/tick; done) & \
+                   while true; do read -t 1 y <> /tmp/tick; done";
+
 /// A small `config.json` (pid + mount namespaces, writable root) running
 /// `args` in the busybox root file system at `rootfs`.
-fn spec(rootfs: &Path, args: &[&str]) -> Value {
+fn spec(rootfs: &Path, args: &[&str], resources: Value) -> Value {
     json!({
         "ociVersion": "1.0.2",
         "root": {"path": rootfs, "readonly": false},
@@ -63,7 +73,7 @@ fn spec(rootfs: &Path, args: &[&str]) -> Value {
         ],
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "mount"}],
-            "resources": {"pids": {"limit": 64}}
+            "resources": resources
         }
     })
 }
@@ -127,7 +137,7 @@ impl Env {
     }
 
     /// A bundle named `name` with its own copy of the root file system.
-    fn bundle(&self, name: &str, args: &[&str]) -> (String, PathBuf) {
+    fn bundle(&self, name: &str, args: &[&str], resources: Value) -> (String, PathBuf) {
         let dir = self.tmp.join(name);
         let rootfs = dir.join("rootfs");
         for d in ["bin", "proc", "dev", "tmp"] {
@@ -139,7 +149,7 @@ impl Env {
         }
         std::fs::write(
             dir.join("config.json"),
-            serde_json::to_vec_pretty(&spec(&rootfs, args)).unwrap(),
+            serde_json::to_vec_pretty(&spec(&rootfs, args, resources)).unwrap(),
         )
         .unwrap();
         (dir.to_string_lossy().into_owned(), rootfs)
@@ -169,6 +179,43 @@ impl Env {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// A running `vessel events` whose JSON lines arrive on a channel.
+struct EventStream {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<Value>,
+}
+
+impl EventStream {
+    fn start(env: &Env, args: &[&str]) -> EventStream {
+        let mut child = env.cmd(args).stdout(Stdio::piped()).spawn().unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<Value>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&line).expect("event JSON");
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        EventStream { child, lines }
+    }
+
+    fn next(&self, timeout: Duration) -> Value {
+        self.lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("no event line within {timeout:?}: {e}"))
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -319,7 +366,11 @@ fn pause_resume_update_events_features() {
     assert!(err.contains("invalid size"), "{err}");
 
     // The counter container (the first run builds the template).
-    let (b, rootfs) = env.bundle("b-res", &["sh", "-c", COUNTER]);
+    let (b, rootfs) = env.bundle(
+        "b-res",
+        &["sh", "-c", COUNTER],
+        json!({"pids": {"limit": 64}}),
+    );
     let pf = env.tmp.join("res.pid");
     let t = Instant::now();
     let (st, err) = env.detached(&[
@@ -348,23 +399,12 @@ fn pause_resume_update_events_features() {
     );
     assert!(data["pids"]["current"].as_u64().unwrap_or(0) >= 1, "{data}");
     assert_eq!(data["pids"]["limit"], 64);
-    let stream = env
-        .cmd(&["events", "--interval", "1s", "res"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(3500));
-    // SAFETY: kill(2) of the child we just spawned (not reaped yet).
-    unsafe { libc::kill(stream.id() as i32, libc::SIGTERM) };
-    let out = stream.wait_with_output().unwrap();
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("event JSON"))
-        .collect();
-    assert!(lines.len() >= 2, "{lines:?}");
-    assert!(lines
-        .iter()
-        .all(|l| l["type"] == "stats" && l["id"] == "res"));
+    let stream = EventStream::start(&env, &["events", "--interval", "1s", "res"]);
+    for _ in 0..2 {
+        let l = stream.next(Duration::from_secs(30));
+        assert!(l["type"] == "stats" && l["id"] == "res", "{l}");
+    }
+    drop(stream);
 
     // update: new limits show up; a refused value changes nothing.
     let (_, took) = env.ok(&["update", "--pids-limit", "7", "--memory", "48m", "res"]);
@@ -442,8 +482,13 @@ fn pause_resume_update_events_features() {
     }
     env.ok(&["delete", "res"]);
 
-    // delete --force of a paused container.
-    let (b, _) = env.bundle("b-sleep", &["sleep", "1000"]);
+    // An OOM kill in the container is an `oom` event; then delete --force
+    // of the paused container.
+    let (b, rootfs) = env.bundle(
+        "b-oom",
+        &["sh", "-c", BIG],
+        json!({"memory": {"limit": 64 << 20}}),
+    );
     let pf = env.tmp.join("res2.pid");
     let (st, err) = env.detached(&[
         "run",
@@ -456,8 +501,41 @@ fn pause_resume_update_events_features() {
     ]);
     assert!(st.success(), "run -d: {err}");
     let pid = read_pid(&pf);
+    let t = Instant::now();
+    while !rootfs.join("big").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "the 2 MiB string was not built"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("2 MiB string built in {:?}", t.elapsed());
+    let stream = EventStream::start(&env, &["events", "--interval", "60s", "res2"]);
+    // The first stats line: the OOM count has its baseline.
+    let first = stream.next(Duration::from_secs(60));
+    assert_eq!(first["type"], "stats", "{first}");
+    assert_eq!(first["data"]["memory"]["usage"]["limit"], 64 << 20);
+    let used = first["data"]["memory"]["usage"]["usage"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(used > 2 << 20, "memory in use: {used}");
+    let t = Instant::now();
+    let (_, took) = env.ok(&["update", "--memory", "1m", "res2"]);
+    eprintln!("update --memory 1m (reclaim + OOM kill in the guest): {took:?}");
+    let oom = loop {
+        let v = stream.next(Duration::from_secs(60));
+        if v["type"] == "oom" {
+            break v;
+        }
+    };
+    eprintln!("oom event {:?} after the update began", t.elapsed());
+    assert_eq!(oom["id"], "res2");
+    drop(stream);
+    assert_eq!(env.status("res2"), "running");
+    let (data, _) = env.stats("res2");
+    assert!(data["memory"]["raw"].is_object(), "{data}");
     let (_, took) = env.ok(&["pause", "res2"]);
-    eprintln!("pause (sleep): {took:?}");
+    eprintln!("pause (after the OOM): {took:?}");
     assert_eq!(env.status("res2"), "paused");
     let err = env.fails(&["delete", "res2"]);
     assert!(err.contains("not stopped"), "{err}");
