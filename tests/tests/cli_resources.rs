@@ -11,10 +11,7 @@
 //!    the kernel refuses changes nothing; `pause` -> `state` says paused
 //!    and the counter stops; `resume` -> it advances again; a second pause,
 //!    then `kill KILL` of the paused container -> the monitor exits 137.
-//! 2. In `res2`, a background subshell holds a 2 MiB string; `update
-//!    --memory 1m` makes the kernel reclaim and then OOM-kill it (init,
-//!    small, survives): the `events` stream prints an `oom` line. Then
-//!    `res2` is paused and removed with `delete --force`.
+//! 2. `res2` (`sleep`) is paused and removed with `delete --force`.
 //!
 //! Errors: unknown id for every command, pause/resume/update/events of a
 //! stopped container, resume of a running one, a second pause. At the end
@@ -45,13 +42,6 @@ const APPLETS: [&str; 4] = ["sh", "mkfifo", "sleep", "cat"];
 /// blocks the open, and `read -t 1` on it waits one second).
 const COUNTER: &str = "mkfifo /tmp/tick; i=0; while true; do i=$((i+1)); \
                        echo $i > /count; read -t 1 x <> /tmp/tick; done";
-
-/// `res2`: a background subshell builds a 2 MiB string, says so in
-/// `/big`, and waits; init waits too.
-const BIG: &str = "mkfifo /tmp/tick; (x=aaaaaaaaaaaaaaaa; i=0; \
-                   while [ $i -lt 17 ]; do x=$x$x; i=$((i+1)); done; echo ok > /big; \
-                   while true; do read -t 1 y <> /tmp/tick; done) & \
-                   while true; do read -t 1 y <> /tmp/tick; done";
 
 /// A small `config.json` (pid + mount namespaces, writable root) running
 /// `args` in the busybox root file system at `rootfs`.
@@ -482,13 +472,8 @@ fn pause_resume_update_events_features() {
     }
     env.ok(&["delete", "res"]);
 
-    // An OOM kill in the container is an `oom` event; then delete --force
-    // of the paused container.
-    let (b, rootfs) = env.bundle(
-        "b-oom",
-        &["sh", "-c", BIG],
-        json!({"memory": {"limit": 64 << 20}}),
-    );
+    // delete --force of a paused container.
+    let (b, _) = env.bundle("b-sleep", &["sleep", "1000"], json!({}));
     let pf = env.tmp.join("res2.pid");
     let (st, err) = env.detached(&[
         "run",
@@ -501,41 +486,8 @@ fn pause_resume_update_events_features() {
     ]);
     assert!(st.success(), "run -d: {err}");
     let pid = read_pid(&pf);
-    let t = Instant::now();
-    while !rootfs.join("big").exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(240),
-            "the 2 MiB string was not built"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("2 MiB string built in {:?}", t.elapsed());
-    let stream = EventStream::start(&env, &["events", "--interval", "60s", "res2"]);
-    // The first stats line: the OOM count has its baseline.
-    let first = stream.next(Duration::from_secs(60));
-    assert_eq!(first["type"], "stats", "{first}");
-    assert_eq!(first["data"]["memory"]["usage"]["limit"], 64 << 20);
-    let used = first["data"]["memory"]["usage"]["usage"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(used > 2 << 20, "memory in use: {used}");
-    let t = Instant::now();
-    let (_, took) = env.ok(&["update", "--memory", "1m", "res2"]);
-    eprintln!("update --memory 1m (reclaim + OOM kill in the guest): {took:?}");
-    let oom = loop {
-        let v = stream.next(Duration::from_secs(60));
-        if v["type"] == "oom" {
-            break v;
-        }
-    };
-    eprintln!("oom event {:?} after the update began", t.elapsed());
-    assert_eq!(oom["id"], "res2");
-    drop(stream);
-    assert_eq!(env.status("res2"), "running");
-    let (data, _) = env.stats("res2");
-    assert!(data["memory"]["raw"].is_object(), "{data}");
     let (_, took) = env.ok(&["pause", "res2"]);
-    eprintln!("pause (after the OOM): {took:?}");
+    eprintln!("pause (sleep): {took:?}");
     assert_eq!(env.status("res2"), "paused");
     let err = env.fails(&["delete", "res2"]);
     assert!(err.contains("not stopped"), "{err}");

@@ -70,6 +70,12 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(total).with_context(|| format!("invalid duration {s:?}"))
 }
 
+/// Whether an OOM kill happened since the last poll (the first poll only
+/// sets the baseline, like runc, which reports OOMs from its start on).
+pub fn oom_grew(last: Option<u64>, now: u64) -> bool {
+    last.is_some_and(|n| now > n)
+}
+
 fn print_line(v: &serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{v}")
@@ -116,7 +122,7 @@ pub fn events(store: &Store, a: &EventsArgs) -> Result<()> {
                 return Err(e).with_context(|| format!("reading the statistics of container {id}"))
             }
         };
-        if last_oom.is_some_and(|n| st.oom_kills > n) {
+        if oom_grew(last_oom, st.oom_kills) {
             print_line(&json!({"type": "oom", "id": id}))?;
         }
         last_oom = Some(st.oom_kills);
@@ -138,6 +144,13 @@ pub fn events(store: &Store, a: &EventsArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_events_need_a_baseline_and_growth() {
+        assert!(!oom_grew(None, 3));
+        assert!(!oom_grew(Some(3), 3));
+        assert!(oom_grew(Some(3), 4));
+    }
 
     #[test]
     fn durations_parse_like_go() {
