@@ -499,6 +499,22 @@ pub fn dispatch_request(req: Request, ctx: &Context) -> (Response, After<'_>) {
             answer(containers.resize(&r).map(|()| ResponseBody::Resized)),
             None,
         ),
+        RequestBody::PauseContainer(r) => (
+            answer(containers.pause(&r).map(|()| ResponseBody::Paused)),
+            None,
+        ),
+        RequestBody::ResumeContainer(r) => (
+            answer(containers.resume(&r).map(|()| ResponseBody::Resumed)),
+            None,
+        ),
+        RequestBody::UpdateContainer(r) => (
+            answer(containers.update(&r).map(|()| ResponseBody::Updated)),
+            None,
+        ),
+        RequestBody::ContainerStats(r) => (
+            answer(containers.stats(&r).map(ResponseBody::ContainerStats)),
+            None,
+        ),
         // Handled in `handle_connection` (it takes the connection over);
         // reaching here means it came through `dispatch` alone.
         RequestBody::AttachStdio(_) => (

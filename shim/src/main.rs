@@ -2,10 +2,10 @@
 //!
 //! Engines (podman, docker, conmon, containerd's runc shim) call it with
 //! runc's global flags and commands. `create`, `start`, `run`, `state`,
-//! `list`, `kill`, `delete` and `spec` work (see `cli`); terminal
-//! containers (`--console-socket`), `exec`, `ps`, `pause`, `resume`,
-//! `update`, `events` and `features` are accepted with runc's flags and fail
-//! with a clear error until they land (see README).
+//! `list`, `kill`, `delete`, `spec`, `pause`, `resume`, `update`, `events`
+//! and `features` work (see `cli`); terminal containers
+//! (`--console-socket`), `exec` and `ps` are accepted with runc's flags and
+//! fail with a clear error until they land (see README).
 
 mod cli;
 
@@ -172,21 +172,9 @@ enum Command {
         id: String,
     },
     /// Change a container's resource limits.
-    Update {
-        /// Container id.
-        id: String,
-        /// Resources JSON ("-" for stdin).
-        #[arg(long, short = 'r')]
-        resources: Option<PathBuf>,
-    },
+    Update(cli::resources::UpdateArgs),
     /// Container events and statistics.
-    Events {
-        /// Container id.
-        id: String,
-        /// Print statistics once.
-        #[arg(long)]
-        stats: bool,
-    },
+    Events(cli::events::EventsArgs),
     /// Write a default config.json.
     Spec {
         /// Bundle directory.
@@ -389,11 +377,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Kill { id, signal, all } => ok(cli::kill(&store, id, signal.as_deref(), *all)),
         Command::Exec { .. } => ok(not_yet("exec")),
         Command::Ps { .. } => ok(not_yet("ps")),
-        Command::Pause { .. } => ok(not_yet("pause")),
-        Command::Resume { .. } => ok(not_yet("resume")),
-        Command::Update { .. } => ok(not_yet("update")),
-        Command::Events { .. } => ok(not_yet("events")),
-        Command::Features => ok(not_yet("features")),
+        Command::Pause { id } => ok(cli::resources::pause(&store, id)),
+        Command::Resume { id } => ok(cli::resources::resume(&store, id)),
+        Command::Update(a) => ok(cli::resources::update(&store, a)),
+        Command::Events(a) => ok(cli::events::events(&store, a)),
+        Command::Features => ok(cli::features::features()),
         Command::Template(t) => ok(template(&Config::load(cli.config.as_deref())?, t)),
     }
 }

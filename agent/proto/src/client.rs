@@ -17,6 +17,7 @@ use crate::messages::{
     ErrorReply, FileData, MountRequest, PingReply, ReadFileRequest, Request, RequestBody, Response,
     ResponseBody, RestoredRequest, WriteFileRequest,
 };
+use crate::resources::{ContainerStats, ResourcesUpdate, UpdateContainerRequest};
 
 /// Longest handshake answer line accepted (`OK 4294967295` is 13 bytes).
 const MAX_HANDSHAKE_LINE: usize = 64;
@@ -426,6 +427,65 @@ impl AgentClient {
             RequestBody::ResizeTerminal(req),
             |b| match b {
                 ResponseBody::Resized => Ok(()),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `PauseContainer`: freezes every process of the container.
+    pub fn pause_container(&mut self, id: &str) -> Result<(), ClientError> {
+        let r = ContainerRef { id: id.into() };
+        self.expect(
+            "PauseContainer",
+            RequestBody::PauseContainer(r),
+            |b| match b {
+                ResponseBody::Paused => Ok(()),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `ResumeContainer`: thaws a paused container.
+    pub fn resume_container(&mut self, id: &str) -> Result<(), ClientError> {
+        let r = ContainerRef { id: id.into() };
+        self.expect(
+            "ResumeContainer",
+            RequestBody::ResumeContainer(r),
+            |b| match b {
+                ResponseBody::Resumed => Ok(()),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `UpdateContainer`: applies every limit in `resources`, or none.
+    pub fn update_container(
+        &mut self,
+        id: &str,
+        resources: ResourcesUpdate,
+    ) -> Result<(), ClientError> {
+        let r = UpdateContainerRequest {
+            id: id.into(),
+            resources,
+        };
+        self.expect(
+            "UpdateContainer",
+            RequestBody::UpdateContainer(r),
+            |b| match b {
+                ResponseBody::Updated => Ok(()),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `ContainerStats`: cgroup statistics and the OOM kill count.
+    pub fn container_stats(&mut self, id: &str) -> Result<ContainerStats, ClientError> {
+        let r = ContainerRef { id: id.into() };
+        self.expect(
+            "ContainerStats",
+            RequestBody::ContainerStats(r),
+            |b| match b {
+                ResponseBody::ContainerStats(s) => Ok(s),
                 other => Err(Box::new(other)),
             },
         )

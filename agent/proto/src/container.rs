@@ -155,6 +155,8 @@ pub enum ContainerStatus {
     Running,
     /// Init has exited.
     Stopped,
+    /// Frozen (`PauseContainer`) until `ResumeContainer`.
+    Paused,
 }
 
 /// Answer to `State`.

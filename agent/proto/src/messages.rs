@@ -28,6 +28,7 @@ use crate::container::{
     DeleteContainerRequest, ExecProcessRequest, ProcessExit, ProcessRef, ResizeTerminalRequest,
     SignalProcessRequest,
 };
+use crate::resources::{ContainerStats, UpdateContainerRequest};
 
 /// A request from the host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +91,16 @@ pub enum RequestBody {
     AttachStdio(AttachStdioRequest),
     /// Set a process's terminal size; answered with `Resized`.
     ResizeTerminal(ResizeTerminalRequest),
+    /// Freeze a running container (cgroup v2 freezer); answered with
+    /// `Paused`.
+    PauseContainer(ContainerRef),
+    /// Thaw a paused container; answered with `Resumed`.
+    ResumeContainer(ContainerRef),
+    /// Change a container's cgroup limits (all or nothing); answered with
+    /// `Updated`.
+    UpdateContainer(UpdateContainerRequest),
+    /// A container's cgroup statistics; answered with `ContainerStats`.
+    ContainerStats(ContainerRef),
 }
 
 /// Smallest entropy a `Restored` request must carry.
@@ -230,6 +241,14 @@ pub enum ResponseBody {
     Resized,
     /// The request failed or was not understood.
     Error(ErrorReply),
+    /// Answer to `PauseContainer`: every process is frozen.
+    Paused,
+    /// Answer to `ResumeContainer`: thawed.
+    Resumed,
+    /// Answer to `UpdateContainer`.
+    Updated,
+    /// Answer to `ContainerStats`.
+    ContainerStats(ContainerStats),
 }
 
 /// Error classes.

@@ -119,7 +119,8 @@ impl Cgroup {
         self.dir.as_raw_fd()
     }
 
-    fn open_at(&self, file: &str, flags: libc::c_int) -> std::io::Result<std::fs::File> {
+    /// Opens one file of the cgroup (`O_CLOEXEC` is added).
+    pub fn open_at(&self, file: &str, flags: libc::c_int) -> std::io::Result<std::fs::File> {
         let name =
             CString::new(file).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: openat relative to our directory fd with a NUL-terminated

@@ -13,7 +13,9 @@
 pub mod cgroup;
 pub mod child;
 pub mod oci;
+pub mod resources;
 pub mod spec;
+pub mod stats;
 pub mod stdio;
 
 use std::collections::HashMap;
@@ -87,6 +89,8 @@ struct Inner {
     /// Read end of init's status pipe, until started.
     status: Option<OwnedFd>,
     execs: HashMap<String, Proc>,
+    /// Frozen by `PauseContainer` (see [`resources`]).
+    paused: bool,
 }
 
 /// One container.
@@ -113,6 +117,8 @@ impl Container {
     fn status(&self, inner: &Inner) -> ContainerStatus {
         if self.init.exit.get().is_some() {
             ContainerStatus::Stopped
+        } else if inner.paused {
+            ContainerStatus::Paused
         } else if inner.started {
             ContainerStatus::Running
         } else {
@@ -404,6 +410,7 @@ impl Containers {
                 start: Some(start),
                 status: Some(status),
                 execs: HashMap::new(),
+                paused: false,
             }),
         };
         let created = ContainerCreated {
@@ -619,12 +626,17 @@ impl Containers {
         {
             let mut inner = c.lock();
             let status = c.status(&inner);
-            if status == ContainerStatus::Running && !req.force {
+            if matches!(status, ContainerStatus::Running | ContainerStatus::Paused) && !req.force {
                 return Err(reply(
                     ErrorCode::FailedPrecondition,
                     format!(
-                        "container {} is running: stop it first or delete it with force",
-                        c.id
+                        "container {} is {}: stop it first or delete it with force",
+                        c.id,
+                        if status == ContainerStatus::Paused {
+                            "paused"
+                        } else {
+                            "running"
+                        }
                     ),
                 ));
             }
@@ -633,6 +645,12 @@ impl Containers {
             inner.status = None;
             if status != ContainerStatus::Stopped {
                 let _ = c.cgroup.signal_all(libc::SIGKILL);
+            }
+            // SIGKILL ends frozen processes too; thaw anyway so that
+            // nothing stays frozen should a kill have failed.
+            if inner.paused {
+                resources::thaw_after_kill(&c.cgroup);
+                inner.paused = false;
             }
         }
         c.init.exit.wait();

@@ -15,6 +15,10 @@
 //! `<root>/<id>/` holds the state, the lock, the VM's sockets
 //! (`vsock.sock`, `api.sock`), its logs and `vmm.pid`.
 
+pub mod events;
+pub mod features;
+pub mod resources;
+
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
