@@ -1,6 +1,7 @@
 //! seccomp in containers, against one booted microVM with a busybox root
-//! filesystem over virtio-fs. Two container starts and one exec:
+//! filesystem over virtio-fs. Three container starts and one exec:
 //!
+//! 0. No filter: the baseline of a dd doing 2000 system calls.
 //! 1. Docker's default profile (`tests/data/seccomp-docker-default.json`,
 //!    rendered from moby's `profiles/seccomp/default.json` for a container
 //!    with Docker's default capabilities by `tests/data/render-docker-seccomp.py`),
@@ -36,9 +37,14 @@ use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_
 /// Where the test mounts the rootfs share in the guest.
 const ROOTFS: &str = "/run/rootfs";
 
-const APPLETS: [&str; 12] = [
+const APPLETS: [&str; 13] = [
     "sh", "cat", "echo", "sleep", "ls", "grep", "mkdir", "mount", "unshare", "sync", "true", "id",
+    "dd",
 ];
+
+/// 1000 one-byte reads and writes: the cost of the filter per system call
+/// (busybox dd reports its own duration).
+const DD: &str = "dd if=/dev/zero of=/dev/null bs=1 count=1000";
 
 /// Docker's default capabilities.
 const DEFAULT_CAPS: [&str; 14] = [
@@ -194,6 +200,13 @@ fn read_guest(c: &mut AgentClient, path: &str) -> Result<String, ClientError> {
     .map(|d| String::from_utf8_lossy(&d.data).into_owned())
 }
 
+/// The duration dd reported ("..., 0.51 seconds, ...").
+fn dd_seconds(out: &str) -> Option<f64> {
+    let l = out.lines().find(|l| l.contains(" copied, "))?;
+    let after = l.split(" copied, ").nth(1)?;
+    after.split_whitespace().next()?.parse().ok()
+}
+
 fn docker_profile() -> Value {
     let path = vessel_tests::workspace_root().join("tests/data/seccomp-docker-default.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
@@ -202,6 +215,7 @@ fn docker_profile() -> Value {
 
 /// The workload run under Docker's profile; every step prints a marker.
 const WORKLOAD: &str = "exec 2>&1
+dd if=/dev/zero of=/dev/null bs=1 count=1000
 ls / >/dev/null && echo LS=ok
 grep '^Seccomp' /proc/self/status
 i=0; while [ $i -lt 20 ]; do i=$((i+1)); done; echo LOOP=$i
@@ -235,6 +249,22 @@ fn seccomp_profiles_apply_in_containers() {
     let mounts_before = read_guest(&mut c, "/proc/self/mountinfo").expect("mountinfo");
     let mut ids: Vec<String> = Vec::new();
 
+    // 0. Baseline without a filter: dd's time per system call.
+    let id = "plain";
+    let mut s = spec(&["sh", "-c", &format!("exec 2>&1; {DD}")], json!(null));
+    s["linux"].as_object_mut().expect("linux").remove("seccomp");
+    let out = drain(attach_stdout(&vm, id, None));
+    c.create_container(create_req(id, s, true))
+        .unwrap_or_else(|e| panic!("create {id}: {e}"));
+    c.start_container(id)
+        .unwrap_or_else(|e| panic!("start {id}: {e}"));
+    let exit = c.wait_process(id, None).expect("wait plain");
+    c.delete_container(id, false).expect("delete plain");
+    let got = out.join().unwrap();
+    assert_eq!(exit.status, 0, "{got}");
+    let dd_plain = dd_seconds(&got);
+    ids.push(id.into());
+
     // 1. Docker's default profile: the workload works, unshare is refused.
     let id = "docker";
     let mut out = attach_stdout(&vm, id, None);
@@ -253,6 +283,7 @@ fn seccomp_profiles_apply_in_containers() {
         t.elapsed()
     );
     assert_eq!(line(&got, "LS="), "LS=ok");
+    let dd_docker = dd_seconds(&got);
     // Seccomp: 2 (filter mode), one filter.
     assert_eq!(
         line(&got, "Seccomp:").split_whitespace().nth(1),
@@ -323,7 +354,7 @@ fn seccomp_profiles_apply_in_containers() {
         &[
             "sh",
             "-c",
-            "exec 2>&1; mkdir /tmp/x; echo MKDIR=$?; echo BEFORE_SYNC; exec sync",
+            &format!("exec 2>&1; {DD}; mkdir /tmp/x; echo MKDIR=$?; echo BEFORE_SYNC; exec sync"),
         ],
         deny,
     );
@@ -342,6 +373,10 @@ fn seccomp_profiles_apply_in_containers() {
     assert!(got.contains("BEFORE_SYNC"), "{got}");
     assert_eq!((exit.status, exit.signal), (159, Some(31)), "{got}");
     ids.push(id.into());
+    eprintln!(
+        "dd, 1000 x (read + write), seconds: no filter {dd_plain:?}, deny-list {:?}, docker default {dd_docker:?}",
+        dd_seconds(&got)
+    );
 
     // 3. Invalid profiles: create fails, nothing is left behind.
     let bad = |syscalls: Value| json!({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": syscalls});
