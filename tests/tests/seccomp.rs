@@ -37,14 +37,14 @@ use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_
 /// Where the test mounts the rootfs share in the guest.
 const ROOTFS: &str = "/run/rootfs";
 
-const APPLETS: [&str; 13] = [
+const APPLETS: [&str; 14] = [
     "sh", "cat", "echo", "sleep", "ls", "grep", "mkdir", "mount", "unshare", "sync", "true", "id",
-    "dd",
+    "dd", "time",
 ];
 
 /// 1000 one-byte reads and writes: the cost of the filter per system call
-/// (busybox dd reports its own duration).
-const DD: &str = "dd if=/dev/zero of=/dev/null bs=1 count=1000";
+/// (busybox `time` prints `real\t0m 1.23s`).
+const DD: &str = "time dd if=/dev/zero of=/dev/null bs=1 count=1000";
 
 /// Docker's default capabilities.
 const DEFAULT_CAPS: [&str; 14] = [
@@ -200,11 +200,13 @@ fn read_guest(c: &mut AgentClient, path: &str) -> Result<String, ClientError> {
     .map(|d| String::from_utf8_lossy(&d.data).into_owned())
 }
 
-/// The duration dd reported ("..., 0.51 seconds, ...").
+/// The duration `time` reported (`real\t0m 1.23s`).
 fn dd_seconds(out: &str) -> Option<f64> {
-    let l = out.lines().find(|l| l.contains(" copied, "))?;
-    let after = l.split(" copied, ").nth(1)?;
-    after.split_whitespace().next()?.parse().ok()
+    let l = out.lines().find(|l| l.starts_with("real"))?;
+    let mut w = l.split_whitespace().skip(1);
+    let min: f64 = w.next()?.strip_suffix('m')?.parse().ok()?;
+    let sec: f64 = w.next()?.strip_suffix('s')?.parse().ok()?;
+    Some(min * 60.0 + sec)
 }
 
 fn docker_profile() -> Value {
@@ -215,7 +217,7 @@ fn docker_profile() -> Value {
 
 /// The workload run under Docker's profile; every step prints a marker.
 const WORKLOAD: &str = "exec 2>&1
-dd if=/dev/zero of=/dev/null bs=1 count=1000
+time dd if=/dev/zero of=/dev/null bs=1 count=1000
 ls / >/dev/null && echo LS=ok
 grep '^Seccomp' /proc/self/status
 i=0; while [ $i -lt 20 ]; do i=$((i+1)); done; echo LOOP=$i
