@@ -301,3 +301,141 @@ fn a_loaded_filter_denies_with_the_errno() {
     assert_eq!(libc::WEXITSTATUS(status), 42);
     assert!(!std::path::Path::new(dir.to_str().unwrap()).exists());
 }
+
+/// A tiny deterministic PRNG (xorshift64*), to avoid a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Random profiles: the compiled program against a direct evaluation of
+/// the same rules, for every call number and a few argument vectors
+/// (checks the runs, the search tree, the chains and the trampolines).
+#[test]
+fn random_profiles_match_a_direct_evaluation() {
+    let mut rng = Rng(0x5eed_cafe_f00d_1234);
+    let actions = [
+        ("SCMP_ACT_ALLOW", None),
+        ("SCMP_ACT_ERRNO", Some(38)),
+        ("SCMP_ACT_ERRNO", None),
+        ("SCMP_ACT_KILL_PROCESS", None),
+        ("SCMP_ACT_LOG", None),
+        ("SCMP_ACT_TRAP", None),
+    ];
+    let ops = [
+        "SCMP_CMP_EQ",
+        "SCMP_CMP_NE",
+        "SCMP_CMP_LT",
+        "SCMP_CMP_LE",
+        "SCMP_CMP_GT",
+        "SCMP_CMP_GE",
+        "SCMP_CMP_MASKED_EQ",
+    ];
+    let values = [0u64, 1, 2, 0xffff_ffff, 0x1_0000_0000, u64::MAX];
+    // Numbers in a few dense clusters, so that runs touch each other.
+    let pool: Vec<(&str, u32)> = syscalls::X86_64
+        .iter()
+        .copied()
+        .filter(|(_, n)| *n < 40 || (200..230).contains(n) || *n > 430)
+        .collect();
+    let mut longest = 0;
+    for round in 0..60 {
+        let (default_name, default_errno) = actions[rng.below(actions.len())];
+        let mut rules = Vec::new();
+        for _ in 0..(1 + rng.below(if round % 10 == 0 { 300 } else { 25 })) {
+            let names: Vec<&str> = (0..1 + rng.below(4))
+                .map(|_| pool[rng.below(pool.len())].0)
+                .collect();
+            let (a, e) = actions[rng.below(actions.len())];
+            let args: Vec<Value> = (0..rng.below(3))
+                .map(|_| {
+                    json!({"index": rng.below(3), "value": values[rng.below(values.len())],
+                           "valueTwo": values[rng.below(values.len())],
+                           "op": ops[rng.below(ops.len())]})
+                })
+                .collect();
+            let mut r = json!({"names": names, "action": a, "args": args});
+            if let Some(e) = e {
+                r["errnoRet"] = json!(e);
+            }
+            rules.push(r);
+        }
+        let mut profile = json!({"defaultAction": default_name, "syscalls": rules});
+        if let Some(e) = default_errno {
+            profile["defaultErrnoRet"] = json!(e);
+        }
+        let f = compile(&profile).unwrap_or_else(|e| panic!("{profile}: {e}"));
+        longest = longest.max(f.program().len());
+        let parsed: Profile = serde_json::from_value(profile.clone()).unwrap();
+        let default = action(&parsed.default_action, parsed.default_errno_ret, "").unwrap();
+        let rules: Vec<(Vec<u32>, u32, Vec<Arg>)> = parsed
+            .syscalls
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| {
+                (
+                    r.names.unwrap_or_default().iter().map(|n| nr(n)).collect(),
+                    action(&r.action, r.errno_ret, "").unwrap(),
+                    r.args.unwrap_or_default(),
+                )
+            })
+            .filter(|(_, a, _)| *a != default)
+            .collect();
+        let holds = |c: &Arg, args: &[u64; 6]| {
+            let a = args[c.index as usize];
+            match c.op {
+                Op::Eq => a == c.value,
+                Op::Ne => a != c.value,
+                Op::Lt => a < c.value,
+                Op::Le => a <= c.value,
+                Op::Gt => a > c.value,
+                Op::Ge => a >= c.value,
+                Op::MaskedEq => a & c.value == c.value_two,
+            }
+        };
+        let expect = |n: u32, args: &[u64; 6]| -> u32 {
+            let mine = rules.iter().filter(|(names, _, _)| names.contains(&n));
+            for (_, act, conds) in mine.clone().filter(|(_, _, c)| !c.is_empty()) {
+                let same_index = conds
+                    .iter()
+                    .enumerate()
+                    .any(|(j, a)| conds[..j].iter().any(|b| b.index == a.index));
+                let m = if same_index {
+                    conds.iter().any(|c| holds(c, args))
+                } else {
+                    conds.iter().all(|c| holds(c, args))
+                };
+                if m {
+                    return *act;
+                }
+            }
+            mine.clone()
+                .find(|(_, _, c)| c.is_empty())
+                .map_or(default, |(_, a, _)| *a)
+        };
+        let arg_sets: Vec<[u64; 6]> = (0..6)
+            .map(|_| std::array::from_fn(|_| values[rng.below(values.len())]))
+            .collect();
+        for n in 0..470 {
+            for args in &arg_sets {
+                assert_eq!(
+                    eval(&f, n, *args),
+                    expect(n, args),
+                    "round {round}, nr {n}, args {args:x?}, profile {profile}"
+                );
+            }
+        }
+    }
+    // Long enough for jumps beyond 255 instructions (trampolines).
+    assert!(longest > 1000, "longest program {longest}");
+}
