@@ -16,11 +16,12 @@
 //!    get `ERRNO(ENOSYS)`, what the kernel would answer without IA32).
 //! 2. x32 calls (`nr & 0x40000000`) -> `KILL_PROCESS`, or `ERRNO(ENOSYS)`
 //!    when the profile lists `SCMP_ARCH_X32` (we have no x32 table and the
-//!    guest kernel no x32 ABI).
+//!    guest kernel no x32 ABI); `nr == -1` (a tracer skipped the call)
+//!    gets the default action.
 //! 3. A binary search (`jge`) over runs of consecutive system call numbers
 //!    with the same outcome (gaps take the default action): leaves are a
 //!    `ret` or, for calls with argument rules, a chain of comparisons.
-//!    Docker's default profile: ~150 instructions, ~12 executed per call.
+//!    Docker's default profile: 170 instructions, 11 executed per allowed call on average (17 at most).
 //!
 //! Semantics, following runc + libseccomp: names unknown to the x86_64
 //! table are skipped; a rule whose action equals the default action is
@@ -375,6 +376,14 @@ pub fn compile(value: &Value) -> Result<Filter, SeccompError> {
     asm.mark(tree);
     emit_tree(&mut asm, &runs, &complex, default);
     asm.mark(x32_label);
+    // -1: a tracer skipping the call (seen by seccomp after ptrace since
+    // Linux 4.8); no rule names it, so the default action, as libseccomp.
+    let skipped = asm.label();
+    let not_skipped = asm.label();
+    asm.jump(JEQ, u32::MAX, skipped, not_skipped);
+    asm.mark(skipped);
+    asm.ret(default);
+    asm.mark(not_skipped);
     asm.ret(if x32 {
         ret::ERRNO | libc::ENOSYS as u32
     } else {

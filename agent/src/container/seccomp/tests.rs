@@ -59,6 +59,7 @@ fn deny_list_with_custom_errno() {
     d.arch = AUDIT_ARCH_I386;
     assert_eq!(run(f.program(), &d).0, ret::KILL_PROCESS);
     assert_eq!(eval(&f, X32_SYSCALL_BIT | 39, z), ret::KILL_PROCESS);
+    assert_eq!(eval(&f, u32::MAX, z), ret::ALLOW);
     assert_eq!(f.flags, 0);
 }
 
