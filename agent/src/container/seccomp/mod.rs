@@ -21,7 +21,8 @@
 //! 3. A binary search (`jge`) over runs of consecutive system call numbers
 //!    with the same outcome (gaps take the default action): leaves are a
 //!    `ret` or, for calls with argument rules, a chain of comparisons.
-//!    Docker's default profile: 170 instructions, 11 executed per allowed call on average (17 at most).
+//!    Docker's default profile: 170 instructions, 11 executed per allowed
+//!    call on average (17 at most).
 //!
 //! Semantics, following runc + libseccomp: names unknown to the x86_64
 //! table are skipped; a rule whose action equals the default action is
