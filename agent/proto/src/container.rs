@@ -65,7 +65,7 @@ pub struct ContainerCreated {
     /// Guest pid of the container's init process.
     pub pid: i32,
     /// Spec fields present but not applied by this agent (e.g.
-    /// `linux.seccomp`), so the host can warn or refuse.
+    /// `hooks`), so the host can warn or refuse.
     #[serde(default)]
     pub ignored: Vec<String>,
     /// Guest time spent creating, in microseconds.

@@ -102,13 +102,15 @@ pub enum Step {
     ExecLookup,
     /// execve (index into the candidates).
     Exec,
+    /// Loading the seccomp filter.
+    Seccomp,
 }
 
 impl Step {
     /// From the wire value.
     pub fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 31] = [
+        const ALL: [Step; 32] = [
             CgroupNs,
             Setns,
             Session,
@@ -140,6 +142,7 @@ impl Step {
             Cwd,
             ExecLookup,
             Exec,
+            Seccomp,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -710,6 +713,15 @@ fn capset(st: RawFd, caps: &CapSets) {
     }
 }
 
+/// Installs the process's seccomp filter, if any.
+fn load_seccomp(st: RawFd, p: &ProcessPlan) {
+    if let Some(f) = &p.seccomp {
+        if let Err(e) = f.load() {
+            fail(st, Step::Seccomp, 0, e);
+        }
+    }
+}
+
 /// The part common to init and exec: limits, user, capabilities, cwd, then
 /// (init) report ready and wait for start, then execve.
 fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
@@ -733,6 +745,12 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
         if r != 0 {
             fail(st, Step::Rlimit, i, errno());
         }
+    }
+    // Like runc: without no_new_privs the filter is loaded while the
+    // process still has CAP_SYS_ADMIN (before the capabilities and the
+    // user change); with it, as late as possible (right before execve).
+    if !p.no_new_privileges {
+        load_seccomp(st, p);
     }
     if let Some(caps) = &p.caps {
         drop_bounding(st, caps);
@@ -822,6 +840,9 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             ..Report::default()
         },
     );
+    if p.no_new_privileges {
+        load_seccomp(st, p);
+    }
     // SAFETY: argv/envp are NULL-terminated arrays of pointers into the
     // plan's strings, alive for the whole life of this child.
     unsafe { libc::execve(path.as_ptr(), ptrs.argv.as_ptr(), ptrs.envp.as_ptr()) };

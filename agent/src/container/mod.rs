@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod child;
 pub mod oci;
 pub mod resources;
+pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod stdio;
@@ -106,6 +107,8 @@ pub struct Container {
     cgroup: Cgroup,
     /// Where the agent mounted the rootfs tag (unmounted on delete).
     rootfs_mount: Option<String>,
+    /// The init's seccomp filter, loaded by execs too.
+    seccomp: Option<Arc<seccomp::Filter>>,
     inner: Mutex<Inner>,
 }
 
@@ -245,6 +248,7 @@ fn describe(r: &Report, init: Option<&InitPlan>, p: &ProcessPlan) -> String {
                 .map_or("?".into(), |d| d.0.to_string_lossy().into_owned())
         ),
         Some(Step::Cwd) => format!("chdir to cwd {}", p.cwd.to_string_lossy()),
+        Some(Step::Seccomp) => "load the seccomp filter".into(),
         Some(Step::ExecLookup) => {
             return format!(
                 "exec: {:?}: executable file not found in $PATH ({})",
@@ -378,11 +382,12 @@ impl Containers {
         let spawned = spawn_init(&plan, taken, &cgroup);
         if crate::init::debug() {
             crate::init::log_fmt(format_args!(
-                "container {id}: parse+mount {} ms, cgroup {} ms, clone+set-up {} ms (at {} ms)",
+                "container {id}: parse+mount {} ms, cgroup {} ms, clone+set-up {} ms (at {} ms), seccomp {} instructions",
                 t_parsed.saturating_sub(t0),
                 t_cgroup.saturating_sub(t_parsed),
                 crate::init::boottime_ms().saturating_sub(t_cgroup),
-                crate::init::boottime_ms()
+                crate::init::boottime_ms(),
+                plan.process.seccomp.as_ref().map_or(0, |f| f.program().len())
             ));
         }
         let (init, pidfd, start, status) = match spawned {
@@ -405,6 +410,7 @@ impl Containers {
             pid_ns: plan.clone_flags & libc::CLONE_NEWPID as u64 != 0,
             cgroup,
             rootfs_mount,
+            seccomp: plan.process.seccomp.clone(),
             inner: Mutex::new(Inner {
                 started: false,
                 start: Some(start),
@@ -479,7 +485,8 @@ impl Containers {
             ));
         }
         let process = spec::parse_process(req.process).map_err(from_spec)?;
-        let plan = spec::process_plan(&process).map_err(from_spec)?;
+        let mut plan = spec::process_plan(&process).map_err(from_spec)?;
+        plan.seccomp = c.seccomp.clone();
         let mut inner = c.lock();
         if c.status(&inner) != ContainerStatus::Running {
             return Err(reply(
@@ -682,6 +689,7 @@ impl Containers {
 fn describe_exec(r: &Report) -> String {
     match Step::from_u32(r.step) {
         Some(Step::Exec) => format!("exec failed: {}", errno_str(r.errno)),
+        Some(Step::Seccomp) => format!("cannot load the seccomp filter: {}", errno_str(r.errno)),
         _ => format!("step {} failed: {}", r.step, errno_str(r.errno)),
     }
 }

@@ -7,8 +7,10 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::path::{Component, Path};
+use std::sync::Arc;
 
 use super::oci::{Process, Resources, Spec};
+use super::seccomp::{self, SeccompError};
 
 /// `PATH` when the process's environment has none (runc's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -32,6 +34,15 @@ pub enum SpecError {
     /// change what the container is allowed to do.
     #[error("not supported: {0}")]
     Unsupported(String),
+}
+
+impl From<SeccompError> for SpecError {
+    fn from(e: SeccompError) -> SpecError {
+        match e {
+            SeccompError::Unsupported(m) => SpecError::Unsupported(format!("linux.seccomp: {m}")),
+            e => SpecError::Invalid(super::chain(&e)),
+        }
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> SpecError {
@@ -126,6 +137,8 @@ pub struct ProcessPlan {
     pub terminal: bool,
     /// Initial terminal size (rows, cols).
     pub console_size: Option<(u16, u16)>,
+    /// Seccomp filter (the container's `linux.seccomp`, for execs too).
+    pub seccomp: Option<Arc<seccomp::Filter>>,
 }
 
 /// Everything a container's init applies.
@@ -465,6 +478,7 @@ pub fn process_plan(p: &Process) -> Result<ProcessPlan, SpecError> {
         console_size: p
             .console_size
             .and_then(|b| Some((u16::try_from(b.height).ok()?, u16::try_from(b.width).ok()?))),
+        seccomp: None,
     })
 }
 
@@ -621,11 +635,14 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         .process
         .as_ref()
         .ok_or_else(|| invalid("config.json has no process"))?;
-    let process = process_plan(process)?;
+    let mut process = process_plan(process)?;
     let linux = spec
         .linux
         .as_ref()
         .ok_or_else(|| invalid("config.json has no linux section"))?;
+    if let Some(profile) = &linux.seccomp {
+        process.seccomp = Some(Arc::new(seccomp::compile(profile)?));
+    }
     let private_netns = spec
         .annotations
         .as_ref()
@@ -826,7 +843,6 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
     };
 
     for (present, name) in [
-        (linux.seccomp.is_some(), "linux.seccomp"),
         (spec.hooks.is_some(), "hooks"),
         (linux.cgroups_path.is_some(), "linux.cgroupsPath"),
         (
@@ -966,9 +982,14 @@ mod tests {
                 ("cpu.max".into(), "50000 100000".into()),
             ]
         );
-        assert_eq!(p.ignored.len(), 2, "{:?}", p.ignored);
+        assert_eq!(p.ignored.len(), 1, "{:?}", p.ignored);
         assert!(p.ignored[0].starts_with("linux.namespaces network (shared"));
-        assert_eq!(p.ignored[1], "linux.seccomp");
+        // seccomp is compiled (an allow-all profile: arch checks + ret).
+        assert!(p
+            .process
+            .seccomp
+            .as_ref()
+            .is_some_and(|f| f.program().len() < 10));
         // With the annotation, a network namespace of its own.
         let mut v = base();
         v["annotations"] = json!({NETNS_ANNOTATION: "private"});
@@ -1018,6 +1039,18 @@ mod tests {
             (
                 "mount namespace",
                 json!({"linux": {"namespaces": [{"type": "pid"}]}}),
+            ),
+            (
+                "linux.seccomp: syscalls[0]: argument index 7 out of 0..=5",
+                json!({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                    {"names": ["read"], "action": "SCMP_ACT_KILL",
+                     "args": [{"index": 7, "value": 0, "op": "SCMP_CMP_EQ"}]}]}}}),
+            ),
+            (
+                "unknown variant `SCMP_CMP_XX`",
+                json!({"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+                    {"names": ["read"], "action": "SCMP_ACT_KILL",
+                     "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_XX"}]}]}}}),
             ),
             (
                 "joining",
