@@ -462,8 +462,18 @@ impl Containers {
         }
     }
 
-    /// `ExecProcess`.
+    /// `ExecProcess`. On failure the streams attached for this exec are
+    /// dropped too, so a failed exec leaves nothing waiting.
     pub fn exec(&self, req: ExecProcessRequest) -> Result<i32, ErrorReply> {
+        let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
+        let result = self.exec_inner(req);
+        if result.is_err() {
+            self.stdio.forget_process(&id, &exec_id);
+        }
+        result
+    }
+
+    fn exec_inner(&self, req: ExecProcessRequest) -> Result<i32, ErrorReply> {
         let c = self.get(&req.id)?;
         if !valid_id(&req.exec_id) {
             return Err(reply(
@@ -564,7 +574,10 @@ impl Containers {
         Ok(())
     }
 
-    /// `WaitProcess`: blocks until the process has exited.
+    /// `WaitProcess`: blocks until the process has exited. An exec's entry
+    /// is removed once its status has been delivered (its id is free
+    /// again, its pty closed), so long-lived containers do not accumulate
+    /// them.
     pub fn wait(&self, req: &ProcessRef) -> Result<ProcessExit, ErrorReply> {
         let c = self.get(&req.id)?;
         let cell = match &req.exec_id {
@@ -577,6 +590,16 @@ impl Containers {
                 .ok_or_else(|| reply(ErrorCode::NotFound, format!("process {e} does not exist")))?,
         };
         let raw = cell.wait();
+        if let Some(e) = &req.exec_id {
+            let mut inner = c.lock();
+            if inner
+                .execs
+                .get(e)
+                .is_some_and(|p| Arc::ptr_eq(&p.exit, &cell))
+            {
+                inner.execs.remove(e);
+            }
+        }
         Ok(c.exit_of(raw))
     }
 
