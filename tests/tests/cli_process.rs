@@ -14,7 +14,7 @@ use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
@@ -231,6 +231,51 @@ fn set_winsize(master: &OwnedFd, rows: u16, cols: u16) {
     assert_eq!(r, 0, "TIOCSWINSZ");
 }
 
+/// Runs vessel with a new pty (of size rows x cols) as its stdin, stdout
+/// and stderr, like a user's terminal; returns the child, the master
+/// and a slave we keep (to look at its modes afterwards).
+fn spawn_on_pty(env: &Env, args: &[&str], rows: u16, cols: u16) -> (Child, OwnedFd, OwnedFd) {
+    let ws = nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
+    for fd in [&pty.master, &pty.slave] {
+        // SAFETY: fcntl(F_SETFD) on a descriptor we own.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        assert_eq!(r, 0);
+    }
+    let io = |fd: &OwnedFd| Stdio::from(fd.try_clone().unwrap());
+    let child = env
+        .cmd(args)
+        .stdin(io(&pty.slave))
+        .stdout(io(&pty.slave))
+        .stderr(io(&pty.slave))
+        .spawn()
+        .expect("run vessel");
+    (child, pty.master, pty.slave)
+}
+
+/// Waits for `child` within `timeout`; its exit code.
+fn wait_child(child: &mut Child, timeout: Duration) -> i32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(255);
+        }
+        assert!(Instant::now() < deadline, "vessel did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_cooked(slave: &OwnedFd) -> bool {
+    let t = nix::sys::termios::tcgetattr(slave).expect("tcgetattr");
+    t.local_flags
+        .contains(nix::sys::termios::LocalFlags::ECHO | nix::sys::termios::LocalFlags::ICANON)
+}
+
 #[test]
 fn exec_ps_and_terminals() {
     if !kvm_available_or_skip() {
@@ -429,6 +474,23 @@ fn exec_ps_and_terminals() {
     let out = reader.join().unwrap();
     assert!(out.contains("/dev/pts/"), "{out:?}");
 
+    // A foreground terminal exec on the caller's terminal (raw mode while
+    // it runs, restored after; the window size goes along).
+    let (mut c, master, slave) = spawn_on_pty(
+        &env,
+        &["exec", "-t", "box", "sh", "-c", "tty; stty size; exit 2"],
+        30,
+        90,
+    );
+    let reader = read_all(&master);
+    assert_eq!(wait_child(&mut c, Duration::from_secs(120)), 2);
+    assert!(is_cooked(&slave), "terminal left in raw mode");
+    drop(slave);
+    let out = reader.join().unwrap();
+    drop(master);
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    assert!(out.contains("30 90"), "{out:?}");
+
     let o = env.output(&["delete", "--force", "box"]);
     assert!(o.status.success(), "delete -f: {}", text(&o.stderr));
     assert_eq!(reap(box_pid, Duration::from_secs(60)), 137);
@@ -475,6 +537,20 @@ fn exec_ps_and_terminals() {
     );
     let o = env.output(&["delete", "tty1"]);
     assert!(o.status.success(), "delete: {}", text(&o.stderr));
+
+    // A foreground terminal container on the caller's terminal.
+    let (mut c, master, slave) = spawn_on_pty(&env, &["run", "--bundle", &b, "tty3"], 25, 70);
+    let reader = read_all(&master);
+    File::from(master.try_clone().unwrap())
+        .write_all(b"stty size; tty; exit 6\n")
+        .unwrap();
+    assert_eq!(wait_child(&mut c, Duration::from_secs(120)), 6);
+    assert!(is_cooked(&slave), "terminal left in raw mode");
+    drop(slave);
+    let out = reader.join().unwrap();
+    drop(master);
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    assert!(out.contains("25 70"), "{out:?}");
 
     // A terminal container without a console socket cannot be detached.
     let (st, err) = env.detached(&["create", "--bundle", &b, "tty2"]);
