@@ -517,6 +517,12 @@ fn exec_ps_and_terminals() {
     drop(l);
     let _ = std::fs::remove_file(&sock);
     let pid = read_pid(&pf);
+    let o = env.output(&["exec", "tty1", "true"]);
+    assert!(
+        !o.status.success() && text(&o.stderr).contains("not been started"),
+        "exec into a created container: {}",
+        text(&o.stderr)
+    );
     set_winsize(&master, 40, 100);
     let reader = read_all(&master);
     let o = env.output(&["start", "tty1"]);

@@ -517,3 +517,68 @@ pub fn ps(store: &Store, id: &str, format: &str, ps_args: &[String]) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: ExecArgs,
+    }
+
+    fn args(v: &[&str]) -> ExecArgs {
+        T::try_parse_from(std::iter::once("exec").chain(v.iter().copied()))
+            .unwrap()
+            .a
+    }
+
+    #[test]
+    fn process_follows_runc_overrides() {
+        let d = std::env::temp_dir().join(format!("vessel-exec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("rootfs")).unwrap();
+        let spec = json!({"root": {"path": "rootfs"}, "process": {
+            "args": ["init"], "env": ["PATH=/bin", "FOO=old"], "cwd": "/",
+            "user": {"uid": 0, "gid": 5}, "consoleSize": {"height": 1, "width": 1},
+            "capabilities": {"bounding": ["CAP_KILL"]}}});
+        std::fs::write(d.join("config.json"), spec.to_string()).unwrap();
+        let a = args(&[
+            "-e",
+            "FOO=new",
+            "--cwd",
+            "/tmp",
+            "-u",
+            "1000",
+            "--cap",
+            "net_raw",
+            "-t",
+            "--no-new-privs",
+            "box",
+            "sh",
+            "-c",
+            "echo hi",
+        ]);
+        assert_eq!(a.id, "box");
+        let p = build_process(&a, &d).unwrap();
+        assert_eq!(p["args"], json!(["sh", "-c", "echo hi"]));
+        assert_eq!(p["env"], json!(["PATH=/bin", "FOO=new"]));
+        assert_eq!(p["cwd"], "/tmp");
+        assert_eq!(p["user"], json!({"uid": 1000, "gid": 5}));
+        assert_eq!(p["terminal"], true);
+        assert_eq!(p["noNewPrivileges"], true);
+        assert!(p.get("consoleSize").is_none());
+        assert_eq!(
+            p["capabilities"]["bounding"],
+            json!(["CAP_KILL", "CAP_NET_RAW"])
+        );
+        assert_eq!(p["capabilities"]["effective"], json!(["CAP_NET_RAW"]));
+        let p = build_process(&args(&["-u", "7:8", "box", "id"]), &d).unwrap();
+        assert_eq!(p["user"], json!({"uid": 7, "gid": 8}));
+        assert!(build_process(&args(&["-u", "x", "box", "id"]), &d).is_err());
+        assert!(build_process(&args(&["box"]), &d).is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
