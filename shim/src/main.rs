@@ -2,10 +2,9 @@
 //!
 //! Engines (podman, docker, conmon, containerd's runc shim) call it with
 //! runc's global flags and commands. `create`, `start`, `run`, `state`,
-//! `list`, `kill`, `delete`, `spec`, `pause`, `resume`, `update`, `events`
-//! and `features` work (see `cli`); terminal containers
-//! (`--console-socket`), `exec` and `ps` are accepted with runc's flags and
-//! fail with a clear error until they land (see README).
+//! `list`, `kill`, `delete`, `exec`, `ps`, `spec`, `pause`, `resume`,
+//! `update`, `events` and `features` work, terminal containers too
+//! (`--console-socket`, see `cli`).
 
 mod cli;
 
@@ -114,36 +113,7 @@ enum Command {
         force: bool,
     },
     /// Run a new process in a running container.
-    Exec {
-        /// Container id.
-        id: String,
-        /// Command and arguments (unless --process).
-        command: Vec<String>,
-        /// OCI process JSON.
-        #[arg(long, short = 'p')]
-        process: Option<PathBuf>,
-        /// Allocate a pty.
-        #[arg(long, short = 't')]
-        tty: bool,
-        /// Detach.
-        #[arg(long, short = 'd')]
-        detach: bool,
-        /// Write the process's host pid here.
-        #[arg(long)]
-        pid_file: Option<PathBuf>,
-        /// Unix socket that receives the pty master.
-        #[arg(long)]
-        console_socket: Option<PathBuf>,
-        /// Working directory.
-        #[arg(long)]
-        cwd: Option<String>,
-        /// Environment variables (KEY=VALUE).
-        #[arg(long, short = 'e')]
-        env: Vec<String>,
-        /// uid[:gid].
-        #[arg(long, short = 'u')]
-        user: Option<String>,
-    },
+    Exec(cli::exec::ExecArgs),
     /// List a container's processes.
     Ps {
         /// Container id.
@@ -151,6 +121,9 @@ enum Command {
         /// table or json.
         #[arg(long, short = 'f', default_value = "table")]
         format: String,
+        /// Arguments for ps (refused: see `vessel ps --help` / docs).
+        #[arg(last = true)]
+        ps_args: Vec<String>,
     },
     /// List containers.
     List {
@@ -200,7 +173,13 @@ enum Command {
         /// Pipe to report readiness on.
         #[arg(long)]
         ready_fd: i32,
+        /// Unix socket that receives the pty master.
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
     },
+    /// Internal: runs one detached exec (started by `exec --detach`).
+    #[command(hide = true)]
+    ExecMonitor(cli::exec::ExecMonitorArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,10 +219,6 @@ fn init_logging(cli: &Cli) -> Result<()> {
     let subscriber =
         tracing_subscriber::registry().with(log::RuncLayer::new(out, cli.log_format, max));
     tracing::subscriber::set_global_default(subscriber).context("cannot set up logging")
-}
-
-fn not_yet(what: &str) -> Result<()> {
-    bail!("{what} is not implemented yet (see README)")
 }
 
 fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
@@ -320,11 +295,8 @@ fn monitor_globals(cli: &Cli) -> Result<Vec<OsString>> {
 }
 
 fn check_create(a: &CreateArgs) -> Result<()> {
-    if a.console_socket.is_some() {
-        bail!("--console-socket (terminal containers) is not implemented yet");
-    }
     if a.preserve_fds > 0 {
-        bail!("--preserve-fds is not implemented yet");
+        bail!("--preserve-fds is not supported: host descriptors cannot be passed into the VM");
     }
     Ok(())
 }
@@ -348,6 +320,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &a.id,
                 &a.bundle,
                 a.pid_file.as_deref(),
+                a.console_socket.as_deref(),
+                false,
             )?;
             Ok(ExitCode::SUCCESS)
         }
@@ -362,6 +336,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &a.id,
                 &a.bundle,
                 a.pid_file.as_deref(),
+                a.console_socket.as_deref(),
                 *detach,
             )
         }
@@ -369,14 +344,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             id,
             bundle,
             ready_fd,
+            console_socket,
         } => {
             let cfg = Config::load(cli.config.as_deref())?;
-            Ok(cli::monitor(&store, &cfg, id, bundle, *ready_fd))
+            let console = console_socket.as_deref();
+            Ok(cli::monitor(&store, &cfg, id, bundle, console, *ready_fd))
         }
+        Command::ExecMonitor(a) => Ok(cli::exec::exec_monitor(&store, a)),
         Command::Start { id } => ok(cli::start(&store, id)),
         Command::Kill { id, signal, all } => ok(cli::kill(&store, id, signal.as_deref(), *all)),
-        Command::Exec { .. } => ok(not_yet("exec")),
-        Command::Ps { .. } => ok(not_yet("ps")),
+        Command::Exec(a) => cli::exec::exec(&store, &monitor_globals(&cli)?, a),
+        Command::Ps {
+            id,
+            format,
+            ps_args,
+        } => ok(cli::exec::ps(&store, id, format, ps_args)),
         Command::Pause { id } => ok(cli::resources::pause(&store, id)),
         Command::Resume { id } => ok(cli::resources::resume(&store, id)),
         Command::Update(a) => ok(cli::resources::update(&store, a)),

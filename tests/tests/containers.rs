@@ -456,13 +456,17 @@ fn containers_run_in_the_guest() {
     );
     assert_eq!(lines[1], "sleep\u{0}1000\u{0}", "{out:?}");
     assert_eq!(lines[2], "ctr");
-    let (code, _) = remote_code(c.exec_process(ExecProcessRequest {
+    // Once waited for, an exec's id is free again (as containerd reuses
+    // exec ids after their exit).
+    c.exec_process(ExecProcessRequest {
         id: id.into(),
         exec_id: "e1".into(),
         process: json!({"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}),
         stdio: StdioSpec::default(),
-    }));
-    assert_eq!(code, ErrorCode::AlreadyExists);
+    })
+    .expect("exec id reused after its wait");
+    let again = c.wait_process(id, Some("e1")).expect("wait reused exec");
+    assert_eq!(again.status, 0, "{again:?}");
     let (code, msg) = remote_code(c.exec_process(ExecProcessRequest {
         id: id.into(),
         exec_id: "e2".into(),

@@ -207,6 +207,11 @@ pub struct ChildFds {
     pub start: Option<RawFd>,
     /// (pidfd of the container's init, namespaces to join) for an exec.
     pub join: Option<(RawFd, libc::c_int)>,
+    /// Terminal mode: the child's end of a socket pair. The child opens a
+    /// pty in the container's own devpts (`/dev/ptmx` after pivot_root or
+    /// setns), so `tty` and `ttyname` work inside, and sends the master
+    /// back over it; if it cannot, it keeps the agent's pty (`stdio`).
+    pub pty_sock: Option<RawFd>,
 }
 
 /// argv and envp as NULL-terminated pointer arrays into a
@@ -448,7 +453,9 @@ fn setup_stdio(fds: &ChildFds, new_session: bool) {
         if (new_session || fds.tty) && libc::setsid() < 0 {
             fail(fds.status, Step::Session, 0, errno());
         }
-        if fds.tty {
+        // With a pty socket the controlling terminal is chosen later
+        // (`container_pty`).
+        if fds.tty && fds.pty_sock.is_none() {
             check(
                 fds.status,
                 Step::Session,
@@ -722,10 +729,92 @@ fn load_seccomp(st: RawFd, p: &ProcessPlan) {
     }
 }
 
+/// Sends descriptor `fd` over the Unix socket `sock` (SCM_RIGHTS, one
+/// byte of data); no allocation.
+fn send_fd(sock: RawFd, fd: RawFd) -> Result<(), libc::c_int> {
+    // Room for one cmsghdr with one int (CMSG_SPACE(4) = 24 on 64-bit),
+    // aligned like a cmsghdr.
+    let mut space = [0u64; 4];
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = space.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as _;
+    // SAFETY: the control buffer is 32 bytes, enough for CMSG_SPACE(4);
+    // CMSG_FIRSTHDR/CMSG_DATA point into it, and sendmsg reads the
+    // header, iovec and buffer, all alive for the call.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() {
+            return Err(libc::EINVAL);
+        }
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd);
+        if libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) < 0 {
+            return Err(errno());
+        }
+    }
+    Ok(())
+}
+
+/// Terminal mode with a pty socket: open a pty in the container's devpts
+/// (now our `/dev`), make its slave fds 0..2 (keeping the window size the
+/// agent's pty was given), send the master to the agent; without a usable
+/// `/dev/ptmx` keep the agent's pty. Then make fd 0 the controlling
+/// terminal.
+fn container_pty(fds: &ChildFds) {
+    let Some(sock) = fds.pty_sock else {
+        return;
+    };
+    let st = fds.status;
+    // SAFETY: (whole block) plain system calls on descriptors we own or
+    // the parent keeps open, and on a local winsize.
+    unsafe {
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        let master = libc::open(c"/dev/ptmx".as_ptr(), flags);
+        if master >= 0 {
+            let unlock: libc::c_int = 0;
+            let slave = if libc::ioctl(master, libc::TIOCSPTLCK, &unlock) == 0 {
+                libc::ioctl(master, libc::TIOCGPTPEER, flags)
+            } else {
+                -1
+            };
+            if slave >= 0 {
+                let mut ws: libc::winsize = std::mem::zeroed();
+                if libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) == 0 {
+                    libc::ioctl(master, libc::TIOCSWINSZ, &ws);
+                }
+                for target in 0..3 {
+                    if libc::dup2(slave, target) < 0 {
+                        fail(st, Step::Stdio, 1, errno());
+                    }
+                }
+                libc::close(slave);
+                if let Err(e) = send_fd(sock, master) {
+                    fail(st, Step::Session, 2, e);
+                }
+            }
+            libc::close(master);
+        }
+        libc::close(sock);
+        check(st, Step::Session, 1, libc::ioctl(0, libc::TIOCSCTTY, 0));
+    }
+}
+
 /// The part common to init and exec: limits, user, capabilities, cwd, then
 /// (init) report ready and wait for start, then execve.
 fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     let st = fds.status;
+    container_pty(fds);
     if let Some(v) = &p.oom_score_adj {
         if let Err(e) = write_file(c"/proc/self/oom_score_adj", v.as_bytes()) {
             fail(st, Step::OomScoreAdj, 0, e);

@@ -475,8 +475,18 @@ impl Containers {
         }
     }
 
-    /// `ExecProcess`.
+    /// `ExecProcess`. On failure the streams attached for this exec are
+    /// dropped too, so a failed exec leaves nothing waiting.
     pub fn exec(&self, req: ExecProcessRequest) -> Result<i32, ErrorReply> {
+        let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
+        let result = self.exec_inner(req);
+        if result.is_err() {
+            self.stdio.forget_process(&id, &exec_id);
+        }
+        result
+    }
+
+    fn exec_inner(&self, req: ExecProcessRequest) -> Result<i32, ErrorReply> {
         let c = self.get(&req.id)?;
         if !valid_id(&req.exec_id) {
             return Err(reply(
@@ -578,7 +588,10 @@ impl Containers {
         Ok(())
     }
 
-    /// `WaitProcess`: blocks until the process has exited.
+    /// `WaitProcess`: blocks until the process has exited. An exec's entry
+    /// is removed once its status has been delivered (its id is free
+    /// again, its pty closed), so long-lived containers do not accumulate
+    /// them.
     pub fn wait(&self, req: &ProcessRef) -> Result<ProcessExit, ErrorReply> {
         let c = self.get(&req.id)?;
         let cell = match &req.exec_id {
@@ -591,6 +604,16 @@ impl Containers {
                 .ok_or_else(|| reply(ErrorCode::NotFound, format!("process {e} does not exist")))?,
         };
         let raw = cell.wait();
+        if let Some(e) = &req.exec_id {
+            let mut inner = c.lock();
+            if inner
+                .execs
+                .get(e)
+                .is_some_and(|p| Arc::ptr_eq(&p.exit, &cell))
+            {
+                inner.execs.remove(e);
+            }
+        }
         Ok(c.exit_of(raw))
     }
 
@@ -709,6 +732,55 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 /// A pty pair: (master, slave).
 type Pty = (OwnedFd, OwnedFd);
 
+/// A socket pair for the child to send its container pty's master back:
+/// (ours, the child's), close-on-exec.
+fn pty_socket() -> Result<(OwnedFd, OwnedFd), ErrorReply> {
+    let mut sv = [-1 as RawFd; 2];
+    // SAFETY: socketpair writes two descriptors into a live array.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(internal(format!(
+            "cannot create a socket pair: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: two fresh descriptors nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+}
+
+/// The master the child sent on `sock` (its pty in the container's devpts),
+/// if it sent one; the child has already run past that step.
+fn received_master(sock: &OwnedFd) -> Option<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .ok()?;
+    let mut out = None;
+    for c in msg.cmsgs().ok()? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: a descriptor just received, owned by nobody else.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                out.get_or_insert(fd);
+            }
+        }
+    }
+    out
+}
+
 /// Descriptors for fds 0..2 of a new process, and the pty if any.
 fn stdio_fds(
     taken: &stdio::Taken,
@@ -744,12 +816,14 @@ fn spawn_init(
     let (status_r, status_w) = pipe()?;
     let (start_r, start_w) = pipe()?;
     let (std, pty) = stdio_fds(&taken, &plan.process)?;
+    let pty_sock = pty.as_ref().map(|_| pty_socket()).transpose()?;
     let fds = ChildFds {
         stdio: std,
         tty: pty.is_some(),
         status: status_w.as_raw_fd(),
         start: Some(start_r.as_raw_fd()),
         join: None,
+        pty_sock: pty_sock.as_ref().map(|(_, c)| c.as_raw_fd()),
     };
     let ptrs = ExecPtrs::new(&plan.process);
     let (pid, pidfd, exit) = {
@@ -782,7 +856,13 @@ fn spawn_init(
         exit.wait();
         return Err(internal(message));
     }
-    let pty = relay_terminal(pty.map(|(master, _slave)| master), term_conn)?;
+    let master = pty.map(|(agent_master, _slave)| {
+        pty_sock
+            .as_ref()
+            .and_then(|(ours, _)| received_master(ours))
+            .unwrap_or(agent_master)
+    });
+    let pty = relay_terminal(master, term_conn)?;
     Ok((
         Proc { pid, exit, pty },
         pidfd,
@@ -813,12 +893,14 @@ fn spawn_exec(
     let reaper = Reaper::get().map_err(internal)?;
     let (status_r, status_w) = pipe()?;
     let (std, pty) = stdio_fds(&taken, plan)?;
+    let pty_sock = pty.as_ref().map(|_| pty_socket()).transpose()?;
     let fds = ChildFds {
         stdio: std,
         tty: pty.is_some(),
         status: status_w.as_raw_fd(),
         start: None,
         join: Some((c.pidfd.as_raw_fd(), c.join_flags)),
+        pty_sock: pty_sock.as_ref().map(|(_, c)| c.as_raw_fd()),
     };
     let pidfd = c.pidfd.as_raw_fd();
     let pid_ns = c.pid_ns;
@@ -871,7 +953,13 @@ fn spawn_exec(
             None => format!("the process died before it could be executed (wait status {raw:#x})"),
         }));
     }
-    let pty = relay_terminal(pty.map(|(m, _slave)| m), term_conn)?;
+    let master = pty.map(|(agent_master, _slave)| {
+        pty_sock
+            .as_ref()
+            .and_then(|(ours, _)| received_master(ours))
+            .unwrap_or(agent_master)
+    });
+    let pty = relay_terminal(master, term_conn)?;
     Ok(Proc { pid, exit, pty })
 }
 

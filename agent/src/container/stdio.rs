@@ -104,6 +104,12 @@ impl Pending {
         Ok(t)
     }
 
+    /// Drops the streams waiting for exec `exec_id` of container `id`.
+    pub fn forget_process(&self, id: &str, exec_id: &str) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|k, _| !(k.0 == id && k.1.as_deref() == Some(exec_id)));
+    }
+
     /// Drops every stream waiting for container `id`.
     pub fn forget(&self, id: &str) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
@@ -220,6 +226,9 @@ mod tests {
         assert!(t.std[0].is_none() && t.std[1].is_some() && t.std[2].is_some());
         assert!(p.take("c", None, spec, false).is_err());
         assert!(p.take("c", None, StdioSpec::default(), true).is_err());
+        attach(&p, Some("f"), StdioStream::Stdout).unwrap();
+        p.forget_process("c", "f");
+        assert_eq!(p.map.lock().unwrap().len(), 1);
         p.forget("c");
         assert!(p.map.lock().unwrap().is_empty());
     }

@@ -14,6 +14,15 @@
 //!
 //! `<root>/<id>/` holds the state, the lock, the VM's sockets
 //! (`vsock.sock`, `api.sock`), its logs and `vmm.pid`.
+//!
+//! Terminal containers (`process.terminal`): the monitor sends a host pty
+//! master to `--console-socket` before it says `ok`, or, for a foreground
+//! `run` without a socket, relays the terminal stream to the caller's
+//! terminal (see `tty`). `exec` and `ps` are in `exec`.
+
+pub mod exec;
+mod stdio;
+mod tty;
 
 pub mod events;
 pub mod features;
@@ -23,18 +32,14 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus};
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use vessel_proto::client::AgentClient;
-use vessel_proto::container::{
-    CreateContainerRequest, RootfsSource, SignalProcessRequest, StdioSpec, StdioStream,
-};
+use vessel_proto::container::{CreateContainerRequest, RootfsSource, SignalProcessRequest};
 use vessel_proto::AGENT_PORT;
 
 use vessel_shim::bundle::Bundle;
@@ -171,7 +176,9 @@ fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
         .with_context(|| format!("writing pid file {}", path.display()))
 }
 
-/// `vessel create`: returns the monitor (still our child).
+/// `vessel create`: returns the monitor (still our child). A terminal
+/// container needs `console_socket` unless it runs in the `foreground`.
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     store: &Store,
     cfg: &Config,
@@ -179,13 +186,19 @@ pub fn create(
     id: &str,
     bundle: &Path,
     pid_file: Option<&Path>,
+    console_socket: Option<&Path>,
+    foreground: bool,
 ) -> Result<Child> {
     state::validate_id(id)?;
     cfg.check_artifacts()?;
     let b = Bundle::load(bundle)?;
-    if b.terminal {
-        bail!("terminal containers (process.terminal = true) are not implemented yet");
+    if b.terminal && console_socket.is_none() && !foreground {
+        bail!("cannot allocate tty if vessel will detach without setting console socket");
     }
+    if !b.terminal && console_socket.is_some() {
+        bail!("cannot use console socket if vessel will not detach or allocate tty");
+    }
+    let console_socket = console_socket.map(std::path::absolute).transpose()?;
     let (dir, lock) = store.create(id)?;
     let mut child: Option<Child> = None;
     let result = (|| -> Result<()> {
@@ -200,6 +213,9 @@ pub fn create(
             .arg(&b.dir)
             .arg("--ready-fd")
             .arg(wfd.to_string());
+        if let Some(s) = &console_socket {
+            cmd.arg("--console-socket").arg(s);
+        }
         // SAFETY: runs in the child between fork and exec; setsid(2) and
         // fcntl(2) are async-signal-safe and touch no memory of ours.
         unsafe {
@@ -343,7 +359,9 @@ fn exit_code(status: ExitStatus) -> u8 {
     }
 }
 
-/// `vessel run [--detach]`.
+/// `vessel run [--detach]`. A foreground terminal container without a
+/// console socket uses the caller's terminal (raw mode until it exits).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     store: &Store,
     cfg: &Config,
@@ -351,9 +369,21 @@ pub fn run(
     id: &str,
     bundle: &Path,
     pid_file: Option<&Path>,
+    console_socket: Option<&Path>,
     detach: bool,
 ) -> Result<ExitCode> {
-    let mut child = create(store, cfg, globals, id, bundle, pid_file)?;
+    let own_tty = !detach && console_socket.is_none() && Bundle::load(bundle)?.terminal;
+    let _raw = own_tty.then(tty::RawMode::stdin);
+    let mut child = create(
+        store,
+        cfg,
+        globals,
+        id,
+        bundle,
+        pid_file,
+        console_socket,
+        !detach,
+    )?;
     if let Err(e) = start(store, id) {
         let _ = delete(store, id, true);
         let _ = child.wait();
@@ -382,6 +412,17 @@ const FORWARDED: [i32; 6] = [
 /// Blocks [`FORWARDED`] in this process and forwards each one that arrives
 /// to container `id` from a thread (like runc's foreground `run`).
 fn forward_signals(store: &Store, id: &str) {
+    let (store, id) = (store.clone(), id.to_string());
+    forward_to(&id.clone(), move |sig| {
+        if let Err(e) = kill(&store, &id, Some(&sig.to_string()), false) {
+            tracing::warn!("forwarding signal {sig} to {id}: {e:#}");
+        }
+    });
+}
+
+/// Blocks [`FORWARDED`] in this process and calls `send` with each one
+/// that arrives, from a thread (`what` names the target in logs).
+fn forward_to(what: &str, mut send: impl FnMut(i32) + Send + 'static) {
     // SAFETY: sigset_t is plain data; zeroed is a valid value that
     // sigemptyset then initializes.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -395,19 +436,16 @@ fn forward_signals(store: &Store, id: &str) {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
     };
     if blocked != 0 {
-        tracing::warn!("cannot forward signals to {id}");
+        tracing::warn!("cannot forward signals to {what}");
         return;
     }
-    let (store, id) = (store.clone(), id.to_string());
     std::thread::spawn(move || loop {
         let mut sig = 0;
         // SAFETY: sigwait reads the set we built and writes one int.
         if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
             return;
         }
-        if let Err(e) = kill(&store, &id, Some(&sig.to_string()), false) {
-            tracing::warn!("forwarding signal {sig} to {id}: {e:#}");
-        }
+        send(sig);
     });
 }
 
@@ -446,21 +484,16 @@ fn relay(mut src: impl Read, mut dst: impl Write) {
 struct Monitored {
     sb: Sandbox,
     client: AgentClient,
-    /// One message per output relay that finished.
-    relays_done: mpsc::Receiver<()>,
-    relays: usize,
+    relays: stdio::Relays,
 }
 
-fn attach(uds: &Path, id: &str, s: StdioStream) -> Result<UnixStream> {
-    let stream = AgentClient::connect(uds, AGENT_PORT, Duration::from_secs(10))
-        .and_then(|c| c.attach_stdio(id, None, s))
-        .with_context(|| format!("attaching {s:?}"))?;
-    stream.set_read_timeout(None)?;
-    stream.set_write_timeout(None)?;
-    Ok(stream)
-}
-
-fn setup(store: &Store, cfg: &Config, id: &str, bundle: &Path) -> Result<Monitored> {
+fn setup(
+    store: &Store,
+    cfg: &Config,
+    id: &str,
+    bundle: &Path,
+    console: Option<&Path>,
+) -> Result<Monitored> {
     let b = Bundle::load(bundle)?;
     let dir = store.dir(id)?;
     let share = format!(
@@ -474,15 +507,30 @@ fn setup(store: &Store, cfg: &Config, id: &str, bundle: &Path) -> Result<Monitor
     } else {
         Sandbox::boot(cfg, &dir, &[share])?
     };
-    let created = (|| -> Result<(mpsc::Receiver<()>, usize)> {
+    let created = (|| -> Result<stdio::Relays> {
         std::fs::write(dir.join(VMM_PID_FILE), sb.pid().to_string()).context("writing vmm.pid")?;
-        let out = attach(&sb.uds, id, StdioStream::Stdout)?;
-        let err = attach(&sb.uds, id, StdioStream::Stderr)?;
-        let input = if stdin_wanted() {
-            Some(attach(&sb.uds, id, StdioStream::Stdin)?)
-        } else {
-            None
-        };
+        let mut spec = b.spec.clone();
+        let (mut end, mut size) = (None, None);
+        if b.terminal {
+            let given = spec["process"]["consoleSize"]
+                .as_object()
+                .and_then(|s| Some((s.get("height")?.as_u64()?, s.get("width")?.as_u64()?)))
+                .and_then(|(h, w)| Some((u16::try_from(h).ok()?, u16::try_from(w).ok()?)));
+            match console {
+                Some(sock) => {
+                    size = given;
+                    end = Some(tty::HostEnd::Console(tty::send_console(sock, size)?));
+                }
+                None => {
+                    size = tty::caller_winsize().or(given);
+                    end = Some(tty::HostEnd::Caller);
+                }
+            }
+            if let Some((rows, cols)) = size {
+                spec["process"]["consoleSize"] = serde_json::json!({"height": rows, "width": cols});
+            }
+        }
+        let attached = stdio::Attached::attach(&sb.uds, id, None, b.terminal)?;
         client.set_timeout(Some(AGENT_TIMEOUT))?;
         let c = client
             .create_container(CreateContainerRequest {
@@ -491,42 +539,17 @@ fn setup(store: &Store, cfg: &Config, id: &str, bundle: &Path) -> Result<Monitor
                     tag: Some(ROOTFS_TAG.into()),
                     path: GUEST_ROOTFS.into(),
                 },
-                spec: b.spec.clone(),
-                stdio: StdioSpec {
-                    stdin: input.is_some(),
-                    stdout: true,
-                    stderr: true,
-                    terminal: false,
-                },
+                spec,
+                stdio: attached.spec(),
             })
             .context("creating the container")?;
         if !c.ignored.is_empty() {
             tracing::info!("{id}: not applied in the guest: {}", c.ignored.join(", "));
         }
-        let (tx, rx) = mpsc::channel();
-        let stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
-        let stderr = std::fs::File::from(std::io::stderr().as_fd().try_clone_to_owned()?);
-        for (src, dst) in [(out, stdout), (err, stderr)] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                relay(src, dst);
-                let _ = tx.send(());
-            });
-        }
-        if let Some(input) = input {
-            let stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
-            // Dropping the stream at EOF closes the container's stdin.
-            std::thread::spawn(move || relay(stdin, input));
-        }
-        Ok((rx, 2))
+        attached.relay(end, size, stdio::Resizer::new(&sb.uds, id, None))
     })();
     match created {
-        Ok((relays_done, relays)) => Ok(Monitored {
-            sb,
-            client,
-            relays_done,
-            relays,
-        }),
+        Ok(relays) => Ok(Monitored { sb, client, relays }),
         Err(e) => {
             sb.kill();
             let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
@@ -536,7 +559,14 @@ fn setup(store: &Store, cfg: &Config, id: &str, bundle: &Path) -> Result<Monitor
 }
 
 /// The hidden `vessel monitor` command (see the module documentation).
-pub fn monitor(store: &Store, cfg: &Config, id: &str, bundle: &Path, ready_fd: RawFd) -> ExitCode {
+pub fn monitor(
+    store: &Store,
+    cfg: &Config,
+    id: &str,
+    bundle: &Path,
+    console: Option<&Path>,
+    ready_fd: RawFd,
+) -> ExitCode {
     // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
     if ready_fd < 3 || unsafe { libc::fcntl(ready_fd, libc::F_GETFD) } < 0 {
         tracing::error!("monitor: --ready-fd {ready_fd} is not an open descriptor");
@@ -545,7 +575,7 @@ pub fn monitor(store: &Store, cfg: &Config, id: &str, bundle: &Path, ready_fd: R
     // SAFETY: the descriptor is open (checked above) and is the pipe's
     // write end `vessel create` left to us alone; we take ownership once.
     let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
-    let mut m = match setup(store, cfg, id, bundle) {
+    let mut m = match setup(store, cfg, id, bundle, console) {
         Ok(m) => m,
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
@@ -569,13 +599,7 @@ pub fn monitor(store: &Store, cfg: &Config, id: &str, bundle: &Path, ready_fd: R
     };
     // Let the last output through (a child holding the stream open past
     // init's exit must not keep us here).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for _ in 0..m.relays {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if m.relays_done.recv_timeout(left).is_err() {
-            break;
-        }
-    }
+    m.relays.drain(stdio::DRAIN_TIMEOUT);
     if let Err(e) = m.sb.shutdown(&mut m.client, Duration::from_secs(30)) {
         tracing::warn!("{id}: stopping the sandbox: {e}");
     }
