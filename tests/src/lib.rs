@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::{AGENT_PORT, READY_PORT};
 
+pub mod cli;
+
 /// How long a cold boot may take on the slowest hosts we support.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(480);
 
@@ -73,6 +75,25 @@ pub fn kvm_available_or_skip() -> bool {
         return false;
     }
     panic!("/dev/kvm is missing: these tests boot real microVMs (set VESSEL_SKIP_KVM=1 to skip them explicitly)");
+}
+
+/// A directory removed (with its contents) on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `$TMPDIR/vessel-{name}-{pid}`, emptied and created.
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("vessel-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Options for one VM.

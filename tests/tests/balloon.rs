@@ -7,20 +7,11 @@
 //!
 //! Needs Debian's `busybox-static` (`/bin/busybox`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vessel_tests::{kvm_available_or_skip, Artifacts};
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vessel_tests::cli::{busybox_rootfs, CliEnv};
+use vessel_tests::kvm_available_or_skip;
 
 const FILL_MIB: u64 = 48;
 
@@ -37,50 +28,14 @@ fn rss_mib(pid: i32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// The one vessel-vmm whose arguments mention `needle`.
-fn vmm_mentioning(needle: &str) -> Option<i32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
-        .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| {
-                    let c = String::from_utf8_lossy(&c);
-                    c.contains("vessel-vmm") && c.contains(needle)
-                })
-                .unwrap_or(false)
-        })
-}
-
 #[test]
 #[ignore = "written, not yet verified on a VM: cargo test -p vessel-tests --test balloon -- --ignored"]
 fn balloon_returns_freed_guest_memory() {
     if !kvm_available_or_skip() {
         return;
     }
-    let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let bin = art.vmm.with_file_name("vessel");
-    assert!(
-        bin.is_file(),
-        "{} missing (cargo xtask build)",
-        bin.display()
-    );
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox is missing: install Debian's busybox-static"
-    );
-    let tmp = TempDir(std::env::temp_dir().join(format!("vessel-balloon-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
-    let bundle = tmp.0.join("bundle");
-    let rootfs = bundle.join("rootfs");
-    for d in ["bin", "proc", "dev", "scratch"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for a in ["sh", "dd", "rm", "sleep"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
-    }
+    let env = CliEnv::new("balloon", "balloon = true\n");
+    busybox_rootfs(&env.tmp.join("bundle/rootfs"), &["sh", "dd", "rm", "sleep"]);
     let script = format!(
         "dd if=/dev/zero of=/scratch/fill bs=1M count={FILL_MIB} 2>/dev/null; \
          sleep 15; rm /scratch/fill; sleep 1000"
@@ -104,47 +59,14 @@ fn balloon_returns_freed_guest_memory() {
         ],
         "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
     });
-    std::fs::write(
-        bundle.join("config.json"),
-        serde_json::to_vec_pretty(&spec).unwrap(),
-    )
-    .unwrap();
-    let config = tmp.0.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\ntemplates = true\nballoon = true\n",
-            art.vmm,
-            art.kernel,
-            art.initrd,
-            tmp.0.join("templates")
-        ),
-    )
-    .unwrap();
-    let root = tmp.0.join("root");
-    let vessel = |args: &[&str]| {
-        let mut c = Command::new(&bin);
-        c.arg("--root")
-            .arg(&root)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        c
-    };
-    let b = bundle.to_string_lossy().into_owned();
-    let o = vessel(&["run", "--detach", "--bundle", &b, "fill"])
-        .output()
-        .expect("run vessel");
-    assert!(
-        o.status.success(),
-        "run -d: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let root_s = root.to_string_lossy().into_owned();
-    let vmm = vmm_mentioning(&root_s).expect("no VMM for the container");
+    let b = env.write_bundle("bundle", &spec);
+    let t = Instant::now();
+    let (st, err) = env.detached(&["run", "--detach", "--bundle", &b, "fill"]);
+    assert!(st.success(), "run -d: {err}");
+    eprintln!("run -d (template build included): {:?}", t.elapsed());
+    let vmms = env.vmms();
+    assert_eq!(vmms.len(), 1, "VMMs of the container: {vmms:?}");
+    let vmm = vmms[0];
 
     // Sample Rss: the peak while the file exists, then wait for it to fall.
     let started = rss_mib(vmm).expect("VMM Rss");
@@ -163,14 +85,7 @@ fn balloon_returns_freed_guest_memory() {
         }
     }
     eprintln!("VMM Rss: {started:.1} MiB after start, peak {peak:.1} MiB, then {last:.1} MiB");
-    let o = vessel(&["delete", "--force", "fill"])
-        .output()
-        .expect("run vessel");
-    assert!(
-        o.status.success(),
-        "delete -f: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    env.ok(&["delete", "--force", "fill"]);
     assert!(
         peak - started >= FILL_MIB as f64 * 0.75,
         "filling {FILL_MIB} MiB in the guest raised the VMM's Rss only from {started:.1} to {peak:.1} MiB"
@@ -180,7 +95,7 @@ fn balloon_returns_freed_guest_memory() {
         "the VMM's Rss did not fall after the guest freed {FILL_MIB} MiB: peak {peak:.1}, last {last:.1} MiB"
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while vmm_mentioning(&root_s).is_some() {
+    while !env.vmms().is_empty() {
         assert!(Instant::now() < deadline, "VMM left behind");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -11,21 +11,12 @@
 //!
 //! Needs Debian's `busybox-static` (`/bin/busybox`).
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vessel_tests::{kvm_available_or_skip, Artifacts};
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vessel_tests::cli::{busybox_rootfs, read_pid, reap, CliEnv};
+use vessel_tests::kvm_available_or_skip;
 
 const APPLETS: [&str; 4] = ["sh", "echo", "true", "sleep"];
 
@@ -65,114 +56,9 @@ fn spec(rootfs: &Path, args: &[&str]) -> Value {
     })
 }
 
-struct Env {
-    bin: PathBuf,
-    config: PathBuf,
-    root: PathBuf,
-    tmp: PathBuf,
-    rootfs: PathBuf,
-}
-
-impl Env {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.arg("--root")
-            .arg(&self.root)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .stdin(Stdio::null());
-        c
-    }
-
-    /// Runs to completion, capturing output.
-    fn output(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run vessel")
-    }
-
-    /// Runs a command that leaves a monitor behind (which inherits stdio):
-    /// stdout to /dev/null, stderr through a file.
-    fn detached(&self, args: &[&str]) -> (ExitStatus, String) {
-        let err = self.tmp.join("stderr.txt");
-        let f = File::create(&err).unwrap();
-        let st = self
-            .cmd(args)
-            .stdout(Stdio::null())
-            .stderr(f)
-            .status()
-            .expect("run vessel");
-        (st, std::fs::read_to_string(&err).unwrap_or_default())
-    }
-
-    /// A bundle named `name` running `args`.
-    fn bundle(&self, name: &str, args: &[&str]) -> String {
-        let dir = self.tmp.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_vec_pretty(&spec(&self.rootfs, args)).unwrap(),
-        )
-        .unwrap();
-        dir.to_string_lossy().into_owned()
-    }
-
-    fn state(&self, id: &str) -> Value {
-        let o = self.output(&["state", id]);
-        assert!(
-            o.status.success(),
-            "state {id}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).expect("state JSON")
-    }
-
-    fn root_entries(&self) -> Vec<String> {
-        std::fs::read_dir(&self.root)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-/// Reaps `pid` (our child: we are a subreaper) within `timeout`; its
-/// exit code as a shell reports it.
-fn reap(pid: i32, timeout: Duration) -> i32 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid on a pid, with a pointer to a local int.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            if libc::WIFEXITED(status) {
-                return libc::WEXITSTATUS(status);
-            }
-            return 128 + libc::WTERMSIG(status);
-        }
-        assert!(r == 0, "waitpid {pid}: {}", std::io::Error::last_os_error());
-        assert!(Instant::now() < deadline, "monitor {pid} did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Pids of vessel-vmm processes whose arguments mention `needle`.
-fn vmms_mentioning(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("vessel-vmm") && cmd.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
+/// A bundle named `name` running `args` in the shared root file system.
+fn bundle(env: &CliEnv, name: &str, args: &[&str]) -> String {
+    env.write_bundle(name, &spec(&env.tmp.join("rootfs"), args))
 }
 
 #[test]
@@ -180,55 +66,12 @@ fn runc_lifecycle_through_the_microvm() {
     if !kvm_available_or_skip() {
         return;
     }
-    let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let bin = art.vmm.with_file_name("vessel");
-    assert!(
-        bin.is_file(),
-        "{} missing (cargo xtask build)",
-        bin.display()
-    );
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox is missing: install Debian's busybox-static"
-    );
-    // Monitors of detached containers are reparented to us, so we can
-    // check their exit status like an engine's shim does.
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(r, 0);
-    let tmp = TempDir(std::env::temp_dir().join(format!("vessel-cli-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
-    let rootfs = tmp.0.join("rootfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
-    }
-    let config = tmp.0.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\ntemplates = true\n",
-            art.vmm,
-            art.kernel,
-            art.initrd,
-            tmp.0.join("templates")
-        ),
-    )
-    .unwrap();
-    let env = Env {
-        bin,
-        config,
-        root: tmp.0.join("root"),
-        tmp: tmp.0.clone(),
-        rootfs,
-    };
+    let env = CliEnv::new("cli", "");
+    busybox_rootfs(&env.tmp.join("rootfs"), &APPLETS);
 
     // Foreground run: output and exit status (the first one builds the
     // template).
-    let b = env.bundle("b-hi", &["sh", "-c", "echo hi; exit 3"]);
+    let b = bundle(&env, "b-hi", &["sh", "-c", "echo hi; exit 3"]);
     let t = Instant::now();
     let o = env.output(&["run", "--bundle", &b, "hi"]);
     eprintln!(
@@ -244,7 +87,7 @@ fn runc_lifecycle_through_the_microvm() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 
-    let b = env.bundle("b-true", &["true"]);
+    let b = bundle(&env, "b-true", &["true"]);
     let t = Instant::now();
     let o = env.output(&["run", "--bundle", &b, "true"]);
     let took = t.elapsed();
@@ -256,16 +99,12 @@ fn runc_lifecycle_through_the_microvm() {
     eprintln!("vessel run true (restored from the template): {took:?}");
 
     // create, state, start, kill -> stopped, 137.
-    let b = env.bundle("b-sleep", &["sleep", "1000"]);
+    let b = bundle(&env, "b-sleep", &["sleep", "1000"]);
     let pid_file = env.tmp.join("sleep.pid");
     let pf = pid_file.to_string_lossy().into_owned();
     let (st, err) = env.detached(&["create", "--bundle", &b, "--pid-file", &pf, "sleep"]);
     assert!(st.success(), "create: {err}");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = read_pid(Path::new(&pid_file));
     let s = env.state("sleep");
     assert_eq!(
         (s["status"].as_str(), s["pid"].as_i64()),
@@ -315,11 +154,7 @@ fn runc_lifecycle_through_the_microvm() {
     let pf = env.tmp.join("force.pid").to_string_lossy().into_owned();
     let (st, err) = env.detached(&["run", "-d", "--bundle", &b, "--pid-file", &pf, "force"]);
     assert!(st.success(), "run -d: {err}");
-    let pid: i32 = std::fs::read_to_string(&pf)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = read_pid(Path::new(&pf));
     assert_eq!(env.state("force")["status"], "running");
     let o = env.output(&["delete", "--force", "force"]);
     assert!(
@@ -334,11 +169,7 @@ fn runc_lifecycle_through_the_microvm() {
     let pf = env.tmp.join("created.pid").to_string_lossy().into_owned();
     let (st, err) = env.detached(&["create", "--bundle", &b, "--pid-file", &pf, "created"]);
     assert!(st.success(), "create: {err}");
-    let pid: i32 = std::fs::read_to_string(&pf)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = read_pid(Path::new(&pf));
     let o = env.output(&["delete", "created"]);
     assert!(
         o.status.success(),
@@ -361,7 +192,6 @@ fn runc_lifecycle_through_the_microvm() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    let root = env.root.to_string_lossy().into_owned();
-    assert!(vmms_mentioning(&root).is_empty(), "VMMs left behind");
+    assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 }

@@ -13,21 +13,14 @@ use std::fs::File;
 use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use serde_json::{json, Value};
-use vessel_tests::{kvm_available_or_skip, Artifacts};
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vessel_tests::cli::{busybox_rootfs, read_pid, reap, text, CliEnv};
+use vessel_tests::kvm_available_or_skip;
 
 const APPLETS: [&str; 9] = [
     "sh", "echo", "true", "sleep", "cat", "id", "pwd", "tty", "stty",
@@ -65,114 +58,9 @@ fn spec(rootfs: &Path, args: &[&str], terminal: bool) -> Value {
     })
 }
 
-struct Env {
-    bin: PathBuf,
-    config: PathBuf,
-    root: PathBuf,
-    tmp: PathBuf,
-    rootfs: PathBuf,
-}
-
-impl Env {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.arg("--root")
-            .arg(&self.root)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn output(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run vessel")
-    }
-
-    /// Runs a command that leaves a process behind (which inherits stdio):
-    /// stdout to /dev/null, stderr through a file.
-    fn detached(&self, args: &[&str]) -> (ExitStatus, String) {
-        let err = self.tmp.join("stderr.txt");
-        let f = File::create(&err).unwrap();
-        let st = self
-            .cmd(args)
-            .stdout(Stdio::null())
-            .stderr(f)
-            .status()
-            .expect("run vessel");
-        (st, std::fs::read_to_string(&err).unwrap_or_default())
-    }
-
-    fn bundle(&self, name: &str, args: &[&str], terminal: bool) -> String {
-        let dir = self.tmp.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_vec_pretty(&spec(&self.rootfs, args, terminal)).unwrap(),
-        )
-        .unwrap();
-        dir.to_string_lossy().into_owned()
-    }
-
-    fn root_entries(&self) -> Vec<String> {
-        std::fs::read_dir(&self.root)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn read_pid(path: &Path) -> i32 {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Reaps `pid` (our child: we are a subreaper) within `timeout`; its
-/// exit code as a shell reports it.
-fn reap(pid: i32, timeout: Duration) -> i32 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid on a pid, with a pointer to a local int.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            if libc::WIFEXITED(status) {
-                return libc::WEXITSTATUS(status);
-            }
-            return 128 + libc::WTERMSIG(status);
-        }
-        assert!(r == 0, "waitpid {pid}: {}", std::io::Error::last_os_error());
-        assert!(Instant::now() < deadline, "process {pid} did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Pids of processes whose arguments mention both needles.
-fn procs_mentioning(a: &str, b: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains(a) && cmd.contains(b) {
-            out.push(pid);
-        }
-    }
-    out
+/// A bundle named `name` running `args` in the shared root file system.
+fn bundle(env: &CliEnv, name: &str, args: &[&str], terminal: bool) -> String {
+    env.write_bundle(name, &spec(&env.tmp.join("rootfs"), args, terminal))
 }
 
 /// Accepts one connection on `l` and receives the descriptor sent on it.
@@ -234,7 +122,7 @@ fn set_winsize(master: &OwnedFd, rows: u16, cols: u16) {
 /// Runs vessel with a new pty (of size rows x cols) as its stdin, stdout
 /// and stderr, like a user's terminal; returns the child, the master
 /// and a slave we keep (to look at its modes afterwards).
-fn spawn_on_pty(env: &Env, args: &[&str], rows: u16, cols: u16) -> (Child, OwnedFd, OwnedFd) {
+fn spawn_on_pty(env: &CliEnv, args: &[&str], rows: u16, cols: u16) -> (Child, OwnedFd, OwnedFd) {
     let ws = nix::pty::Winsize {
         ws_row: rows,
         ws_col: cols,
@@ -281,50 +169,8 @@ fn exec_ps_and_terminals() {
     if !kvm_available_or_skip() {
         return;
     }
-    let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let bin = art.vmm.with_file_name("vessel");
-    assert!(
-        bin.is_file(),
-        "{} missing (cargo xtask build)",
-        bin.display()
-    );
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox is missing: install Debian's busybox-static"
-    );
-    // Monitors and exec-monitors are reparented to us.
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(r, 0);
-    let tmp = TempDir(std::env::temp_dir().join(format!("vessel-proc-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
-    let rootfs = tmp.0.join("rootfs");
-    for d in ["bin", "proc", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
-    }
-    let config = tmp.0.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\ntemplates = true\n",
-            art.vmm,
-            art.kernel,
-            art.initrd,
-            tmp.0.join("templates")
-        ),
-    )
-    .unwrap();
-    let env = Env {
-        bin,
-        config,
-        root: tmp.0.join("root"),
-        tmp: tmp.0.clone(),
-        rootfs,
-    };
+    let env = CliEnv::new("proc", "");
+    busybox_rootfs(&env.tmp.join("rootfs"), &APPLETS);
 
     // Exec into an unknown container.
     let o = env.output(&["exec", "nosuch", "true"]);
@@ -336,7 +182,7 @@ fn exec_ps_and_terminals() {
     );
 
     // One running container for the execs.
-    let b = env.bundle("b-box", &["sleep", "100000"], false);
+    let b = bundle(&env, "b-box", &["sleep", "100000"], false);
     let box_pf = env.tmp.join("box.pid");
     let t = Instant::now();
     let (st, err) = env.detached(&[
@@ -498,7 +344,7 @@ fn exec_ps_and_terminals() {
     assert!(!o.status.success(), "exec into a deleted container");
 
     // A terminal container: the pty master arrives on the console socket.
-    let b = env.bundle("b-tty", &["sh"], true);
+    let b = bundle(&env, "b-tty", &["sh"], true);
     let sock = env.tmp.join("console.sock");
     let l = UnixListener::bind(&sock).unwrap();
     let pf = env.tmp.join("tty.pid");
@@ -562,14 +408,7 @@ fn exec_ps_and_terminals() {
     let (st, err) = env.detached(&["create", "--bundle", &b, "tty2"]);
     assert!(!st.success() && err.contains("console socket"), "{err}");
 
-    let root = env.root.to_string_lossy().into_owned();
-    assert!(
-        procs_mentioning("vessel-vmm", &root).is_empty(),
-        "VMMs left behind"
-    );
-    assert!(
-        procs_mentioning("monitor", &root).is_empty(),
-        "monitors left behind"
-    );
+    assert!(env.vmms().is_empty(), "VMMs left behind");
+    assert!(env.monitors().is_empty(), "monitors left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 }

@@ -20,21 +20,13 @@
 //!
 //! Needs Debian's `busybox-static` (`/bin/busybox`).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vessel_tests::{kvm_available_or_skip, Artifacts};
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vessel_tests::cli::{busybox_rootfs, read_pid, reap, CliEnv};
+use vessel_tests::kvm_available_or_skip;
 
 const APPLETS: [&str; 4] = ["sh", "mkfifo", "sleep", "cat"];
 
@@ -68,108 +60,33 @@ fn spec(rootfs: &Path, args: &[&str], resources: Value) -> Value {
     })
 }
 
-struct Env {
-    bin: PathBuf,
-    config: PathBuf,
-    root: PathBuf,
-    tmp: PathBuf,
+/// A bundle named `name` with its own copy of the root file system
+/// (the counter lives in it); the bundle and the root file system.
+fn bundle(env: &CliEnv, name: &str, args: &[&str], resources: Value) -> (String, PathBuf) {
+    let rootfs = env.tmp.join(name).join("rootfs");
+    busybox_rootfs(&rootfs, &APPLETS);
+    (
+        env.write_bundle(name, &spec(&rootfs, args, resources)),
+        rootfs,
+    )
 }
 
-impl Env {
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.arg("--root")
-            .arg(&self.root)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .stdin(Stdio::null());
-        c
-    }
+/// The `status` field of `vessel state`.
+fn status(env: &CliEnv, id: &str) -> String {
+    env.state(id)["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
 
-    fn output(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().expect("run vessel")
-    }
-
-    /// Runs a command that must succeed; returns stdout and how long it took.
-    fn ok(&self, args: &[&str]) -> (String, Duration) {
-        let t = Instant::now();
-        let o = self.output(args);
-        let took = t.elapsed();
-        assert!(
-            o.status.success(),
-            "vessel {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (String::from_utf8_lossy(&o.stdout).into_owned(), took)
-    }
-
-    /// Runs a command that must fail; returns its stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.output(args);
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(!o.status.success(), "vessel {args:?} succeeded");
-        assert_eq!(o.status.code(), Some(1), "vessel {args:?}: {err}");
-        err
-    }
-
-    /// Runs a command that leaves a monitor behind (which inherits stdio).
-    fn detached(&self, args: &[&str]) -> (ExitStatus, String) {
-        let err = self.tmp.join("stderr.txt");
-        let f = File::create(&err).unwrap();
-        let st = self
-            .cmd(args)
-            .stdout(Stdio::null())
-            .stderr(f)
-            .status()
-            .expect("run vessel");
-        (st, std::fs::read_to_string(&err).unwrap_or_default())
-    }
-
-    /// A bundle named `name` with its own copy of the root file system.
-    fn bundle(&self, name: &str, args: &[&str], resources: Value) -> (String, PathBuf) {
-        let dir = self.tmp.join(name);
-        let rootfs = dir.join("rootfs");
-        for d in ["bin", "proc", "dev", "tmp"] {
-            std::fs::create_dir_all(rootfs.join(d)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-        for a in APPLETS {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
-        }
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_vec_pretty(&spec(&rootfs, args, resources)).unwrap(),
-        )
-        .unwrap();
-        (dir.to_string_lossy().into_owned(), rootfs)
-    }
-
-    fn status(&self, id: &str) -> String {
-        let (out, _) = self.ok(&["state", id]);
-        let v: Value = serde_json::from_str(&out).expect("state JSON");
-        v["status"].as_str().unwrap_or_default().to_string()
-    }
-
-    /// `events --stats`: the `data` object, and how long it took.
-    fn stats(&self, id: &str) -> (Value, Duration) {
-        let (out, took) = self.ok(&["events", "--stats", id]);
-        assert_eq!(out.lines().count(), 1, "{out}");
-        let v: Value = serde_json::from_str(&out).expect("events --stats JSON");
-        assert_eq!(v["type"], "stats");
-        assert_eq!(v["id"], id);
-        (v["data"].clone(), took)
-    }
-
-    fn root_entries(&self) -> Vec<String> {
-        std::fs::read_dir(&self.root)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
+/// `events --stats`: the `data` object, and how long it took.
+fn stats(env: &CliEnv, id: &str) -> (Value, Duration) {
+    let (out, took) = env.ok(&["events", "--stats", id]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: Value = serde_json::from_str(&out).expect("events --stats JSON");
+    assert_eq!(v["type"], "stats");
+    assert_eq!(v["id"], id);
+    (v["data"].clone(), took)
 }
 
 /// A running `vessel events` whose JSON lines arrive on a channel.
@@ -179,7 +96,7 @@ struct EventStream {
 }
 
 impl EventStream {
-    fn start(env: &Env, args: &[&str]) -> EventStream {
+    fn start(env: &CliEnv, args: &[&str]) -> EventStream {
         let mut child = env.cmd(args).stdout(Stdio::piped()).spawn().unwrap();
         let out = child.stdout.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel::<Value>();
@@ -239,92 +156,12 @@ fn counter_above(rootfs: &Path, above: u64, timeout: Duration) -> u64 {
     }
 }
 
-/// Reaps `pid` (our child: we are a subreaper) within `timeout`; its
-/// exit code as a shell reports it.
-fn reap(pid: i32, timeout: Duration) -> i32 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid on a pid, with a pointer to a local int.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            if libc::WIFEXITED(status) {
-                return libc::WEXITSTATUS(status);
-            }
-            return 128 + libc::WTERMSIG(status);
-        }
-        assert!(r == 0, "waitpid {pid}: {}", std::io::Error::last_os_error());
-        assert!(Instant::now() < deadline, "monitor {pid} did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Pids of vessel-vmm processes whose arguments mention `needle`.
-fn vmms_mentioning(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("vessel-vmm") && cmd.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn read_pid(path: &Path) -> i32 {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn pause_resume_update_events_features() {
     if !kvm_available_or_skip() {
         return;
     }
-    let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let bin = art.vmm.with_file_name("vessel");
-    assert!(
-        bin.is_file(),
-        "{} missing (cargo xtask build)",
-        bin.display()
-    );
-    assert!(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox is missing: install Debian's busybox-static"
-    );
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    assert_eq!(r, 0);
-    let tmp = TempDir(std::env::temp_dir().join(format!("vessel-res-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
-    std::fs::create_dir_all(&tmp.0).unwrap();
-    let config = tmp.0.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\ntemplates = true\n",
-            art.vmm,
-            art.kernel,
-            art.initrd,
-            tmp.0.join("templates")
-        ),
-    )
-    .unwrap();
-    let env = Env {
-        bin,
-        config,
-        root: tmp.0.join("root"),
-        tmp: tmp.0.clone(),
-    };
+    let env = CliEnv::new("res", "");
 
     // features: no VM needed.
     let (out, took) = env.ok(&["features"]);
@@ -356,7 +193,8 @@ fn pause_resume_update_events_features() {
     assert!(err.contains("invalid size"), "{err}");
 
     // The counter container (the first run builds the template).
-    let (b, rootfs) = env.bundle(
+    let (b, rootfs) = bundle(
+        &env,
         "b-res",
         &["sh", "-c", COUNTER],
         json!({"pids": {"limit": 64}}),
@@ -376,10 +214,10 @@ fn pause_resume_update_events_features() {
     eprintln!("run -d res (template build included): {:?}", t.elapsed());
     let pid = read_pid(&pf);
     let c0 = counter_above(&rootfs, 1, Duration::from_secs(120));
-    assert_eq!(env.status("res"), "running");
+    assert_eq!(status(&env, "res"), "running");
 
     // Stats once, then a stream of two lines.
-    let (data, took) = env.stats("res");
+    let (data, took) = stats(&env, "res");
     eprintln!("events --stats: {took:?}");
     let mem = data["memory"]["usage"]["usage"].as_u64().unwrap_or(0);
     assert!(mem > 0, "memory usage {data}");
@@ -399,7 +237,7 @@ fn pause_resume_update_events_features() {
     // update: new limits show up; a refused value changes nothing.
     let (_, took) = env.ok(&["update", "--pids-limit", "7", "--memory", "48m", "res"]);
     eprintln!("update --pids-limit --memory: {took:?}");
-    let (data, _) = env.stats("res");
+    let (data, _) = stats(&env, "res");
     assert_eq!(data["pids"]["limit"], 7, "{data}");
     assert_eq!(data["memory"]["usage"]["limit"], 48 << 20, "{data}");
     let err = env.fails(&["update", "--memory", "40m", "--cpuset-cpus", "63", "res"]);
@@ -410,7 +248,7 @@ fn pause_resume_update_events_features() {
     let resources = env.tmp.join("resources.json");
     std::fs::write(&resources, r#"{"pids":{"limit":9},"cpu":{"shares":512}}"#).unwrap();
     env.ok(&["update", "-r", &resources.to_string_lossy(), "res"]);
-    let (data, _) = env.stats("res");
+    let (data, _) = stats(&env, "res");
     assert_eq!(data["memory"]["usage"]["limit"], 48 << 20, "{data}");
     assert_eq!(data["pids"]["limit"], 9, "{data}");
 
@@ -419,7 +257,7 @@ fn pause_resume_update_events_features() {
     assert!(err.contains("not paused"), "{err}");
     let (_, took) = env.ok(&["pause", "res"]);
     eprintln!("pause: {took:?}");
-    assert_eq!(env.status("res"), "paused");
+    assert_eq!(status(&env, "res"), "paused");
     let err = env.fails(&["pause", "res"]);
     assert!(err.contains("already paused"), "{err}");
     let c1 = counter(&rootfs).unwrap();
@@ -427,12 +265,12 @@ fn pause_resume_update_events_features() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(counter(&rootfs), Some(c1), "the counter moved while paused");
     // Stats work on a paused container.
-    let (data, _) = env.stats("res");
+    let (data, _) = stats(&env, "res");
     assert!(data["memory"]["usage"]["usage"].as_u64().unwrap_or(0) > 0);
     // resume: it advances again.
     let (_, took) = env.ok(&["resume", "res"]);
     eprintln!("resume: {took:?}");
-    assert_eq!(env.status("res"), "running");
+    assert_eq!(status(&env, "res"), "running");
     counter_above(&rootfs, c1, Duration::from_secs(30));
 
     // Latencies: three more cycles, CLI process start to exit (`state`,
@@ -457,7 +295,7 @@ fn pause_resume_update_events_features() {
     env.ok(&["pause", "res"]);
     env.ok(&["kill", "res", "KILL"]);
     assert_eq!(reap(pid, Duration::from_secs(120)), 137);
-    assert_eq!(env.status("res"), "stopped");
+    assert_eq!(status(&env, "res"), "stopped");
     for args in [
         &["pause", "res"][..],
         &["resume", "res"],
@@ -473,7 +311,7 @@ fn pause_resume_update_events_features() {
     env.ok(&["delete", "res"]);
 
     // delete --force of a paused container.
-    let (b, _) = env.bundle("b-sleep", &["sleep", "1000"], json!({}));
+    let (b, _) = bundle(&env, "b-sleep", &["sleep", "1000"], json!({}));
     let pf = env.tmp.join("res2.pid");
     let (st, err) = env.detached(&[
         "run",
@@ -488,7 +326,7 @@ fn pause_resume_update_events_features() {
     let pid = read_pid(&pf);
     let (_, took) = env.ok(&["pause", "res2"]);
     eprintln!("pause (sleep): {took:?}");
-    assert_eq!(env.status("res2"), "paused");
+    assert_eq!(status(&env, "res2"), "paused");
     let err = env.fails(&["delete", "res2"]);
     assert!(err.contains("not stopped"), "{err}");
     let (_, took) = env.ok(&["delete", "--force", "res2"]);
@@ -496,7 +334,6 @@ fn pause_resume_update_events_features() {
     assert_eq!(reap(pid, Duration::from_secs(60)), 137);
     assert!(!env.output(&["state", "res2"]).status.success());
 
-    let root = env.root.to_string_lossy().into_owned();
-    assert!(vmms_mentioning(&root).is_empty(), "VMMs left behind");
+    assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 }

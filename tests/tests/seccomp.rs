@@ -21,7 +21,6 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,7 +31,8 @@ use vessel_proto::container::{
     StdioStream,
 };
 use vessel_proto::{ErrorCode, ReadFileRequest};
-use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_TIMEOUT};
+use vessel_tests::cli::busybox_rootfs;
+use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT};
 
 /// Where the test mounts the rootfs share in the guest.
 const ROOTFS: &str = "/run/rootfs";
@@ -63,31 +63,6 @@ const DEFAULT_CAPS: [&str; 14] = [
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 ];
-
-/// A private directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A tiny root filesystem: static busybox and a few applet links.
-fn busybox_rootfs(dir: &Path) {
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "/bin/busybox is missing: install Debian's busybox-static (apt-get install busybox-static)"
-    );
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::copy(busybox, dir.join("bin/busybox")).unwrap();
-    for a in APPLETS {
-        std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).unwrap();
-    }
-}
 
 /// A runc-like `config.json` running `args` under `seccomp`.
 fn spec(args: &[&str], seccomp: Value) -> Value {
@@ -233,9 +208,8 @@ fn seccomp_profiles_apply_in_containers() {
         return;
     }
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let root = TempDir(std::env::temp_dir().join(format!("vessel-seccomp-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&root.0);
-    busybox_rootfs(&root.0);
+    let root = TempDir::new("seccomp");
+    busybox_rootfs(&root.0, &APPLETS);
     let opts = VmOptions {
         mem_mib: 256,
         shares: vec![format!("rootfs={}", root.0.display())],

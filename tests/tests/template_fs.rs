@@ -6,28 +6,11 @@
 //! restore whose `--fs` tags differ from the snapshot's is refused. One
 //! cold boot for everything; nothing is left behind.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use vessel_proto::ReadFileRequest;
-use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_TIMEOUT};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("vessel-tfs-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT};
 
 fn share(tag: &str, dir: &Path) -> String {
     format!("{tag}={}", dir.display())
@@ -39,12 +22,12 @@ fn template_with_unused_share_serves_each_clone_its_own_directory() {
         return;
     }
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let empty = TempDir::new("empty");
-    let a = TempDir::new("a");
-    let b = TempDir::new("b");
+    let empty = TempDir::new("tfs-empty");
+    let a = TempDir::new("tfs-a");
+    let b = TempDir::new("tfs-b");
     std::fs::write(a.0.join("hello"), b"from directory A\n").unwrap();
     std::fs::write(b.0.join("hello"), b"from directory B\n").unwrap();
-    let snap = TempDir::new("snap");
+    let snap = TempDir::new("tfs-snap");
     let snap_dir = snap.0.join("template");
 
     // The template: one cold boot with an unmounted share.

@@ -5,22 +5,14 @@
 //! root filesystem and a reseeded RNG. Two cold boots in all (build and the
 //! rebuild after corruption).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use vessel_proto::ReadFileRequest;
 use vessel_shim::config::Config;
 use vessel_shim::sandbox::{Sandbox, Templates, ROOTFS_TAG};
-use vessel_tests::{kvm_available_or_skip, Artifacts};
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
 fn vessel(bin: &Path, config: &Path, args: &[&str]) -> Output {
     let o = Command::new(bin)
@@ -53,9 +45,7 @@ fn template_build_list_rebuild_rm_and_restore() {
         "{} missing (cargo xtask build)",
         bin.display()
     );
-    let tmp = TempDir(std::env::temp_dir().join(format!("vessel-tmpl-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&tmp.0);
-    std::fs::create_dir_all(&tmp.0).unwrap();
+    let tmp = TempDir::new("tmpl");
     let tdir = tmp.0.join("templates");
     let config = tmp.0.join("config.toml");
     let write_config = |mem: u64| {

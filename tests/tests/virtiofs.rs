@@ -9,21 +9,12 @@
 //! read throughput of a 4 MiB file (`VESSEL_FS_BENCH_MIB`; the figures belong to `cargo xtask bench`) is printed;
 //! `Shutdown` ends the VMM with status 0 and nothing is left behind.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::{fnv1a, ReadFileRequest, FNV1A_INIT};
-use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_TIMEOUT};
-
-/// A private directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT};
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).max(1);
@@ -78,9 +69,7 @@ fn virtiofs_shares_mount_read_write_and_confine() {
         return;
     }
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let root =
-        TempDir(std::env::temp_dir().join(format!("vessel-virtiofs-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&root.0);
+    let root = TempDir::new("virtiofs");
     let rw = root.0.join("rw");
     let ro = root.0.join("ro");
     let outside = root.0.join("outside");
