@@ -90,14 +90,12 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
     if runs == 0 {
         bail!("need at least one run");
     }
+    crate::kernel::install_missing(
+        &["runc", "busybox-static"],
+        "runc (the reference) and busybox (the bundle)",
+    )?;
     let runc = Path::new("/usr/sbin/runc");
-    if !runc.exists() {
-        bail!("the reference needs runc: apt-get install runc");
-    }
     let busybox = Path::new("/bin/busybox");
-    if !busybox.exists() {
-        bail!("the bundle needs /bin/busybox: apt-get install busybox-static");
-    }
     let a = build::all(root)?;
     let vessel = root.join("target/release/vessel");
     let dir =

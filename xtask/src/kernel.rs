@@ -164,28 +164,8 @@ impl Inputs {
 /// Installs whatever of [`BUILD_PACKAGES`] is missing (apt does not run when
 /// all are present) and returns the version of the source package.
 fn ensure_packages() -> Result<String> {
-    let mut installed = installed_packages(BUILD_PACKAGES)?;
-    let missing: Vec<&str> = BUILD_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains_key(*p))
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("xtask: installing {}", missing.join(" "));
-        if apt_install(&missing).is_err() {
-            eprintln!("xtask: apt-get install failed; running apt-get update and retrying");
-            run(apt_get().arg("update"))?;
-            apt_install(&missing).with_context(|| {
-                format!(
-                    "installing the guest kernel build dependencies; as root, run: \
-                     apt-get install {}",
-                    missing.join(" ")
-                )
-            })?;
-        }
-        installed = installed_packages(BUILD_PACKAGES)?;
-    }
-    let version = installed
+    install_missing(BUILD_PACKAGES, "the guest kernel build dependencies")?;
+    let version = installed_packages(&[SOURCE_PACKAGE])?
         .remove(SOURCE_PACKAGE)
         .with_context(|| format!("{SOURCE_PACKAGE} is still not installed"))?;
     ensure!(
@@ -193,6 +173,40 @@ fn ensure_packages() -> Result<String> {
         "{SOURCE_PACKAGE} {version} is installed but {SOURCE_TARBALL} is missing"
     );
     Ok(version)
+}
+
+/// Installs those of the Debian `packages` that are missing (`what` names
+/// them in messages); apt does not run when all are present. A failed
+/// install is retried once after `apt-get update` (a new machine has no
+/// package lists).
+pub(crate) fn install_missing(packages: &[&str], what: &str) -> Result<()> {
+    let installed = installed_packages(packages)?;
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains_key(*p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    if apt_install(&missing).is_err() {
+        eprintln!("xtask: apt-get install failed; running apt-get update and retrying");
+        run(apt_get().arg("update"))?;
+        apt_install(&missing).with_context(|| {
+            format!(
+                "installing {what}; as root, run: apt-get install {}",
+                missing.join(" ")
+            )
+        })?;
+    }
+    let installed = installed_packages(&missing)?;
+    let still: Vec<&str> = missing
+        .into_iter()
+        .filter(|p| !installed.contains_key(*p))
+        .collect();
+    ensure!(still.is_empty(), "{} still not installed", still.join(" "));
+    Ok(())
 }
 
 /// The installed packages among `names`, with their versions (one dpkg-query).
