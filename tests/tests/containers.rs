@@ -10,19 +10,18 @@
 //!
 //! Needs Debian's `busybox-static` (`/bin/busybox`).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::thread::JoinHandle;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vessel_proto::client::{AgentClient, ClientError};
+use vessel_proto::client::AgentClient;
 use vessel_proto::container::{
     ContainerStatus, CreateContainerRequest, ExecProcessRequest, ProcessExit,
     ResizeTerminalRequest, RootfsSource, SignalProcessRequest, StdioSpec, StdioStream,
 };
-use vessel_proto::{ErrorCode, ReadFileRequest};
+use vessel_proto::ErrorCode;
 use vessel_tests::cli::busybox_rootfs;
+use vessel_tests::guest::{self, attach, drain, read_guest, read_until, remote_code};
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT};
 
 /// Where the test mounts the rootfs share in the guest.
@@ -94,38 +93,9 @@ fn spec(args: &[&str]) -> Value {
     })
 }
 
+/// A `CreateContainer` of `id` in the rootfs the test mounted.
 fn create_req(id: &str, spec: Value, stdio: StdioSpec) -> CreateContainerRequest {
-    CreateContainerRequest {
-        id: id.into(),
-        rootfs: RootfsSource {
-            tag: None,
-            path: ROOTFS.into(),
-        },
-        spec,
-        stdio,
-    }
-}
-
-/// Attaches one stdio stream of `id`/`exec`.
-fn attach(vm: &VmProcess, id: &str, exec: Option<&str>, s: StdioStream) -> UnixStream {
-    let stream = vm
-        .connect()
-        .expect("connect for stdio")
-        .attach_stdio(id, exec, s)
-        .unwrap_or_else(|e| panic!("attach {s:?} of {id}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    stream
-}
-
-/// Reads a stream to EOF in a thread.
-fn drain(mut s: UnixStream) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    })
+    guest::create_req(id, ROOTFS, spec, stdio)
 }
 
 /// Output and exit of one container run.
@@ -183,23 +153,6 @@ fn run(c: &mut AgentClient, vm: &VmProcess, id: &str, spec: Value, stdin: Option
     }
 }
 
-/// Reads from `s` until what was read contains `needle`; returns it all.
-fn read_until(s: &mut UnixStream, needle: &str) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&got).contains(needle) {
-        match s.read(&mut buf) {
-            Ok(0) => panic!("EOF before {needle:?}: {:?}", String::from_utf8_lossy(&got)),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => panic!(
-                "reading for {needle:?}: {e}; got {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
-}
-
 /// The guest kernel's lines about crashed user processes, for messages.
 fn kernel_faults(vm: &VmProcess) -> String {
     vm.serial_output()
@@ -209,23 +162,6 @@ fn kernel_faults(vm: &VmProcess) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn remote_code(r: Result<impl std::fmt::Debug, ClientError>) -> (ErrorCode, String) {
-    match r {
-        Err(ClientError::Remote(e)) => (e.code, e.message),
-        other => panic!("expected an error answer, got {other:?}"),
-    }
-}
-
-fn read_guest(c: &mut AgentClient, path: &str) -> Result<String, ClientError> {
-    c.read_file(ReadFileRequest {
-        path: path.into(),
-        max_len: 6 * 1024,
-        offset: 0,
-        discard: false,
-    })
-    .map(|d| String::from_utf8_lossy(&d.data).into_owned())
 }
 
 #[test]

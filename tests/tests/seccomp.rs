@@ -19,19 +19,16 @@
 //! Output checks look for marker lines, never for the whole output.
 //! Needs Debian's `busybox-static` (`/bin/busybox`).
 
-use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::container::{
-    CreateContainerRequest, ExecProcessRequest, RootfsSource, SignalProcessRequest, StdioSpec,
-    StdioStream,
+    CreateContainerRequest, ExecProcessRequest, SignalProcessRequest, StdioSpec, StdioStream,
 };
-use vessel_proto::{ErrorCode, ReadFileRequest};
+use vessel_proto::ErrorCode;
 use vessel_tests::cli::busybox_rootfs;
+use vessel_tests::guest::{self, drain, read_guest, read_until, remote_code};
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT};
 
 /// Where the test mounts the rootfs share in the guest.
@@ -98,57 +95,16 @@ fn spec(args: &[&str], seccomp: Value) -> Value {
 }
 
 fn create_req(id: &str, spec: Value, stdout: bool) -> CreateContainerRequest {
-    CreateContainerRequest {
-        id: id.into(),
-        rootfs: RootfsSource {
-            tag: None,
-            path: ROOTFS.into(),
-        },
-        spec,
-        stdio: StdioSpec {
-            stdout,
-            ..StdioSpec::default()
-        },
-    }
+    let stdio = StdioSpec {
+        stdout,
+        ..StdioSpec::default()
+    };
+    guest::create_req(id, ROOTFS, spec, stdio)
 }
 
 /// Attaches the stdout of `id`/`exec`.
 fn attach_stdout(vm: &VmProcess, id: &str, exec: Option<&str>) -> UnixStream {
-    let stream = vm
-        .connect()
-        .expect("connect for stdio")
-        .attach_stdio(id, exec, StdioStream::Stdout)
-        .unwrap_or_else(|e| panic!("attach stdout of {id}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    stream
-}
-
-/// Reads a stream to EOF in a thread.
-fn drain(mut s: UnixStream) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    })
-}
-
-/// Reads from `s` until what was read contains `needle`; returns it all.
-fn read_until(s: &mut UnixStream, needle: &str) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 512];
-    while !String::from_utf8_lossy(&got).contains(needle) {
-        match s.read(&mut buf) {
-            Ok(0) => panic!("EOF before {needle:?}: {:?}", String::from_utf8_lossy(&got)),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => panic!(
-                "reading for {needle:?}: {e}; got {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-        }
-    }
-    String::from_utf8_lossy(&got).into_owned()
+    guest::attach(vm, id, exec, StdioStream::Stdout)
 }
 
 /// The line of `out` that starts with `prefix`.
@@ -156,23 +112,6 @@ fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
     out.lines()
         .find(|l| l.starts_with(prefix))
         .unwrap_or_else(|| panic!("no line starting with {prefix:?} in {out:?}"))
-}
-
-fn remote_code(r: Result<impl std::fmt::Debug, ClientError>) -> (ErrorCode, String) {
-    match r {
-        Err(ClientError::Remote(e)) => (e.code, e.message),
-        other => panic!("expected an error answer, got {other:?}"),
-    }
-}
-
-fn read_guest(c: &mut AgentClient, path: &str) -> Result<String, ClientError> {
-    c.read_file(ReadFileRequest {
-        path: path.into(),
-        max_len: 6 * 1024,
-        offset: 0,
-        discard: false,
-    })
-    .map(|d| String::from_utf8_lossy(&d.data).into_owned())
 }
 
 /// The duration `time` reported (`real\t0m 1.23s`).
