@@ -1,6 +1,7 @@
 //! vessel's host side: the runc-compatible `vessel` command's building
 //! blocks (state store, configuration, runc-style logging, default spec).
 
+pub mod binds;
 pub mod bundle;
 pub mod config;
 pub mod log;

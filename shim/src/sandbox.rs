@@ -2,9 +2,11 @@
 //! restored from a template, and the templates themselves.
 //!
 //! A template is a snapshot of a VM that booted our kernel and agent with
-//! an unmounted virtio-fs share tagged [`ROOTFS_TAG`] (on an empty
-//! directory), taken before anything mounted it. A restore binds that tag
-//! to the container's root filesystem (see vmm/SNAPSHOT.md). Templates live
+//! two unmounted virtio-fs shares tagged [`ROOTFS_TAG`] and [`MOUNTS_TAG`]
+//! (on an empty directory), taken before anything mounted them. A restore
+//! binds the first to the container's root filesystem and the second to
+//! the staging directory of its host bind mounts (see vmm/SNAPSHOT.md and
+//! [`crate::binds`]). Templates live
 //! in `template_dir/<key>/`, where the key hashes everything the snapshot
 //! depends on: the VMM binary, kernel, initramfs, memory size, vCPUs and
 //! whether it has a balloon. A
@@ -23,10 +25,14 @@ use sha2::{Digest, Sha256};
 use vessel_proto::client::AgentClient;
 use vessel_proto::{AGENT_PORT, READY_PORT};
 
+use crate::binds::HostBind;
 use crate::config::Config;
 
 /// The virtio-fs tag of the container's root filesystem.
 pub const ROOTFS_TAG: &str = "rootfs";
+/// The virtio-fs tag of the staging directory of host bind mounts (see
+/// [`crate::binds`]).
+pub const MOUNTS_TAG: &str = "mounts";
 /// How long a cold boot may take (guest kernels are slow where ring 0 is
 /// emulated).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -83,7 +89,10 @@ pub fn template_key(cfg: &Config) -> Result<String, SandboxError> {
     }
     h.update(cfg.mem_mib.to_le_bytes());
     h.update([cfg.vcpus, u8::from(cfg.balloon)]);
-    h.update(ROOTFS_TAG.as_bytes());
+    for tag in [ROOTFS_TAG, MOUNTS_TAG] {
+        h.update(tag.as_bytes());
+        h.update([0]);
+    }
     let d = h.finalize();
     Ok(d[..8].iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -99,7 +108,7 @@ pub struct Sandbox {
     pub api: PathBuf,
 }
 
-fn vmm_command(cfg: &Config, dir: &Path) -> Command {
+fn vmm_command(cfg: &Config, dir: &Path, binds: &[HostBind]) -> Command {
     let mut cmd = Command::new(&cfg.vmm);
     cmd.arg("--vsock-uds")
         .arg(dir.join("vsock.sock"))
@@ -114,16 +123,18 @@ fn vmm_command(cfg: &Config, dir: &Path) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    let binds = binds.to_vec();
     // SAFETY: the closure runs in the child between fork and exec and only
-    // calls prctl(2), which is async-signal-safe.
+    // makes system calls (prctl, unshare, mount), which are
+    // async-signal-safe; it allocates nothing.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // The VMM dies with the thread that started it (a monitor or a
             // test), so a crashed owner leaves no VM behind.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            HostBind::apply(&binds)
         });
     }
     cmd
@@ -140,11 +151,13 @@ impl Sandbox {
     }
 
     /// Cold-boots a VM in `dir` (created if missing) with `shares`
-    /// (`TAG=DIR[,ro]`) and waits for its agent's ready announcement.
+    /// (`TAG=DIR[,ro]`) and the host mounts `binds` in the VMM's own mount
+    /// namespace, and waits for its agent's ready announcement.
     pub fn boot(
         cfg: &Config,
         dir: &Path,
         shares: &[String],
+        binds: &[HostBind],
     ) -> Result<(Sandbox, AgentClient), SandboxError> {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         let ready_path =
@@ -153,7 +166,7 @@ impl Sandbox {
         let ready = UnixListener::bind(&ready_path)
             .map_err(io(format!("binding {}", ready_path.display())))?;
         ready.set_nonblocking(true).map_err(io("ready socket"))?;
-        let mut cmd = vmm_command(cfg, dir);
+        let mut cmd = vmm_command(cfg, dir, binds);
         cmd.arg("--kernel")
             .arg(&cfg.kernel)
             .arg("--initrd")
@@ -204,13 +217,14 @@ impl Sandbox {
     }
 
     /// Restores a VM from the snapshot in `template` into `dir`, binds the
-    /// snapshot's share tags (`TAG=DIR[,ro]`), and gives it fresh entropy
-    /// and `hostname`.
+    /// snapshot's share tags (`TAG=DIR[,ro]`; host mounts `binds` as for
+    /// [`Sandbox::boot`]), and gives it fresh entropy and `hostname`.
     pub fn restore(
         cfg: &Config,
         template: &Path,
         dir: &Path,
         shares: &[String],
+        binds: &[HostBind],
         hostname: Option<String>,
     ) -> Result<(Sandbox, AgentClient), SandboxError> {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -220,7 +234,7 @@ impl Sandbox {
             .map_err(io("reading /dev/urandom"))?;
         // Any CID of 3.. works: the vsock device is ours, not the host's.
         let cid = 3 + u32::from_le_bytes(cid_bytes) % (u32::MAX - 4);
-        let mut cmd = vmm_command(cfg, dir);
+        let mut cmd = vmm_command(cfg, dir, binds);
         cmd.arg("--restore")
             .arg(template)
             .arg("--vsock-cid")
@@ -460,8 +474,11 @@ impl<'a> Templates<'a> {
         let empty = work.join("empty-rootfs");
         std::fs::create_dir_all(&empty).map_err(io(format!("creating {}", empty.display())))?;
         let result = (|| {
-            let share = format!("{ROOTFS_TAG}={}", empty.display());
-            let (sb, mut client) = Sandbox::boot(self.cfg, &work.join("vm"), &[share])?;
+            let shares = [
+                format!("{ROOTFS_TAG}={}", empty.display()),
+                format!("{MOUNTS_TAG}={}", empty.display()),
+            ];
+            let (sb, mut client) = Sandbox::boot(self.cfg, &work.join("vm"), &shares, &[])?;
             let waited = wait_idle(sb.pid(), Duration::from_secs(30));
             tracing::debug!("template guest idle after {waited:?}");
             let snap = work.join("snapshot");

@@ -15,10 +15,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vessel_tests::cli::{busybox_rootfs, read_pid, reap, CliEnv};
+use vessel_tests::cli::{busybox_rootfs, read_pid, reap, text, CliEnv};
 use vessel_tests::kvm_available_or_skip;
 
-const APPLETS: [&str; 4] = ["sh", "echo", "true", "sleep"];
+const APPLETS: [&str; 5] = ["sh", "echo", "true", "sleep", "cat"];
 
 /// A runc-like `config.json` (no terminal, read-only root) running `args`
 /// in the busybox root filesystem at `rootfs`.
@@ -97,6 +97,52 @@ fn runc_lifecycle_through_the_microvm() {
         String::from_utf8_lossy(&o.stderr)
     );
     eprintln!("vessel run true (restored from the template): {took:?}");
+
+    // Host bind mounts (a read-write directory, a read-only directory, a
+    // read-only file), masked paths and the pids limit, in one container.
+    let rw = env.tmp.join("host-rw");
+    let ro = env.tmp.join("host-ro");
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("in"), "from the host\n").unwrap();
+    let greeting = env.tmp.join("greeting");
+    std::fs::write(&greeting, "hello file\n").unwrap();
+    let script = "echo written > /data/out && echo rw-ok; \
+                  (echo x > /ro/new) 2>/dev/null && echo ro-WRITABLE || echo ro-refused; \
+                  cat /ro/in /etc/greeting; \
+                  [ -s /proc/kcore ] && echo kcore-visible || echo kcore-masked; \
+                  for i in 1 2 3 4 5 6; do sleep 1 & done; wait; echo no-pids-limit";
+    let mut s = spec(&env.tmp.join("rootfs"), &["sh", "-c", script]);
+    let mounts = s["mounts"].as_array_mut().unwrap();
+    mounts.push(json!({"destination": "/data", "type": "bind", "source": rw,
+                       "options": ["rbind", "rw"]}));
+    mounts.push(json!({"destination": "/ro", "type": "bind", "source": ro,
+                       "options": ["bind", "ro"]}));
+    mounts.push(json!({"destination": "/etc/greeting", "source": greeting,
+                       "options": ["bind", "ro", "nosuid"]}));
+    s["linux"]["resources"] = json!({"pids": {"limit": 4}});
+    let b = env.write_bundle("b-binds", &s);
+    let t = Instant::now();
+    let o = env.output(&["run", "--bundle", &b, "binds"]);
+    eprintln!("vessel run with 3 bind mounts: {:?}", t.elapsed());
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(
+        out, "rw-ok\nro-refused\nfrom the host\nhello file\nkcore-masked\n",
+        "stderr: {err}"
+    );
+    // busybox sh gives up when fork fails (the 4th process of the cgroup).
+    assert!(!o.status.success() && err.contains("fork"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(rw.join("out")).unwrap(),
+        "written\n"
+    );
+    assert!(!ro.join("new").exists());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(&*env.tmp.to_string_lossy()),
+        "host mounts left behind: {mountinfo}"
+    );
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 
     // create, state, start, kill -> stopped, 137.
     let b = bundle(&env, "b-sleep", &["sleep", "1000"]);

@@ -42,14 +42,17 @@ use vessel_proto::client::AgentClient;
 use vessel_proto::container::{CreateContainerRequest, RootfsSource, SignalProcessRequest};
 use vessel_proto::AGENT_PORT;
 
+use vessel_shim::binds;
 use vessel_shim::bundle::Bundle;
 use vessel_shim::config::Config;
-use vessel_shim::sandbox::{Sandbox, Templates, ROOTFS_TAG};
+use vessel_shim::sandbox::{Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
 use vessel_shim::signal;
 use vessel_shim::state::{self, ContainerState, Status, Store, OCI_VERSION};
 
 /// Where the agent mounts the rootfs share in the guest.
 const GUEST_ROOTFS: &str = "/run/vessel/rootfs";
+/// Where the agent mounts the share of host bind mount sources.
+const GUEST_MOUNTS: &str = "/run/vessel/mounts";
 /// The VMM's pid, written by the monitor.
 const VMM_PID_FILE: &str = "vmm.pid";
 /// How long the agent may take for create/start (guest kernels are slow
@@ -496,20 +499,38 @@ fn setup(
 ) -> Result<Monitored> {
     let b = Bundle::load(bundle)?;
     let dir = store.dir(id)?;
-    let share = format!(
-        "{ROOTFS_TAG}={}{}",
-        b.rootfs.display(),
-        if b.readonly { ",ro" } else { "" }
-    );
+    let mut spec = b.spec.clone();
+    if b.readonly {
+        // The guest cannot write a read-only share: make the mount points
+        // here, as runc does before its read-only remount.
+        binds::make_mount_points(&spec, &b.dir, &b.rootfs)?;
+    }
+    let stage = dir.join("mounts");
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
+    let binds = binds::plan(&mut spec, &b.dir, &stage, GUEST_MOUNTS)?;
+    let shares = [
+        format!(
+            "{ROOTFS_TAG}={}{}",
+            b.rootfs.display(),
+            if b.readonly { ",ro" } else { "" }
+        ),
+        format!("{MOUNTS_TAG}={}", stage.display()),
+    ];
     let (mut sb, mut client) = if cfg.templates {
         let (tpl, _) = Templates::new(cfg).ensure(false)?;
-        Sandbox::restore(cfg, &tpl, &dir, &[share], b.hostname.clone())?
+        Sandbox::restore(cfg, &tpl, &dir, &shares, &binds, b.hostname.clone())?
     } else {
-        Sandbox::boot(cfg, &dir, &[share])?
+        Sandbox::boot(cfg, &dir, &shares, &binds)?
     };
     let created = (|| -> Result<stdio::Relays> {
         std::fs::write(dir.join(VMM_PID_FILE), sb.pid().to_string()).context("writing vmm.pid")?;
-        let mut spec = b.spec.clone();
+        if !binds.is_empty() {
+            client.set_timeout(Some(AGENT_TIMEOUT))?;
+            client
+                .mount(MOUNTS_TAG, GUEST_MOUNTS, false)
+                .context("mounting the bind mount share in the guest")?;
+        }
         let (mut end, mut size) = (None, None);
         if b.terminal {
             let given = spec["process"]["consoleSize"]
