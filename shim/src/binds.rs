@@ -79,6 +79,56 @@ fn sys_mount(src: *const libc::c_char, dst: &CStr, flags: libc::c_ulong) -> std:
     }
 }
 
+/// `struct mount_attr` of `mount_setattr(2)` (not in the libc crate).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// `MOUNT_ATTR_RDONLY`.
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+/// `AT_RECURSIVE`.
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+/// Makes the mount at `dst` and every mount below it read-only
+/// (`mount_setattr`, Linux 5.12); where that call does not exist, only the
+/// top mount (a read-only bind remount).
+fn readonly_recursive(dst: &CStr) -> std::io::Result<()> {
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr with a C string and a pointer to a live
+    // mount_attr of the size we pass.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(e);
+    }
+    sys_mount(
+        std::ptr::null(),
+        dst,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+    )
+}
+
 impl HostBind {
     /// Makes a private mount namespace for the calling process and the
     /// mounts of `binds` in it. Meant for the VMM's child between fork and
@@ -97,11 +147,13 @@ impl HostBind {
         for b in binds {
             let rec = if b.recursive { libc::MS_REC } else { 0 };
             sys_mount(b.src.as_ptr(), &b.dst, libc::MS_BIND | rec)?;
-            if b.readonly {
+            if b.readonly && b.recursive {
+                readonly_recursive(&b.dst)?;
+            } else if b.readonly {
                 sys_mount(
                     std::ptr::null(),
                     &b.dst,
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | rec,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
                 )?;
             }
         }
@@ -392,6 +444,50 @@ mod tests {
         assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
         let bad = json!({"mounts": [{"destination": "/a/../../b", "type": "tmpfs"}]});
         assert!(make_mount_points(&bad, &d, &rootfs).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The host mounts in a child's own namespace: visible to it,
+    /// read-only where asked, absent from ours. Needs root (as vessel).
+    #[test]
+    fn apply_mounts_in_a_private_namespace() {
+        use std::os::unix::process::CommandExt;
+        let d = tmp("apply");
+        let src = d.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), "data\n").unwrap();
+        let stage = d.join("stage");
+        std::fs::create_dir_all(&stage).unwrap();
+        let mut spec = json!({"mounts": [
+            {"destination": "/ro", "type": "bind", "source": &src, "options": ["rbind", "ro"]},
+            {"destination": "/rw", "type": "bind", "source": &src, "options": ["bind"]},
+        ]});
+        let binds = plan(&mut spec, &d, &stage, "/g").unwrap();
+        let script = format!(
+            "cat {s}/0/f; (: > {s}/0/new) 2>/dev/null && echo ro-writable || echo ro-refused; \
+             echo more >> {s}/1/f && echo rw-ok",
+            s = stage.display()
+        );
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", &script]);
+        // SAFETY: the closure only makes system calls (see `apply`).
+        unsafe {
+            cmd.pre_exec(move || HostBind::apply(&binds));
+        }
+        let out = cmd.output().expect("run sh with the mounts");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "data\nro-refused\nrw-ok\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read_to_string(src.join("f")).unwrap(),
+            "data\nmore\n"
+        );
+        assert!(!src.join("new").exists());
+        let ours = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!ours.contains(&*stage.to_string_lossy()), "{ours}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
