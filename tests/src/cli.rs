@@ -1,7 +1,13 @@
 //! The `vessel` binary driven the way an engine drives runc: a private
 //! `--root`, a config file pointing at this build's artifacts (templates
-//! on, in a private template directory), bundles written from JSON, and a
-//! guard that leaves nothing behind when a test fails half-way.
+//! on), bundles written from JSON, and a guard that leaves nothing behind
+//! when a test fails half-way.
+//!
+//! All environments share one template directory,
+//! `target/vessel/test-templates`: a template's key covers the VMM,
+//! kernel, initramfs and VM shape, so a new build gets a new template, and
+//! the test files after the first restore from it instead of paying for
+//! another cold boot (about a minute on PVM hosts).
 //!
 //! [`CliEnv`]'s `Drop` force-deletes every container still under its
 //! `--root`, then kills any process (VMM, monitor) whose command line still
@@ -56,16 +62,14 @@ impl CliEnv {
         let tmp = std::env::temp_dir().join(format!("vessel-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+        let templates = crate::workspace_root().join("target/vessel/test-templates");
         let config = tmp.join("config.toml");
         fs::write(
             &config,
             format!(
                 "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\n\
                  templates = true\n{extra_config}",
-                art.vmm,
-                art.kernel,
-                art.initrd,
-                tmp.join("templates")
+                art.vmm, art.kernel, art.initrd, templates
             ),
         )
         .unwrap_or_else(|e| panic!("{}: {e}", config.display()));

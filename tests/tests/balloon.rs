@@ -63,7 +63,10 @@ fn balloon_returns_freed_guest_memory() {
     let t = Instant::now();
     let (st, err) = env.detached(&["run", "--detach", "--bundle", &b, "fill"]);
     assert!(st.success(), "run -d: {err}");
-    eprintln!("run -d (template build included): {:?}", t.elapsed());
+    eprintln!(
+        "run -d (template build included unless another test built it): {:?}",
+        t.elapsed()
+    );
     let vmms = env.vmms();
     assert_eq!(vmms.len(), 1, "VMMs of the container: {vmms:?}");
     let vmm = vmms[0];

@@ -75,7 +75,7 @@ fn runc_lifecycle_through_the_microvm() {
     let t = Instant::now();
     let o = env.output(&["run", "--bundle", &b, "hi"]);
     eprintln!(
-        "first vessel run (template build included): {:?}",
+        "first vessel run (template build included unless another test built it): {:?}",
         t.elapsed()
     );
     assert_eq!(

@@ -195,7 +195,10 @@ fn exec_ps_and_terminals() {
         "box",
     ]);
     assert!(st.success(), "run -d: {err}");
-    eprintln!("run -d (template build included): {:?}", t.elapsed());
+    eprintln!(
+        "run -d (template build included unless another test built it): {:?}",
+        t.elapsed()
+    );
     let box_pid = read_pid(&box_pf);
 
     let o = env.output(&["ps", "--format", "json", "box"]);

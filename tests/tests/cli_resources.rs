@@ -211,7 +211,10 @@ fn pause_resume_update_events_features() {
         "res",
     ]);
     assert!(st.success(), "run -d: {err}");
-    eprintln!("run -d res (template build included): {:?}", t.elapsed());
+    eprintln!(
+        "run -d res (template build included unless another test built it): {:?}",
+        t.elapsed()
+    );
     let pid = read_pid(&pf);
     let c0 = counter_above(&rootfs, 1, Duration::from_secs(120));
     assert_eq!(status(&env, "res"), "running");
