@@ -40,7 +40,8 @@ pub struct CliEnv {
 
 impl CliEnv {
     /// A new environment under `$TMPDIR/vessel-{name}-{pid}`; `extra_config`
-    /// is appended to the config file (TOML lines). Makes this process a
+    /// is appended to the config file (TOML lines; `templates = true`
+    /// unless it says otherwise). Makes this process a
     /// child subreaper, so detached monitors are reparented to the test,
     /// which can then check their exit status like an engine's shim does.
     /// Panics (fails the test) when an artifact or busybox is missing.
@@ -67,9 +68,16 @@ impl CliEnv {
         fs::write(
             &config,
             format!(
-                "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\n\
-                 templates = true\n{extra_config}",
-                art.vmm, art.kernel, art.initrd, templates
+                "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\n{}{extra_config}",
+                art.vmm,
+                art.kernel,
+                art.initrd,
+                templates,
+                if extra_config.contains("templates =") {
+                    ""
+                } else {
+                    "templates = true\n"
+                }
             ),
         )
         .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
