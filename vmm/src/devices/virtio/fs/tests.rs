@@ -116,6 +116,7 @@ impl Guest {
             tag: "t".into(),
             dir: dir.to_path_buf(),
             read_only,
+            dax_window: None,
         };
         let (_fs, server) = new_server(&share).unwrap();
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
@@ -621,13 +622,15 @@ fn extended_attributes_and_ioctls_are_not_served() {
 #[test]
 fn secure_defaults_are_what_the_documentation_says() {
     for ro in [false, true] {
-        let c = passthrough_config("/x".into(), ro);
-        assert!(!c.inode_file_handles, "open_by_handle_at must stay off");
-        assert!(!c.xattr);
-        assert!(!c.writeback);
-        assert!(!c.killpriv_v2);
-        assert!(c.dax_file_size.is_none());
-        assert!(c.do_import);
+        for dax in [false, true] {
+            let c = passthrough_config("/x".into(), ro, dax);
+            assert!(!c.inode_file_handles, "open_by_handle_at must stay off");
+            assert!(!c.xattr);
+            assert!(!c.writeback);
+            assert!(!c.killpriv_v2);
+            assert_eq!(c.dax_file_size, dax.then_some(0));
+            assert!(c.do_import);
+        }
     }
 }
 
@@ -724,6 +727,47 @@ fn share_arguments_parse_and_validate() {
         super::validate_shares(&dup),
         Err(FsError::DuplicateTag { .. })
     ));
+    let s = ShareConfig::parse("d=/tmp,dax").unwrap();
+    assert_eq!(
+        (s.dir.as_path(), s.read_only, s.dax_window),
+        (
+            Path::new("/tmp"),
+            false,
+            Some(super::dax::DEFAULT_DAX_WINDOW)
+        )
+    );
+    let s = ShareConfig::parse("d=/tmp,ro,dax=1G").unwrap();
+    assert_eq!((s.read_only, s.dax_window), (true, Some(1 << 30)));
+    let s = ShareConfig::parse("d=/tmp,dax=4M,ro").unwrap();
+    assert_eq!((s.read_only, s.dax_window), (true, Some(4 << 20)));
+    assert_eq!(
+        ShareConfig::parse("d=/tmp,dax=4194304").unwrap().dax_window,
+        Some(4 << 20)
+    );
+    assert_eq!(ShareConfig::parse("d=/tmp").unwrap().dax_window, None);
+    for bad in [
+        "d=/tmp,dax=",
+        "d=/tmp,dax=0",
+        "d=/tmp,dax=3M",
+        "d=/tmp,dax=1K",
+        "d=/tmp,dax=65G",
+        "d=/tmp,dax=99999999999999999999G",
+        "d=/tmp,dax=18446744073709551615G",
+        "d=/tmp,dax=-2M",
+    ] {
+        assert!(
+            matches!(ShareConfig::parse(bad), Err(FsError::BadDaxWindow { .. })),
+            "{bad:?}"
+        );
+    }
+    for bad in [
+        "d=/tmp,dax,dax",
+        "d=/tmp,ro,rw",
+        "d=/tmp,ro,ro",
+        "d=/tmp,daxx",
+    ] {
+        assert!(ShareConfig::parse(bad).is_err(), "{bad:?}");
+    }
     let missing = ShareConfig::parse("a=/nonexistent/dir").unwrap();
     assert!(matches!(
         missing.validate(),
@@ -739,6 +783,7 @@ fn device_config_activation_and_reset() {
         tag: "mytag".into(),
         dir: l.share.clone(),
         read_only: false,
+        dax_window: None,
     };
     let umask_before = process_umask();
     let mut dev = VirtioFs::new(&share).unwrap();
