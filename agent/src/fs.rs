@@ -65,7 +65,8 @@ fn mkdir_p(dir: &str) -> Result<(), Errno> {
 }
 
 /// Mounts virtio-fs share `tag` on `target`: one `mount` when the mount
-/// point exists.
+/// point exists. With `dax`, the mount asks for `dax=always` (and fails
+/// with `EINVAL` when the device has no DAX window).
 pub fn mount_share(req: &MountRequest) -> Result<(), ErrorReply> {
     if req.tag.is_empty() || req.tag.len() > TAG_MAX_LEN || req.tag.contains('\0') {
         return Err(invalid(format!("invalid tag {:?}", req.tag)));
@@ -76,20 +77,31 @@ pub fn mount_share(req: &MountRequest) -> Result<(), ErrorReply> {
     } else {
         MsFlags::empty()
     };
+    let data = req.dax.then_some("dax=always");
     let attempt = || {
         mount(
             Some(req.tag.as_str()),
             req.target.as_str(),
             Some("virtiofs"),
             flags,
-            None::<&str>,
+            data,
         )
     };
     let result = match attempt() {
         Err(Errno::ENOENT) => mkdir_p(&req.target).and_then(|()| attempt()),
         other => other,
     };
-    result.map_err(|e| failed(format!("cannot mount {} on {}: {e}", req.tag, req.target)))
+    result.map_err(|e| {
+        let dax = if req.dax {
+            " with dax=always (does the device have a DAX window?)"
+        } else {
+            ""
+        };
+        failed(format!(
+            "cannot mount {} on {}{dax}: {e}",
+            req.tag, req.target
+        ))
+    })
 }
 
 /// Reads up to `max_len` bytes of a file from `offset` on (`pread`).
@@ -247,6 +259,7 @@ mod tests {
                 tag: tag.to_string(),
                 target: "/mnt/x".into(),
                 read_only: false,
+                dax: false,
             };
             assert_eq!(mount_share(&m).unwrap_err().code, ErrorCode::InvalidRequest);
         }
