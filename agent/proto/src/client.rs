@@ -292,6 +292,17 @@ impl AgentClient {
         }
     }
 
+    /// `MmapReadFile`: like [`AgentClient::read_file`], through `mmap`.
+    pub fn mmap_read_file(&mut self, req: ReadFileRequest) -> Result<FileData, ClientError> {
+        match self.call(RequestBody::MmapReadFile(req))? {
+            ResponseBody::FileData(d) => Ok(d),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to MmapReadFile: {other:?}"
+            ))),
+        }
+    }
+
     /// `WriteFile`: creates or truncates a guest file and writes `data`.
     pub fn write_file(&mut self, path: &str, data: &[u8]) -> Result<u64, ClientError> {
         let req = WriteFileRequest {

@@ -51,6 +51,11 @@ pub enum RequestBody {
     Mount(MountRequest),
     /// Diagnostic: read (part of) a guest file; answered with `FileData`.
     ReadFile(ReadFileRequest),
+    /// Diagnostic: like `ReadFile`, but through a shared read-only `mmap`
+    /// of the range (page faults instead of `read(2)` copies; with a DAX
+    /// mount the pages are the host's). `offset` must be page aligned, and
+    /// the file must not shrink meanwhile. Answered with `FileData`.
+    MmapReadFile(ReadFileRequest),
     /// Diagnostic: create or truncate a guest file and write bytes to it;
     /// answered with `Written`.
     WriteFile(WriteFileRequest),
