@@ -171,7 +171,7 @@ pub fn mmap_read_file(req: &ReadFileRequest) -> Result<FileData, ErrorReply> {
     }
     // SAFETY: sysconf has no preconditions.
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    if req.offset % page != 0 {
+    if !req.offset.is_multiple_of(page) {
         return Err(invalid(format!(
             "offset {} is not a multiple of the page size",
             req.offset

@@ -919,7 +919,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
         // The window is the snapshot's: the guest knows where it is.
         if let Some(w) = saved.dax_window {
             if w.guest_addr < layout::dax_windows_start(state.mem_mib << 20)
-                || w.guest_addr % layout::DAX_WINDOW_ALIGN != 0
+                || !w.guest_addr.is_multiple_of(layout::DAX_WINDOW_ALIGN)
             {
                 return Err(SnapshotError::Mismatch(format!(
                     "DAX window of {:?} at {:#x} overlaps RAM or is misaligned",

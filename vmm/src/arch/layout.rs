@@ -163,7 +163,7 @@ mod tests {
             for (base, size) in ram_regions(mem) {
                 assert!(base + size <= start);
             }
-            assert!(start >= MMIO_GAP_END && start % DAX_WINDOW_ALIGN == 0);
+            assert!(start >= MMIO_GAP_END && start.is_multiple_of(DAX_WINDOW_ALIGN));
         }
     }
 }

@@ -47,7 +47,7 @@ fn einval() -> io::Error {
 /// inside a window of `window_len` bytes. All arithmetic is overflow-safe:
 /// the values come from the guest.
 pub fn check_range(window_len: u64, offset: u64, len: u64) -> io::Result<()> {
-    if len == 0 || offset % PAGE != 0 || len % PAGE != 0 {
+    if len == 0 || !offset.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
         return Err(einval());
     }
     match offset.checked_add(len) {
@@ -108,7 +108,7 @@ impl DaxWindow {
     /// Reserves `len` bytes (a non-zero multiple of [`DAX_CHUNK`]) to be
     /// registered at guest-physical `guest_addr`.
     pub fn new(guest_addr: u64, len: u64) -> io::Result<DaxWindow> {
-        if len == 0 || len % DAX_CHUNK != 0 || len > MAX_DAX_WINDOW {
+        if len == 0 || !len.is_multiple_of(DAX_CHUNK) || len > MAX_DAX_WINDOW {
             return Err(einval());
         }
         let size = usize::try_from(len).map_err(|_| einval())?;
@@ -164,7 +164,7 @@ impl DaxWindow {
         writable: bool,
     ) -> io::Result<()> {
         check_range(self.len, moffset, len)?;
-        if foffset % PAGE != 0 {
+        if !foffset.is_multiple_of(PAGE) {
             return Err(einval());
         }
         let foffset = libc::off_t::try_from(foffset).map_err(|_| einval())?;
@@ -299,7 +299,7 @@ mod tests {
             (0, PAGE + 1),
             (u64::MAX - PAGE + 1, PAGE),
             (PAGE, u64::MAX - PAGE + 1),
-            (u64::MAX & !(PAGE - 1), u64::MAX & !(PAGE - 1)),
+            (!(PAGE - 1), !(PAGE - 1)),
         ] {
             assert!(check_range(w, off, len).is_err(), "{off:#x}+{len:#x}");
         }
@@ -343,8 +343,8 @@ mod tests {
             (0, DAX_CHUNK - PAGE, 2 * PAGE),
             (1, 0, PAGE),
             (0, 1, PAGE),
-            (u64::MAX & !(PAGE - 1), 0, PAGE),
-            (0, u64::MAX & !(PAGE - 1), 2 * PAGE),
+            (!(PAGE - 1), 0, PAGE),
+            (0, !(PAGE - 1), 2 * PAGE),
         ] {
             assert!(h.map(fo, mo, len, read, ro.as_raw_fd()).is_err());
         }
