@@ -1,10 +1,12 @@
-//! virtio-fs DAX on a real VM: one boot with three devices sharing the
+//! virtio-fs DAX on a real VM: one boot with four devices sharing the
 //! same host directory: `dax` (read-write, 64 MiB window), `plain` (no
-//! window) and `rodax` (read-only, 16 MiB window). Checks, against that
-//! one boot:
+//! window), `rodax` (read-only, 16 MiB window) and `daxinode` (16 MiB
+//! window, mounted without `dax`). Checks, against that one boot:
 //!
 //! - `Mount { dax: true }` works on a device with a window (and
 //!   `/proc/mounts` says `dax=always`), and fails on one without;
+//! - a windowed share mounted without `dax` still maps files (the kernel's
+//!   per-inode mode, the server marks every file DAX);
 //! - a file larger than one 2 MiB DAX chunk whose size is not a multiple of
 //!   the page size reads the same through DAX (`read(2)` and `mmap`),
 //!   through the plain share, and on the host, byte for byte around the
@@ -107,6 +109,8 @@ fn dax_reads_match_and_map_host_pages() {
     let odd = pattern((4 << 20) + 5000, 11);
     std::fs::write(data.join("odd.bin"), &odd).unwrap();
     std::fs::write(data.join("small.txt"), b"small file\n").unwrap();
+    let inode_file = pattern(300_000, 17);
+    std::fs::write(data.join("inode.bin"), &inode_file).unwrap();
     let bench_mib: usize = std::env::var("VESSEL_DAX_BENCH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -126,6 +130,7 @@ fn dax_reads_match_and_map_host_pages() {
             format!("dax={},dax=64M", data.display()),
             format!("plain={}", data.display()),
             format!("rodax={},ro,dax=16M", data.display()),
+            format!("daxinode={},dax=16M", data.display()),
         ],
         ..VmOptions::default()
     };
@@ -153,6 +158,7 @@ fn dax_reads_match_and_map_host_pages() {
     eprintln!("DAX mount took {:?}", t.elapsed());
     mount(&mut c, "plain", "/mnt/plain", false, false).expect("mount plain");
     mount(&mut c, "rodax", "/mnt/rodax", false, true).expect("mount rodax");
+    mount(&mut c, "daxinode", "/mnt/daxinode", false, false).expect("mount daxinode");
     match mount(&mut c, "plain", "/mnt/plain-dax", false, true) {
         Err(ClientError::Remote(e)) => eprintln!("dax=always without a window: {}", e.message),
         other => panic!("DAX mount of a share without a window: {other:?}"),
@@ -170,6 +176,7 @@ fn dax_reads_match_and_map_host_pages() {
     assert!(line("/mnt/dax").contains("dax=always"), "{mounts}");
     assert!(line("/mnt/rodax").contains("dax=always"), "{mounts}");
     assert!(!line("/mnt/plain").contains("dax"), "{mounts}");
+    assert!(!line("/mnt/daxinode").contains("dax"), "{mounts}");
 
     // Same bytes through DAX, without DAX and on the host.
     let odd_sum = fnv1a(FNV1A_INIT, &odd);
@@ -210,6 +217,17 @@ fn dax_reads_match_and_map_host_pages() {
         let perms = l.split_whitespace().nth(1).unwrap_or("");
         assert!(perms.starts_with("r-") && perms.ends_with('s'), "{l}");
     }
+
+    // Per-inode mode: inode.bin is only read through /mnt/daxinode.
+    let (len, sum, _) = checksum(&mut c, "/mnt/daxinode/inode.bin", false);
+    assert_eq!(
+        (len, sum),
+        (inode_file.len() as u64, fnv1a(FNV1A_INIT, &inode_file))
+    );
+    assert!(
+        !vmm_mappings(pid, &data.join("inode.bin")).is_empty(),
+        "a windowed share mounted without dax=always does not use DAX"
+    );
 
     // Writes: the read-write DAX share takes them, the read-only one
     // refuses them although the guest mounted it read-write.
