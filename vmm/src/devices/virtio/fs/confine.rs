@@ -95,7 +95,14 @@ where
     type Handle = F::Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        self.inner.init(capable)
+        let mut want = self.inner.init(capable)?;
+        // The kernel reads the reply's `flags2` (options above bit 31, such
+        // as per-inode DAX) only when the reply has INIT_EXT; the
+        // passthrough returns such options without it, so they were lost.
+        if want.bits() >> 32 != 0 && capable.contains(FsOptions::INIT_EXT) {
+            want |= FsOptions::INIT_EXT;
+        }
+        Ok(want)
     }
 
     fn destroy(&self) {

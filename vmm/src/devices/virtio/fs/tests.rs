@@ -983,6 +983,54 @@ fn window_byte(w: &DaxWindow, off: u64) -> u8 {
 }
 
 #[test]
+fn per_inode_dax_is_negotiated_and_files_are_marked_with_a_window() {
+    use fuse_backend_rs::abi::fuse_abi::{FsOptions, InitIn2, InitOut};
+    const ATTR_DAX: u32 = 1 << 1;
+    for dax in [false, true] {
+        let l = Layout::new("perfile-dax");
+        std::fs::write(l.share.join("f"), b"data").unwrap();
+        let mut g = Guest::new(&l.share, false);
+        if dax {
+            // What new_server does for a share with a window.
+            let share = ShareConfig {
+                tag: "t".into(),
+                dir: l.share.clone(),
+                read_only: false,
+                dax_window: Some(DAX_CHUNK),
+            };
+            g.server = new_server(&share).unwrap().1;
+        }
+        // A kernel asking for per-inode DAX, as Linux does when the device
+        // has a window and the mount is not dax=always.
+        let flags = FsOptions::INIT_EXT | FsOptions::PERFILE_DAX;
+        let init = InitIn {
+            major: 7,
+            minor: 38,
+            max_readahead: 0x20000,
+            flags: flags.bits() as u32,
+        };
+        let init2 = InitIn2 {
+            flags2: (flags.bits() >> 32) as u32,
+            unused: [0; 11],
+        };
+        let out = g
+            .call(Opcode::Init, 0, &cat(&[init.as_slice(), init2.as_slice()]))
+            .unwrap();
+        let io = InitOut::from_slice(&out[..std::mem::size_of::<InitOut>()]).unwrap();
+        assert!(
+            io.flags & FsOptions::INIT_EXT.bits() as u32 != 0,
+            "no INIT_EXT"
+        );
+        assert_eq!(
+            u64::from(io.flags2) << 32 & FsOptions::PERFILE_DAX.bits(),
+            FsOptions::PERFILE_DAX.bits()
+        );
+        let e = g.lookup(ROOT, "f").unwrap();
+        assert_eq!(e.attr.flags & ATTR_DAX != 0, dax, "FUSE_ATTR_DAX");
+    }
+}
+
+#[test]
 fn dax_mappings_are_checked_and_read_only_shares_refuse_writable_ones() {
     const PAGE: u64 = 4096;
     let read = SetupmappingFlags::READ;
