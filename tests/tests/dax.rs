@@ -17,6 +17,10 @@
 //! - the guest's read throughput of a `VESSEL_DAX_BENCH_MIB` (default 8)
 //!   MiB file with and without DAX (`read(2)` with 1 MiB reads, and `mmap`),
 //!   guest clock, is printed;
+//! - a snapshot taken before any mount keeps the windows: a clone restored
+//!   from it (with `dax` and no size: the snapshot's) mounts with DAX and
+//!   maps files; a restore asking for another window size is refused; once
+//!   mounted, snapshots are refused;
 //! - `Shutdown` ends the VMM with status 0.
 
 use std::path::PathBuf;
@@ -126,6 +130,7 @@ fn dax_reads_match_and_map_host_pages() {
 
     let opts = VmOptions {
         mem_mib: 256,
+        api_sock: true,
         shares: vec![
             format!("dax={},dax=64M", data.display()),
             format!("plain={}", data.display()),
@@ -141,6 +146,11 @@ fn dax_reads_match_and_map_host_pages() {
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("agent ready after {:?}", vm.started.elapsed());
     c.set_timeout(Some(Duration::from_secs(900))).unwrap();
+    // A template: snapshot before any mount (the guest has probed the
+    // devices, so it knows where the windows are).
+    let snap = root.0.join("snap");
+    let answer = vm.api(&format!("snapshot {}", snap.display())).unwrap();
+    assert!(answer.starts_with("OK snapshot"), "{answer}");
 
     // Mounts.
     let mount = |c: &mut AgentClient, tag: &str, target: &str, read_only, dax| {
@@ -234,6 +244,14 @@ fn dax_reads_match_and_map_host_pages() {
         "a windowed share mounted without dax=always does not use DAX"
     );
 
+    let answer = vm
+        .api(&format!("snapshot {}", root.0.join("refused").display()))
+        .unwrap();
+    assert!(
+        answer.starts_with("ERR ") && answer.contains("in use"),
+        "{answer}"
+    );
+
     // Writes: the read-write DAX share takes them, the read-only one
     // refuses them although the guest mounted it read-write.
     let from_guest = pattern(10_000, 3);
@@ -296,4 +314,44 @@ fn dax_reads_match_and_map_host_pages() {
         vm.stderr()
     );
     eprintln!("summary (MiB/s): {results:?}");
+
+    // Clones of the snapshot: the window must be the snapshot's.
+    let restore_shares = |dax_opt: &str| {
+        vec![
+            format!("dax={}{dax_opt}", data.display()),
+            format!("plain={}", data.display()),
+            format!("rodax={},ro", data.display()),
+            format!("daxinode={},dax=16M", data.display()),
+        ]
+    };
+    let mut bad = VmProcess::restore_with_shares(&art, &snap, 9, &restore_shares(",dax=32M"))
+        .expect("spawn bad restore");
+    let status = bad
+        .wait_exit(Duration::from_secs(60))
+        .expect("bad restore exits");
+    assert!(!status.success());
+    let err = bad.stderr();
+    assert!(err.contains("DAX window"), "{err}");
+    let mut clone = VmProcess::restore_with_shares(&art, &snap, 10, &restore_shares(",dax"))
+        .expect("spawn clone");
+    let mut cc = clone
+        .connect_and_ping(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("clone: {e}; serial: {}", clone.serial_output()));
+    cc.set_timeout(Some(Duration::from_secs(600))).unwrap();
+    mount(&mut cc, "dax", "/mnt/dax", false, true).expect("clone DAX mount");
+    let (len, sum, _) = checksum(&mut cc, "/mnt/dax/odd.bin", false);
+    assert_eq!(
+        (len, sum),
+        (odd.len() as u64, odd_sum),
+        "clone reads odd.bin"
+    );
+    assert!(
+        !vmm_mappings(clone.pid(), &data.join("odd.bin")).is_empty(),
+        "the clone does not map odd.bin"
+    );
+    cc.shutdown().expect("clone shutdown");
+    let status = clone
+        .wait_exit(Duration::from_secs(120))
+        .expect("clone exit");
+    assert!(status.success(), "clone: {status}: {}", clone.stderr());
 }
