@@ -18,7 +18,7 @@
 //!   MiB file with and without DAX (`read(2)` with 1 MiB reads, and `mmap`),
 //!   guest clock, is printed;
 //! - a snapshot taken before any mount keeps the windows: a clone restored
-//!   from it (with `dax` and no size: the snapshot's) mounts with DAX and
+//!   from it (its `--fs` without `dax`: the snapshot's window) mounts with DAX and
 //!   maps files; a restore asking for another window size is refused; once
 //!   mounted, snapshots are refused;
 //! - `Shutdown` ends the VMM with status 0.
@@ -332,8 +332,8 @@ fn dax_reads_match_and_map_host_pages() {
     assert!(!status.success());
     let err = bad.stderr();
     assert!(err.contains("DAX window"), "{err}");
-    let mut clone = VmProcess::restore_with_shares(&art, &snap, 10, &restore_shares(",dax"))
-        .expect("spawn clone");
+    let mut clone =
+        VmProcess::restore_with_shares(&art, &snap, 10, &restore_shares("")).expect("spawn clone");
     let mut cc = clone
         .connect_and_ping(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("clone: {e}; serial: {}", clone.serial_output()));
