@@ -21,6 +21,11 @@
 //!   from it (its `--fs` without `dax`: the snapshot's window) mounts with DAX and
 //!   maps files; a restore asking for another window size is refused; once
 //!   mounted, snapshots are refused;
+//! - a file the clone has mapped, truncated on the host behind its back and
+//!   then touched through a stale mapping: either the guest sees the new
+//!   size, or only that VM stops (`KVM_RUN` fails); the VMM does not die of
+//!   `SIGBUS` and the other VM is unaffected (which of the two happens is
+//!   printed);
 //! - `Shutdown` ends the VMM with status 0.
 
 use std::path::PathBuf;
@@ -112,6 +117,7 @@ fn dax_reads_match_and_map_host_pages() {
     // Two full 2 MiB chunks and a partial third, not page aligned.
     let odd = pattern((4 << 20) + 5000, 11);
     std::fs::write(data.join("odd.bin"), &odd).unwrap();
+    std::fs::write(data.join("victim.bin"), &odd).unwrap();
     std::fs::write(data.join("small.txt"), b"small file\n").unwrap();
     let inode_file = pattern(300_000, 17);
     std::fs::write(data.join("inode.bin"), &inode_file).unwrap();
@@ -349,9 +355,45 @@ fn dax_reads_match_and_map_host_pages() {
         !vmm_mappings(clone.pid(), &data.join("odd.bin")).is_empty(),
         "the clone does not map odd.bin"
     );
-    cc.shutdown().expect("clone shutdown");
-    let status = clone
-        .wait_exit(Duration::from_secs(120))
-        .expect("clone exit");
-    assert!(status.success(), "clone: {status}: {}", clone.stderr());
+
+    // Host truncation behind the guest's back (the documented limit).
+    let victim = data.join("victim.bin");
+    let (len, _, _) = checksum(&mut cc, "/mnt/dax/victim.bin", true);
+    assert_eq!(len, odd.len() as u64);
+    std::fs::File::options()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let after = cc.mmap_read_file(ReadFileRequest {
+        path: "/mnt/dax/victim.bin".into(),
+        max_len: u64::MAX,
+        offset: 0,
+        discard: true,
+    });
+    match after {
+        Ok(d) => {
+            eprintln!(
+                "truncated on the host: the guest read {} bytes (it saw the new size)",
+                d.len
+            );
+            cc.shutdown().expect("clone shutdown");
+            let status = clone
+                .wait_exit(Duration::from_secs(120))
+                .expect("clone exit");
+            assert!(status.success(), "clone: {status}: {}", clone.stderr());
+        }
+        Err(e) => {
+            let status = clone
+                .wait_exit(Duration::from_secs(120))
+                .expect("the clone's VMM does not end after losing its guest");
+            let stderr = clone.stderr();
+            eprintln!("truncated on the host: the clone stopped ({e}): {status}: {stderr}");
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), None, "the VMM died of a signal");
+            assert_eq!(status.code(), Some(1), "{stderr}");
+            assert!(stderr.contains("KVM_RUN"), "{stderr}");
+        }
+    }
 }
