@@ -22,10 +22,10 @@
 //!   maps files; a restore asking for another window size is refused; once
 //!   mounted, snapshots are refused;
 //! - a file the clone has mapped, truncated on the host behind its back and
-//!   then touched through a stale mapping: either the guest sees the new
-//!   size, or only that VM stops (`KVM_RUN` fails); the VMM does not die of
-//!   `SIGBUS` and the other VM is unaffected (which of the two happens is
-//!   printed);
+//!   then read again through `mmap`: either the guest sees the new size
+//!   (what happens: opening revalidates it), or the VM stops with `KVM_RUN`
+//!   failing and the VMM exits with status 1, not by `SIGBUS` (which of the
+//!   two happened is printed);
 //! - `Shutdown` ends the VMM with status 0.
 
 use std::path::PathBuf;
