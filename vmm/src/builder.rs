@@ -275,9 +275,25 @@ impl VmConfig {
             )));
         }
         virtio_fs::validate_shares(&self.shares)?;
+        // The guest hot-adds each window as device memory and spends 64
+        // bytes of its RAM per 4 KiB page of it (struct page): a window
+        // larger than 8x the RAM would eat more than 1/8 of it, and the
+        // device's probe fails when that allocation does.
+        let total: u64 = self.shares.iter().filter_map(|s| s.dax_window).sum();
+        if total > (self.mem_mib << 20).saturating_mul(MAX_DAX_PER_RAM) {
+            return Err(BuildError::Config(format!(
+                "DAX windows of {} MiB need more than 1/8 of the guest's {} MiB for page \
+                 structures: at most {MAX_DAX_PER_RAM}x the guest memory",
+                total >> 20,
+                self.mem_mib
+            )));
+        }
         Ok(())
     }
 }
+
+/// DAX windows may add up to this many times the guest memory.
+pub const MAX_DAX_PER_RAM: u64 = 8;
 
 /// The full guest kernel command line for this configuration.
 pub fn kernel_cmdline(host: HostKind, virtio_devices: &[(u64, u32)], extra: &str) -> String {
@@ -1186,6 +1202,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already exists"));
+        let share = |dax| ShareConfig {
+            tag: "t".into(),
+            dir: std::env::temp_dir(),
+            read_only: false,
+            dax_window: Some(dax),
+        };
+        let mut c = cfg();
+        c.shares = vec![share(1 << 30)];
+        assert!(c.validate().is_ok());
+        c.shares = vec![share((1 << 30) + (2 << 20))];
+        assert!(c.validate().unwrap_err().to_string().contains("DAX"));
     }
 
     #[test]
