@@ -14,6 +14,10 @@
 //! - the VMM really maps the host file into the window (its
 //!   `/proc/PID/maps`), read-only when the guest only reads;
 //! - the read-only DAX share refuses writes through a read-write mount;
+//! - a container whose rootfs is a windowed share (`ctr`, busybox; the agent
+//!   mounts it itself, without `dax`) runs busybox from it and overwrites
+//!   bytes inside an existing file: a writable DAX mapping (`rw-s` in the
+//!   VMM), and the host file has the new bytes at the same length;
 //! - reading more than its 16 MiB window holds (the guest reclaims ranges)
 //!   still gives the right bytes;
 //! - the guest's read throughput of a `VESSEL_DAX_BENCH_MIB` (default 8)
@@ -33,7 +37,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use vessel_proto::client::{AgentClient, ClientError};
+use vessel_proto::container::{CreateContainerRequest, RootfsSource, StdioSpec};
 use vessel_proto::{fnv1a, MountRequest, ReadFileRequest, FNV1A_INIT};
 use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_TIMEOUT};
 
@@ -106,6 +112,31 @@ fn vmm_mappings(pid: u32, file: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// A minimal runc-like spec running `args` with a writable rootfs.
+fn spec(args: &[&str]) -> serde_json::Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "ctr",
+        "process": {
+            "args": args,
+            "env": ["PATH=/bin", "HOME=/"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
+            "noNewPrivileges": true
+        },
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "mode=755", "size=65536k"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"},
+                           {"type": "uts"}, {"type": "network"}]
+        }
+    })
+}
+
 #[test]
 fn dax_reads_match_and_map_host_pages() {
     if !kvm_available_or_skip() {
@@ -133,6 +164,17 @@ fn dax_reads_match_and_map_host_pages() {
     drop(bench);
     // The two read paths must agree on a second copy too (not only on
     // one file the host has cached for the other share).
+    // A busybox root filesystem for a container, on a windowed share.
+    let ctr = root.0.join("ctr");
+    for d in ["bin", "proc", "dev", "tmp"] {
+        std::fs::create_dir_all(ctr.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", ctr.join("bin/busybox")).expect("/bin/busybox (busybox-static)");
+    for a in ["sh", "dd"] {
+        std::os::unix::fs::symlink("busybox", ctr.join("bin").join(a)).unwrap();
+    }
+    let ctr_data = pattern(3 * 4096 + 77, 23);
+    std::fs::write(ctr.join("data.bin"), &ctr_data).unwrap();
     let bench_plain = data.join("bench-plain.bin");
     std::fs::copy(data.join("bench.bin"), &bench_plain).unwrap();
 
@@ -144,6 +186,7 @@ fn dax_reads_match_and_map_host_pages() {
             format!("plain={}", data.display()),
             format!("rodax={},ro,dax=16M", data.display()),
             format!("daxinode={},dax=16M", data.display()),
+            format!("ctr={},dax=16M", ctr.display()),
         ],
         ..VmOptions::default()
     };
@@ -287,6 +330,47 @@ fn dax_reads_match_and_map_host_pages() {
     );
     assert!(!data.join("new.txt").exists());
 
+    // A container on a windowed rootfs: exec from DAX, and a write inside
+    // an existing file (not extending it) through a writable mapping.
+    let req = CreateContainerRequest {
+        id: "daxctr".into(),
+        rootfs: RootfsSource {
+            tag: Some("ctr".into()),
+            path: "/run/vessel/daxctr/rootfs".into(),
+        },
+        spec: spec(&[
+            "sh",
+            "-c",
+            "printf XYZ | dd of=/data.bin bs=1 seek=100 conv=notrunc && exit 7",
+        ]),
+        stdio: StdioSpec::default(),
+    };
+    c.create_container(req).expect("create the container");
+    c.start_container("daxctr").expect("start the container");
+    let exit = c.wait_process("daxctr", None).expect("wait the container");
+    assert_eq!(exit.status, 7, "{exit:?}");
+    c.delete_container("daxctr", false)
+        .expect("delete the container");
+    let mut want = ctr_data.clone();
+    want[100..103].copy_from_slice(b"XYZ");
+    assert!(
+        std::fs::read(ctr.join("data.bin")).unwrap() == want,
+        "data.bin on the host lacks the container's write"
+    );
+    let busybox_maps = vmm_mappings(pid, &ctr.join("bin/busybox"));
+    let data_maps = vmm_mappings(pid, &ctr.join("data.bin"));
+    eprintln!(
+        "container: busybox mapped {} times; data.bin: {data_maps:?}",
+        busybox_maps.len()
+    );
+    assert!(!busybox_maps.is_empty(), "busybox did not run from DAX");
+    assert!(
+        data_maps
+            .iter()
+            .any(|l| l.split_whitespace().nth(1) == Some("rw-s")),
+        "no writable DAX mapping of data.bin"
+    );
+
     // Throughput, guest clock.
     let mut results = Vec::new();
     for (label, path, mmap) in [
@@ -345,6 +429,7 @@ fn dax_reads_match_and_map_host_pages() {
             format!("plain={}", data.display()),
             format!("rodax={},ro", data.display()),
             format!("daxinode={},dax=16M", data.display()),
+            format!("ctr={}", ctr.display()),
         ]
     };
     let mut bad = VmProcess::restore_with_shares(&art, &snap, 9, &restore_shares(",dax=32M"))
