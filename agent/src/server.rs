@@ -456,6 +456,10 @@ pub fn dispatch_request(req: Request, ctx: &Context) -> (Response, After<'_>) {
             answer(crate::fs::read_file(&r).map(ResponseBody::FileData)),
             None,
         ),
+        RequestBody::MmapReadFile(r) => (
+            answer(crate::fs::mmap_read_file(&r).map(ResponseBody::FileData)),
+            None,
+        ),
         RequestBody::WriteFile(w) => (
             answer(crate::fs::write_file(&w).map(ResponseBody::Written)),
             None,

@@ -24,8 +24,9 @@ use crate::arch::{mptable, regs};
 use crate::devices::bus::DeviceBus;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::balloon::Balloon;
-use crate::devices::virtio::fs::{self as virtio_fs, ShareConfig, VirtioFs};
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::fs::dax::DaxWindow;
+use crate::devices::virtio::fs::{self as virtio_fs, FsError, ShareConfig, VirtioFs};
+use crate::devices::virtio::mmio::{MmioTransport, ShmRegion};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::HostKind;
@@ -274,9 +275,25 @@ impl VmConfig {
             )));
         }
         virtio_fs::validate_shares(&self.shares)?;
+        // The guest hot-adds each window as device memory and spends 64
+        // bytes of its RAM per 4 KiB page of it (struct page): a window
+        // larger than 8x the RAM would eat more than 1/8 of it, and the
+        // device's probe fails when that allocation does.
+        let total: u64 = self.shares.iter().filter_map(|s| s.dax_window).sum();
+        if total > (self.mem_mib << 20).saturating_mul(MAX_DAX_PER_RAM) {
+            return Err(BuildError::Config(format!(
+                "DAX windows of {} MiB need more than 1/8 of the guest's {} MiB for page \
+                 structures: at most {MAX_DAX_PER_RAM}x the guest memory",
+                total >> 20,
+                self.mem_mib
+            )));
+        }
         Ok(())
     }
 }
+
+/// DAX windows may add up to this many times the guest memory.
+pub const MAX_DAX_PER_RAM: u64 = 8;
 
 /// The full guest kernel command line for this configuration.
 pub fn kernel_cmdline(host: HostKind, virtio_devices: &[(u64, u32)], extra: &str) -> String {
@@ -401,6 +418,8 @@ pub(crate) struct FsSlot {
     pub(crate) tag: String,
     pub(crate) device: Arc<Mutex<VirtioFs>>,
     pub(crate) transport: Arc<Mutex<MmioTransport>>,
+    /// The DAX window, kept for the life of the VM (KVM has it as a slot).
+    pub(crate) dax: Option<Arc<DaxWindow>>,
 }
 
 pub(crate) struct VsockSlot {
@@ -488,15 +507,18 @@ fn add_vsock(
 }
 
 /// Creates a virtio-fs device for `share` in virtio slot `slot` and wires
-/// its ioeventfds, irqfd and MMIO window; with `saved`, restores the
-/// transport and (if the driver had activated it) starts the FUSE server on
-/// the restored queues.
+/// its ioeventfds, irqfd and MMIO window, and its DAX window at
+/// guest-physical `dax_addr` when the share has one; with `saved`, restores
+/// the transport and (if the driver had activated it) starts the FUSE
+/// server on the restored queues.
+#[allow(clippy::too_many_arguments)]
 fn add_fs(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     bus: &mut DeviceBus,
     share: &ShareConfig,
     slot: usize,
+    dax_addr: Option<u64>,
     saved: Option<&FsSlotState>,
 ) -> Result<FsSlot, BuildError> {
     let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
@@ -511,6 +533,21 @@ fn add_fs(
         }
     }
     let mut fs = VirtioFs::new(share)?;
+    let dax = match (dax_addr, share.dax_window) {
+        (Some(addr), Some(len)) => {
+            let window = DaxWindow::new(addr, len).map_err(|source| FsError::DaxWindow {
+                tag: share.tag.clone(),
+                source,
+            })?;
+            let window = Arc::new(window);
+            let kvm_slot = layout::DAX_FIRST_SLOT
+                + u32::try_from(slot).map_err(|_| BuildError::Config("too many devices".into()))?;
+            vm.register_dax_window(kvm_slot, &window)?;
+            fs.set_dax_window(window.clone());
+            Some(window)
+        }
+        _ => None,
+    };
     for (i, evt) in fs.queue_events().iter().enumerate() {
         vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
     }
@@ -541,21 +578,37 @@ fn add_fs(
     }
     let fs = Arc::new(Mutex::new(fs));
     let device: Arc<Mutex<dyn VirtioDevice>> = fs.clone();
-    // DAX hook: a shared memory window goes to transport.set_shm_regions().
-    let transport = match saved {
+    let mut transport = match saved {
         Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
             .map_err(|e| SnapshotError::Device(format!("virtio-fs transport: {e}")))?,
         None => MmioTransport::new(mem.clone(), device, interrupt),
     };
+    // Shared memory region 0 is virtio-fs's "cache" (DAX window).
+    if let Some(w) = &dax {
+        transport.set_shm_regions(vec![ShmRegion {
+            base: w.guest_addr(),
+            len: w.len(),
+        }]);
+    }
     let transport = Arc::new(Mutex::new(transport));
     bus.add_mmio(base, transport.clone());
-    tracing::info!(tag = share.tag, dir = %share.dir.display(), read_only = share.read_only, base, irq, "virtio-fs device");
+    tracing::info!(
+        tag = share.tag,
+        dir = %share.dir.display(),
+        read_only = share.read_only,
+        base,
+        irq,
+        dax_addr = dax.as_ref().map(|w| w.guest_addr()),
+        dax_len = dax.as_ref().map(|w| w.len()),
+        "virtio-fs device"
+    );
     Ok(FsSlot {
         base,
         irq,
         tag: share.tag.clone(),
         device: fs,
         transport,
+        dax,
     })
 }
 
@@ -746,8 +799,18 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
     // virtio-fs: each device runs its FUSE server on a thread of its own
     // (started when the guest activates it), not on the event loop.
     let mut fs_slots = Vec::with_capacity(cfg.shares.len());
-    for share in &cfg.shares {
-        let slot = add_fs(&vm, &mem, &mut bus, share, virtio_slots.len(), None)?;
+    let dax_sizes: Vec<Option<u64>> = cfg.shares.iter().map(|s| s.dax_window).collect();
+    let dax_addrs = layout::dax_window_addresses(mem_size, &dax_sizes);
+    for (share, dax_addr) in cfg.shares.iter().zip(dax_addrs) {
+        let slot = add_fs(
+            &vm,
+            &mem,
+            &mut bus,
+            share,
+            virtio_slots.len(),
+            dax_addr,
+            None,
+        )?;
         virtio_slots.push((slot.base, slot.irq));
         fs_slots.push(slot);
     }
@@ -869,12 +932,36 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
             .iter()
             .find(|s| s.tag == saved.tag)
             .ok_or_else(|| BuildError::Config(format!("no directory for tag {:?}", saved.tag)))?;
+        // The window is the snapshot's: the guest knows where it is.
+        if let Some(w) = saved.dax_window {
+            if w.guest_addr < layout::dax_windows_start(state.mem_mib << 20)
+                || !w.guest_addr.is_multiple_of(layout::DAX_WINDOW_ALIGN)
+            {
+                return Err(SnapshotError::Mismatch(format!(
+                    "DAX window of {:?} at {:#x} overlaps RAM or is misaligned",
+                    saved.tag, w.guest_addr
+                ))
+                .into());
+            }
+        }
+        let saved_len = saved.dax_window.map(|w| w.len);
+        if share.dax_window.is_some() && share.dax_window != saved_len {
+            return Err(BuildError::Config(format!(
+                "share {:?}: the snapshot's DAX window is {saved_len:?} bytes, not {:?}",
+                share.tag, share.dax_window
+            )));
+        }
+        let share = ShareConfig {
+            dax_window: saved_len,
+            ..share.clone()
+        };
         fs_slots.push(add_fs(
             &vm,
             &mem,
             &mut bus,
-            share,
+            &share,
             first_fs_slot + i,
+            saved.dax_window.map(|w| w.guest_addr),
             Some(saved),
         )?);
     }
@@ -1115,6 +1202,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("already exists"));
+        let share = |dax| ShareConfig {
+            tag: "t".into(),
+            dir: std::env::temp_dir(),
+            read_only: false,
+            dax_window: Some(dax),
+        };
+        let mut c = cfg();
+        c.shares = vec![share(1 << 30)];
+        assert!(c.validate().is_ok());
+        c.shares = vec![share((1 << 30) + (2 << 20))];
+        assert!(c.validate().unwrap_err().to_string().contains("DAX"));
     }
 
     #[test]

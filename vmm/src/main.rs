@@ -64,9 +64,11 @@ struct Args {
     #[arg(long)]
     vsock_uds: Option<PathBuf>,
     /// Share a host directory with the guest as virtio-fs tag TAG
-    /// (repeatable); `,ro` makes the share read-only. The guest mounts it
-    /// with `mount -t virtiofs TAG /target`.
-    #[arg(long = "fs", value_name = "TAG=HOST_DIR[,ro]")]
+    /// (repeatable); `,ro` makes the share read-only; `,dax[=SIZE]` gives
+    /// it a DAX window of SIZE (K/M/G suffix, a multiple of 2M; default
+    /// 256M) so the guest maps host page-cache pages instead of copying
+    /// files. The guest mounts it with `mount -t virtiofs TAG /target`.
+    #[arg(long = "fs", value_name = "TAG=HOST_DIR[,ro][,dax[=SIZE]]")]
     shares: Vec<String>,
     /// File that receives the guest serial console (default: stderr).
     #[arg(long)]

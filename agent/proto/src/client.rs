@@ -250,11 +250,16 @@ impl AgentClient {
 
     /// `Mount`: mounts virtio-fs share `tag` on `target` in the guest.
     pub fn mount(&mut self, tag: &str, target: &str, read_only: bool) -> Result<(), ClientError> {
-        let req = MountRequest {
+        self.mount_request(MountRequest {
             tag: tag.to_string(),
             target: target.to_string(),
             read_only,
-        };
+            dax: false,
+        })
+    }
+
+    /// `Mount` with every option (e.g. `dax`).
+    pub fn mount_request(&mut self, req: MountRequest) -> Result<(), ClientError> {
         match self.call(RequestBody::Mount(req))? {
             ResponseBody::Mounted => Ok(()),
             ResponseBody::Error(e) => Err(ClientError::Remote(e)),
@@ -283,6 +288,17 @@ impl AgentClient {
             ResponseBody::Error(e) => Err(ClientError::Remote(e)),
             other => Err(ClientError::Protocol(format!(
                 "unexpected answer to ReadFile: {other:?}"
+            ))),
+        }
+    }
+
+    /// `MmapReadFile`: like [`AgentClient::read_file`], through `mmap`.
+    pub fn mmap_read_file(&mut self, req: ReadFileRequest) -> Result<FileData, ClientError> {
+        match self.call(RequestBody::MmapReadFile(req))? {
+            ResponseBody::FileData(d) => Ok(d),
+            ResponseBody::Error(e) => Err(ClientError::Remote(e)),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected answer to MmapReadFile: {other:?}"
             ))),
         }
     }

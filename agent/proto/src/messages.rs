@@ -51,6 +51,11 @@ pub enum RequestBody {
     Mount(MountRequest),
     /// Diagnostic: read (part of) a guest file; answered with `FileData`.
     ReadFile(ReadFileRequest),
+    /// Diagnostic: like `ReadFile`, but through a shared read-only `mmap`
+    /// of the range (page faults instead of `read(2)` copies; with a DAX
+    /// mount the pages are the host's). `offset` must be page aligned, and
+    /// the file must not shrink meanwhile. Answered with `FileData`.
+    MmapReadFile(ReadFileRequest),
     /// Diagnostic: create or truncate a guest file and write bytes to it;
     /// answered with `Written`.
     WriteFile(WriteFileRequest),
@@ -135,6 +140,17 @@ pub struct MountRequest {
     /// Mount read-only in the guest.
     #[serde(default)]
     pub read_only: bool,
+    /// Mount with `dax=always`: file data is mapped from the device's DAX
+    /// window instead of copied into the guest page cache. The mount fails
+    /// if the device has no window (`--fs TAG=DIR,dax`). Without it the
+    /// kernel's default per-file mode applies, in which a share that has a
+    /// window still uses DAX for every file (the VMM marks them all).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dax: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Read up to `max_len` bytes of `path` from `offset` on.
@@ -438,11 +454,19 @@ mod tests {
                 tag: "rootfs".into(),
                 target: "/mnt/r".into(),
                 read_only: true,
+                dax: false,
             }),
         };
         let json =
             r#"{"id":4,"body":{"Mount":{"tag":"rootfs","target":"/mnt/r","read_only":true}}}"#;
         assert_eq!(serde_json::to_string(&r).unwrap(), json);
+        let dax = r#"{"tag":"t","target":"/m","dax":true}"#;
+        let m: MountRequest = serde_json::from_str(dax).unwrap();
+        assert!(m.dax && !m.read_only);
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"tag":"t","target":"/m","read_only":false,"dax":true}"#
+        );
         assert_eq!(decode_request(json.as_bytes()).unwrap(), r);
         // Optional fields default.
         let r =

@@ -360,6 +360,7 @@ impl Containers {
                     tag: tag.clone(),
                     target: req.rootfs.path.clone(),
                     read_only: false,
+                    dax: false,
                 })?;
                 Some(req.rootfs.path.clone())
             }

@@ -13,6 +13,8 @@
 //!   ...        initramfs at the top of low RAM
 //! 0xc000_0000  MMIO gap (virtio-mmio devices at 0xd000_0000) up to 4 GiB
 //! 0x1_0000_0000 RAM above the gap when the guest has more than 3 GiB
+//!   ...        virtio-fs DAX windows: from the first 1 GiB boundary at or
+//!              above both 4 GiB and the end of RAM, each 1 GiB aligned
 //! ```
 
 /// GDT location.
@@ -61,6 +63,12 @@ pub const APIC_ADDR: u64 = 0xfee0_0000;
 /// but KVM wants it placed below 4 GiB and outside RAM.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 
+/// Alignment of each virtio-fs DAX window (the guest hot-adds it as
+/// device memory; 1 GiB keeps it clear of any section or huge page rule).
+pub const DAX_WINDOW_ALIGN: u64 = 1 << 30;
+/// First KVM memory slot used for DAX windows (RAM uses 0 and 1).
+pub const DAX_FIRST_SLOT: u32 = 16;
+
 // The fixed areas must not overlap; checked at compile time.
 const _: () = {
     assert!(BOOT_IDT_START >= BOOT_GDT_START + 4 * 8);
@@ -88,6 +96,32 @@ pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO_GAP_START)
 }
 
+/// Where the DAX windows start: the first [`DAX_WINDOW_ALIGN`] boundary at
+/// or above both the end of RAM and the end of the MMIO gap (4 GiB).
+pub fn dax_windows_start(mem_size: u64) -> u64 {
+    let ram_end = ram_regions(mem_size)
+        .last()
+        .map_or(0, |&(start, size)| start + size);
+    ram_end.max(MMIO_GAP_END).next_multiple_of(DAX_WINDOW_ALIGN)
+}
+
+/// Guest-physical placement of DAX windows of the given sizes (in slot
+/// order, `None` for devices without one), one after the other, each
+/// aligned to [`DAX_WINDOW_ALIGN`].
+pub fn dax_window_addresses(mem_size: u64, sizes: &[Option<u64>]) -> Vec<Option<u64>> {
+    let mut next = dax_windows_start(mem_size);
+    sizes
+        .iter()
+        .map(|size| {
+            size.map(|len| {
+                let addr = next;
+                next = (addr + len).next_multiple_of(DAX_WINDOW_ALIGN);
+                addr
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +144,26 @@ mod tests {
         );
         assert_eq!(r.iter().map(|(_, s)| s).sum::<u64>(), 4 << 30);
         assert_eq!(low_ram_end(4 << 30), MMIO_GAP_START);
+    }
+
+    #[test]
+    fn dax_windows_lie_above_ram_and_the_gap() {
+        assert_eq!(dax_windows_start(256 << 20), MMIO_GAP_END);
+        assert_eq!(dax_windows_start(3 << 30), MMIO_GAP_END);
+        // 4 GiB of RAM ends at 5 GiB (1 GiB above the gap).
+        assert_eq!(dax_windows_start(4 << 30), 5 << 30);
+        assert_eq!(dax_windows_start((4 << 30) + 4096), 6 << 30);
+        let a = dax_window_addresses(
+            256 << 20,
+            &[Some(256 << 20), None, Some(3 << 30), Some(2 << 20)],
+        );
+        assert_eq!(a, vec![Some(4 << 30), None, Some(5 << 30), Some(8 << 30)]);
+        for mem in [128u64 << 20, 3 << 30, 5 << 30] {
+            let start = dax_windows_start(mem);
+            for (base, size) in ram_regions(mem) {
+                assert!(base + size <= start);
+            }
+            assert!(start >= MMIO_GAP_END && start.is_multiple_of(DAX_WINDOW_ALIGN));
+        }
     }
 }

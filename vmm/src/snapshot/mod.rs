@@ -54,6 +54,21 @@ pub struct FsSlotState {
     pub tag: String,
     /// virtio-mmio registers and queue addresses.
     pub transport: MmioTransportState,
+    /// The device's DAX window. The guest learnt its place and size when
+    /// it probed the device, so a restore recreates it exactly there
+    /// (empty: a snapshot is refused once the guest used the device, and
+    /// mappings only exist after it did).
+    #[serde(default)]
+    pub dax_window: Option<DaxWindowState>,
+}
+
+/// Where a DAX window is in guest-physical memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaxWindowState {
+    /// Guest-physical base.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
 }
 
 /// The balloon slot: where it sits, the transport and the device.

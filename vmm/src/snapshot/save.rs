@@ -7,7 +7,8 @@ use kvm_ioctls::Cap;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{
-    file, paths, BalloonSlotState, FsSlotState, MicrovmState, SnapshotError, VsockSlotState,
+    file, paths, BalloonSlotState, DaxWindowState, FsSlotState, MicrovmState, SnapshotError,
+    VsockSlotState,
 };
 use crate::builder::Microvm;
 use crate::vstate::memory::save_memory;
@@ -57,6 +58,10 @@ impl Microvm {
                 irq: slot.irq,
                 tag: slot.tag.clone(),
                 transport,
+                dax_window: slot.dax.as_ref().map(|w| DaxWindowState {
+                    guest_addr: w.guest_addr(),
+                    len: w.len(),
+                }),
             });
         }
         std::fs::create_dir_all(dir).map_err(|source| SnapshotError::CreateDir {

@@ -125,6 +125,29 @@ impl Vm {
         Ok(())
     }
 
+    /// Registers a DAX window as memory slot `slot` at guest-physical
+    /// `guest_addr`.
+    pub fn register_dax_window(
+        &self,
+        slot: u32,
+        window: &crate::devices::virtio::fs::dax::DaxWindow,
+    ) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: window.guest_addr(),
+            memory_size: window.len(),
+            userspace_addr: window.host_addr(),
+            flags: 0,
+        };
+        // SAFETY: the window's reservation is a live mapping for as long as
+        // the window exists, and the builder keeps it for the life of the
+        // VM. The VMM never touches that memory itself: the pages behind it
+        // are replaced with mmap(MAP_FIXED), which KVM follows through its
+        // MMU notifier.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (DAX window)"))
+    }
+
     /// Routes `evt` to interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd

@@ -14,8 +14,10 @@
 //!   directory set-group-ID bit, which only affects group inheritance, is
 //!   kept);
 //! - answers `ENOSYS` to what it does not forward: extended attributes,
-//!   ioctl, POSIX locks (handled by the guest kernel), bmap, poll, and the
-//!   DAX SETUPMAPPING/REMOVEMAPPING requests (no DAX window yet).
+//!   ioctl, POSIX locks (handled by the guest kernel), bmap, poll;
+//! - forwards the DAX SETUPMAPPING/REMOVEMAPPING requests (the window
+//!   handler checks every range), refusing writable mappings on read-only
+//!   shares with `EROFS` (the passthrough would open the file `O_RDWR`).
 //!
 //! What the passthrough filesystem already guarantees and we rely on (each
 //! is covered by a test in `tests.rs`): every name is resolved with one
@@ -29,10 +31,12 @@ use std::io;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, FsOptions, OpenOptions, SetattrValid, ZeroCopyReader,
     ZeroCopyWriter,
 };
+use fuse_backend_rs::transport::FsCacheReqHandler;
 
 /// Mode bits the guest may never set on a host file.
 const SUID_SGID: u32 = libc::S_ISUID | libc::S_ISGID;
@@ -91,7 +95,14 @@ where
     type Handle = F::Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        self.inner.init(capable)
+        let mut want = self.inner.init(capable)?;
+        // The kernel reads the reply's `flags2` (options above bit 31, such
+        // as per-inode DAX) only when the reply has INIT_EXT; the
+        // passthrough returns such options without it, so they were lost.
+        if want.bits() >> 32 != 0 && capable.contains(FsOptions::INIT_EXT) {
+            want |= FsOptions::INIT_EXT;
+        }
+        Ok(want)
     }
 
     fn destroy(&self) {
@@ -408,6 +419,34 @@ where
             self.writable()?;
         }
         self.inner.access(ctx, inode, mask)
+    }
+
+    fn setupmapping(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        if flags & SetupmappingFlags::WRITE.bits() != 0 {
+            self.writable()?;
+        }
+        self.inner
+            .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
+    }
+
+    fn removemapping(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        requests: Vec<RemovemappingOne>,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        self.inner.removemapping(ctx, inode, requests, vu_req)
     }
 
     fn lseek(

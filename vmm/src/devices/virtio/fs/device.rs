@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::confine::ConfinedFs;
+use super::dax::DaxWindow;
 use super::worker::{FsServer, ShareFs, Worker};
 use super::{FsError, ShareConfig, TAG_MAX_LEN};
 use crate::devices::virtio::{device_type, ActivateError, Interrupt, VirtioDevice};
@@ -40,10 +41,13 @@ pub struct VirtioFs {
     state: DeviceState,
     /// Set by the FUSE thread once it answered a request.
     used: Arc<AtomicBool>,
+    read_only: bool,
+    /// The DAX window, if the share has one.
+    dax: Option<Arc<DaxWindow>>,
 }
 
 /// The passthrough settings we use; see `vmm/VIRTIOFS.md` for why.
-pub fn passthrough_config(root_dir: String, read_only: bool) -> Config {
+pub fn passthrough_config(root_dir: String, read_only: bool, dax: bool) -> Config {
     Config {
         root_dir,
         // Read-write shares: guest page cache with close-to-open
@@ -67,7 +71,10 @@ pub fn passthrough_config(root_dir: String, read_only: bool) -> Config {
         no_open: false,
         no_opendir: false,
         do_import: true,
-        dax_file_size: None,
+        // With a DAX window every file is marked FUSE_ATTR_DAX, so the
+        // guest's default per-inode mode (`dax=inode`) uses DAX for all of
+        // them, like `dax=always`. Without a window the flag is never set.
+        dax_file_size: dax.then_some(0),
         ..Config::default()
     }
 }
@@ -107,13 +114,15 @@ pub fn new_server(share: &ShareConfig) -> Result<(Arc<ShareFs>, Arc<FsServer>), 
     }
     // SAFETY: `fd` was just opened by us and is not used afterwards.
     unsafe { libc::close(fd) };
-    let pfs =
-        PassthroughFs::new(passthrough_config(root_dir, share.read_only)).map_err(|source| {
-            FsError::Backend {
-                tag: share.tag.clone(),
-                source,
-            }
-        })?;
+    let pfs = PassthroughFs::new(passthrough_config(
+        root_dir,
+        share.read_only,
+        share.dax_window.is_some(),
+    ))
+    .map_err(|source| FsError::Backend {
+        tag: share.tag.clone(),
+        source,
+    })?;
     let fs = Arc::new(ConfinedFs::new(pfs, share.read_only));
     let server = Arc::new(Server::new(fs.clone()));
     Ok((fs, server))
@@ -143,7 +152,19 @@ impl VirtioFs {
             server,
             state: DeviceState::Inactive,
             used: Arc::new(AtomicBool::new(false)),
+            read_only: share.read_only,
+            dax: None,
         })
+    }
+
+    /// Gives the device its DAX window (before the guest activates it).
+    pub fn set_dax_window(&mut self, window: Arc<DaxWindow>) {
+        self.dax = Some(window);
+    }
+
+    /// The DAX window, if any.
+    pub fn dax_window(&self) -> Option<&Arc<DaxWindow>> {
+        self.dax.as_ref()
     }
 
     /// The share's tag.
@@ -241,6 +262,8 @@ impl VirtioDevice for VirtioFs {
             queues,
             evts,
             self.used.clone(),
+            self.dax.clone(),
+            self.read_only,
         )
         .map_err(ActivateError::Backend)?;
         self.state = DeviceState::Active(worker);

@@ -9,6 +9,7 @@
 //! request queues.
 
 pub mod confine;
+pub mod dax;
 pub mod device;
 pub mod worker;
 
@@ -25,19 +26,38 @@ pub const TAG_MAX_LEN: usize = 36;
 /// Errors of the virtio-fs device.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
-    /// A `--fs` argument is not `TAG=DIR[,ro]`.
-    #[error("invalid share {arg:?}: expected TAG=HOST_DIR[,ro]")]
+    /// A `--fs` argument is not `TAG=DIR[,ro][,dax[=SIZE]]`.
+    #[error("invalid share {arg:?}: expected TAG=HOST_DIR[,ro][,dax[=SIZE]]")]
     Syntax {
         /// The argument given.
         arg: String,
     },
     /// An option after the directory is unknown.
-    #[error("invalid share {arg:?}: unknown option {option:?} (only \"ro\" is known)")]
+    #[error("invalid share {arg:?}: unknown option {option:?} (known: ro, rw, dax, dax=SIZE)")]
     UnknownOption {
         /// The argument given.
         arg: String,
         /// The option.
         option: String,
+    },
+    /// The DAX window size is not a multiple of 2 MiB between 2 MiB and 64 GiB.
+    #[error(
+        "invalid share {arg:?}: DAX window {size:?} must be a multiple of 2M between 2M and 64G"
+    )]
+    BadDaxWindow {
+        /// The argument given.
+        arg: String,
+        /// The size given.
+        size: String,
+    },
+    /// The DAX window cannot be reserved.
+    #[error("share {tag:?}: cannot reserve the DAX window")]
+    DaxWindow {
+        /// The tag.
+        tag: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
     },
     /// The tag is empty, too long or has characters the guest cannot pass to mount(2).
     #[error("invalid share tag {tag:?}: {why}")]
@@ -101,34 +121,67 @@ pub struct ShareConfig {
     pub dir: PathBuf,
     /// Refuse every write-type request.
     pub read_only: bool,
+    /// Size of the DAX window (virtio-fs shared memory region 0) in bytes;
+    /// `None`: no window, no DAX.
+    pub dax_window: Option<u64>,
+}
+
+/// Parses a DAX window size: bytes, or a number with a `K`, `M` or `G`
+/// suffix; a multiple of [`dax::DAX_CHUNK`] up to [`dax::MAX_DAX_WINDOW`].
+pub fn parse_dax_size(size: &str) -> Option<u64> {
+    let (num, shift) = match size.as_bytes().last()? {
+        b'K' | b'k' => (&size[..size.len() - 1], 10),
+        b'M' | b'm' => (&size[..size.len() - 1], 20),
+        b'G' | b'g' => (&size[..size.len() - 1], 30),
+        _ => (size, 0),
+    };
+    let n: u64 = num.parse().ok()?;
+    let bytes = n.checked_mul(1u64 << shift)?;
+    (bytes > 0 && bytes % dax::DAX_CHUNK == 0 && bytes <= dax::MAX_DAX_WINDOW).then_some(bytes)
 }
 
 impl ShareConfig {
-    /// Parses `TAG=HOST_DIR[,ro]`. A directory containing a comma can be
-    /// given as long as the last comma-separated part is not an option.
+    /// Parses `TAG=HOST_DIR[,ro|rw][,dax[=SIZE]]`. A directory containing a
+    /// comma can be given as long as the part after its last comma is not
+    /// an option. `dax` alone asks for a window of
+    /// [`dax::DEFAULT_DAX_WINDOW`].
     pub fn parse(arg: &str) -> Result<ShareConfig, FsError> {
         let syntax = || FsError::Syntax {
             arg: arg.to_string(),
         };
-        let (tag, rest) = arg.split_once('=').ok_or_else(syntax)?;
-        let (dir, read_only) = match rest.rsplit_once(',') {
-            Some((dir, "ro")) => (dir, true),
-            Some((dir, "rw")) => (dir, false),
-            Some((_, opt)) if !opt.contains('/') => {
-                return Err(FsError::UnknownOption {
-                    arg: arg.to_string(),
-                    option: opt.to_string(),
-                })
+        let (tag, mut dir) = arg.split_once('=').ok_or_else(syntax)?;
+        let mut read_only = None;
+        let mut dax_window = None;
+        while let Some((rest, opt)) = dir.rsplit_once(',') {
+            match opt {
+                "ro" | "rw" if read_only.is_none() => read_only = Some(opt == "ro"),
+                "dax" if dax_window.is_none() => dax_window = Some(dax::DEFAULT_DAX_WINDOW),
+                _ if opt.starts_with("dax=") && dax_window.is_none() => {
+                    let size = &opt["dax=".len()..];
+                    dax_window =
+                        Some(parse_dax_size(size).ok_or_else(|| FsError::BadDaxWindow {
+                            arg: arg.to_string(),
+                            size: size.to_string(),
+                        })?);
+                }
+                _ if opt.contains('/') => break,
+                _ => {
+                    return Err(FsError::UnknownOption {
+                        arg: arg.to_string(),
+                        option: opt.to_string(),
+                    })
+                }
             }
-            _ => (rest, false),
-        };
+            dir = rest;
+        }
         if dir.is_empty() {
             return Err(syntax());
         }
         let share = ShareConfig {
             tag: tag.to_string(),
             dir: PathBuf::from(dir),
-            read_only,
+            read_only: read_only.unwrap_or(false),
+            dax_window,
         };
         validate_tag(&share.tag)?;
         Ok(share)

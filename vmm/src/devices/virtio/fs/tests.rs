@@ -21,6 +21,12 @@ use virtio_queue::Queue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use fuse_backend_rs::abi::virtio_fs::{
+    RemovemappingIn, RemovemappingOne, SetupmappingFlags, SetupmappingIn,
+};
+use fuse_backend_rs::transport::FsCacheReqHandler;
+
+use super::dax::{DaxHandler, DaxWindow, DAX_CHUNK};
 use super::device::{new_server, passthrough_config, VirtioFs};
 use super::worker::{process_queue, restrict_thread, BadRequests, FsServer};
 use super::{FsError, ShareConfig};
@@ -98,6 +104,8 @@ struct Guest {
     next_buf: u64,
     unique: u64,
     bad: BadRequests,
+    /// The DAX handler given to the server, if any.
+    cache: Option<Box<dyn FsCacheReqHandler>>,
 }
 
 fn cstr(s: &str) -> Vec<u8> {
@@ -116,6 +124,7 @@ impl Guest {
             tag: "t".into(),
             dir: dir.to_path_buf(),
             read_only,
+            dax_window: None,
         };
         let (_fs, server) = new_server(&share).unwrap();
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
@@ -133,6 +142,7 @@ impl Guest {
             next_buf: 0x10_0000,
             unique: 0,
             bad: BadRequests::default(),
+            cache: None,
         };
         let init = InitIn {
             major: 7,
@@ -177,11 +187,15 @@ impl Guest {
             .collect();
         self.mock.add_desc_chains(&raw, head).unwrap();
         self.next_desc = (head + descs.len() as u16) % QSIZE;
+        let cache = self
+            .cache
+            .as_mut()
+            .map(|c| &mut **c as &mut (dyn FsCacheReqHandler + 'static));
         assert!(process_queue(
             &self.server,
             self.mem,
             &mut self.queue,
-            None,
+            cache,
             "t",
             &mut self.bad
         ));
@@ -621,13 +635,15 @@ fn extended_attributes_and_ioctls_are_not_served() {
 #[test]
 fn secure_defaults_are_what_the_documentation_says() {
     for ro in [false, true] {
-        let c = passthrough_config("/x".into(), ro);
-        assert!(!c.inode_file_handles, "open_by_handle_at must stay off");
-        assert!(!c.xattr);
-        assert!(!c.writeback);
-        assert!(!c.killpriv_v2);
-        assert!(c.dax_file_size.is_none());
-        assert!(c.do_import);
+        for dax in [false, true] {
+            let c = passthrough_config("/x".into(), ro, dax);
+            assert!(!c.inode_file_handles, "open_by_handle_at must stay off");
+            assert!(!c.xattr);
+            assert!(!c.writeback);
+            assert!(!c.killpriv_v2);
+            assert_eq!(c.dax_file_size, dax.then_some(0));
+            assert!(c.do_import);
+        }
     }
 }
 
@@ -724,6 +740,47 @@ fn share_arguments_parse_and_validate() {
         super::validate_shares(&dup),
         Err(FsError::DuplicateTag { .. })
     ));
+    let s = ShareConfig::parse("d=/tmp,dax").unwrap();
+    assert_eq!(
+        (s.dir.as_path(), s.read_only, s.dax_window),
+        (
+            Path::new("/tmp"),
+            false,
+            Some(super::dax::DEFAULT_DAX_WINDOW)
+        )
+    );
+    let s = ShareConfig::parse("d=/tmp,ro,dax=1G").unwrap();
+    assert_eq!((s.read_only, s.dax_window), (true, Some(1 << 30)));
+    let s = ShareConfig::parse("d=/tmp,dax=4M,ro").unwrap();
+    assert_eq!((s.read_only, s.dax_window), (true, Some(4 << 20)));
+    assert_eq!(
+        ShareConfig::parse("d=/tmp,dax=4194304").unwrap().dax_window,
+        Some(4 << 20)
+    );
+    assert_eq!(ShareConfig::parse("d=/tmp").unwrap().dax_window, None);
+    for bad in [
+        "d=/tmp,dax=",
+        "d=/tmp,dax=0",
+        "d=/tmp,dax=3M",
+        "d=/tmp,dax=1K",
+        "d=/tmp,dax=65G",
+        "d=/tmp,dax=99999999999999999999G",
+        "d=/tmp,dax=18446744073709551615G",
+        "d=/tmp,dax=-2M",
+    ] {
+        assert!(
+            matches!(ShareConfig::parse(bad), Err(FsError::BadDaxWindow { .. })),
+            "{bad:?}"
+        );
+    }
+    for bad in [
+        "d=/tmp,dax,dax",
+        "d=/tmp,ro,rw",
+        "d=/tmp,ro,ro",
+        "d=/tmp,daxx",
+    ] {
+        assert!(ShareConfig::parse(bad).is_err(), "{bad:?}");
+    }
     let missing = ShareConfig::parse("a=/nonexistent/dir").unwrap();
     assert!(matches!(
         missing.validate(),
@@ -739,6 +796,7 @@ fn device_config_activation_and_reset() {
         tag: "mytag".into(),
         dir: l.share.clone(),
         read_only: false,
+        dax_window: None,
     };
     let umask_before = process_umask();
     let mut dev = VirtioFs::new(&share).unwrap();
@@ -882,4 +940,180 @@ fn server_read_throughput_on_the_host() {
         (SIZE >> 20) as f64 / secs,
         SIZE / CHUNK as usize
     );
+}
+
+impl Guest {
+    fn setupmapping(
+        &mut self,
+        inode: u64,
+        fh: u64,
+        foffset: u64,
+        moffset: u64,
+        len: u64,
+        flags: SetupmappingFlags,
+    ) -> Result<Vec<u8>, i32> {
+        let s = SetupmappingIn {
+            fh,
+            foffset,
+            len,
+            flags: flags.bits(),
+            moffset,
+        };
+        self.call(Opcode::SetupMapping, inode, s.as_slice())
+    }
+
+    fn removemapping(&mut self, inode: u64, ranges: &[(u64, u64)]) -> Result<Vec<u8>, i32> {
+        let mut body = RemovemappingIn {
+            count: ranges.len() as u32,
+        }
+        .as_slice()
+        .to_vec();
+        for &(moffset, len) in ranges {
+            body.extend_from_slice(RemovemappingOne { moffset, len }.as_slice());
+        }
+        self.call(Opcode::RemoveMapping, inode, &body)
+    }
+}
+
+/// Reads byte `off` of the window's host memory (the test plays the guest).
+fn window_byte(w: &DaxWindow, off: u64) -> u8 {
+    assert!(off < w.len());
+    // SAFETY: the caller mapped a file page at `off` just before.
+    unsafe { std::ptr::read_volatile((w.host_addr() + off) as *const u8) }
+}
+
+#[test]
+fn per_inode_dax_is_negotiated_and_files_are_marked_with_a_window() {
+    use fuse_backend_rs::abi::fuse_abi::{FsOptions, InitIn2, InitOut};
+    const ATTR_DAX: u32 = 1 << 1;
+    for dax in [false, true] {
+        let l = Layout::new("perfile-dax");
+        std::fs::write(l.share.join("f"), b"data").unwrap();
+        let mut g = Guest::new(&l.share, false);
+        if dax {
+            // What new_server does for a share with a window.
+            let share = ShareConfig {
+                tag: "t".into(),
+                dir: l.share.clone(),
+                read_only: false,
+                dax_window: Some(DAX_CHUNK),
+            };
+            g.server = new_server(&share).unwrap().1;
+        }
+        // A kernel asking for per-inode DAX, as Linux does when the device
+        // has a window and the mount is not dax=always.
+        let flags = FsOptions::INIT_EXT | FsOptions::PERFILE_DAX;
+        let init = InitIn {
+            major: 7,
+            minor: 38,
+            max_readahead: 0x20000,
+            flags: flags.bits() as u32,
+        };
+        let init2 = InitIn2 {
+            flags2: (flags.bits() >> 32) as u32,
+            unused: [0; 11],
+        };
+        let out = g
+            .call(Opcode::Init, 0, &cat(&[init.as_slice(), init2.as_slice()]))
+            .unwrap();
+        let io = InitOut::from_slice(&out[..std::mem::size_of::<InitOut>()]).unwrap();
+        assert!(
+            io.flags & FsOptions::INIT_EXT.bits() as u32 != 0,
+            "no INIT_EXT"
+        );
+        assert_eq!(
+            u64::from(io.flags2) << 32 & FsOptions::PERFILE_DAX.bits(),
+            FsOptions::PERFILE_DAX.bits()
+        );
+        let e = g.lookup(ROOT, "f").unwrap();
+        assert_eq!(e.attr.flags & ATTR_DAX != 0, dax, "FUSE_ATTR_DAX");
+    }
+}
+
+#[test]
+fn dax_mappings_are_checked_and_read_only_shares_refuse_writable_ones() {
+    const PAGE: u64 = 4096;
+    let read = SetupmappingFlags::READ;
+    let write = SetupmappingFlags::READ | SetupmappingFlags::WRITE;
+    for read_only in [false, true] {
+        let l = Layout::new("dax");
+        // Bigger than one 2 MiB chunk, not a multiple of the page size.
+        let data: Vec<u8> = (0..DAX_CHUNK + 3 * PAGE + 123)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let path = l.share.join("f");
+        std::fs::write(&path, &data).unwrap();
+        let mut g = Guest::new(&l.share, read_only);
+        let f = g.lookup(ROOT, "f").unwrap().nodeid;
+        let fh = g.open(f, libc::O_RDONLY).unwrap();
+        // No window: the server answers EINVAL.
+        assert_eq!(
+            g.setupmapping(f, fh, 0, 0, DAX_CHUNK, read).unwrap_err(),
+            libc::EINVAL
+        );
+        let window = Arc::new(DaxWindow::new(1 << 32, 2 * DAX_CHUNK).unwrap());
+        g.cache = Some(Box::new(DaxHandler::new(window.clone(), read_only)));
+        // The second chunk of the file reaches past its end, as the guest
+        // maps it: mmap accepts that.
+        g.setupmapping(f, fh, 0, 0, DAX_CHUNK, read).unwrap();
+        g.setupmapping(f, fh, DAX_CHUNK, DAX_CHUNK, DAX_CHUNK, read)
+            .unwrap();
+        for off in [
+            0,
+            4095,
+            DAX_CHUNK - 1,
+            DAX_CHUNK,
+            DAX_CHUNK + 3 * PAGE + 122,
+        ] {
+            assert_eq!(window_byte(&window, off), data[off as usize], "{off}");
+        }
+        assert_eq!(window.setups(), 2);
+        // Ranges outside the window, unaligned or empty, and forged inodes.
+        for (fo, mo, len) in [
+            (0, 2 * DAX_CHUNK, PAGE),
+            (0, DAX_CHUNK, DAX_CHUNK + PAGE),
+            (0, u64::MAX - PAGE + 1, 2 * PAGE),
+            (0, PAGE, u64::MAX - PAGE + 1),
+            (0, 0, 0),
+            (0, 1, PAGE),
+            (1, 0, PAGE),
+            (u64::MAX - PAGE + 1, 0, PAGE),
+        ] {
+            assert!(
+                g.setupmapping(f, fh, fo, mo, len, read).is_err(),
+                "{fo:#x} {mo:#x} {len:#x}"
+            );
+        }
+        assert!(g.setupmapping(12345, fh, 0, 0, PAGE, read).is_err());
+        assert!(g.setupmapping(ROOT, fh, 0, 0, PAGE, read).is_err());
+        assert_eq!(window.setups(), 2);
+        // Writable mappings: refused on read-only shares, and the file
+        // stays as it was.
+        let r = g.setupmapping(f, fh, 0, 0, PAGE, write);
+        if read_only {
+            assert_eq!(r.unwrap_err(), libc::EROFS);
+            assert_eq!(std::fs::read(&path).unwrap(), data);
+        } else {
+            r.unwrap();
+            // SAFETY: a writable file page is mapped at offset 0.
+            unsafe { std::ptr::write_volatile(window.host_addr() as *mut u8, 0xaa) };
+            assert_eq!(std::fs::read(&path).unwrap()[0], 0xaa);
+        }
+        // REMOVEMAPPING: checked the same way; all or nothing per entry.
+        assert_eq!(
+            g.removemapping(f, &[(2 * DAX_CHUNK, PAGE)]).unwrap_err(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            g.removemapping(f, &[(PAGE, u64::MAX - PAGE + 1)])
+                .unwrap_err(),
+            libc::EINVAL
+        );
+        g.removemapping(f, &[(0, DAX_CHUNK), (DAX_CHUNK, DAX_CHUNK)])
+            .unwrap();
+        assert_eq!(window.removals(), 2);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(!maps.contains(path.to_str().unwrap()), "still mapped");
+        l.secret_unchanged();
+    }
 }

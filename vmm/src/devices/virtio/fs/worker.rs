@@ -28,6 +28,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::confine::ConfinedFs;
+use super::dax::{DaxHandler, DaxWindow};
 use crate::devices::virtio::{guest_wants_interrupt, Interrupt, VIRTIO_MMIO_INT_VRING};
 
 /// The filesystem behind a device: passthrough under our policy.
@@ -144,9 +145,11 @@ struct WorkerState {
     queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
     stop: EventFd,
-    /// DAX hook: the handler of SETUPMAPPING/REMOVEMAPPING once the device
-    /// has a shared memory window. `None`: those requests fail with EINVAL.
+    /// The handler of SETUPMAPPING/REMOVEMAPPING when the device has a DAX
+    /// window. `None`: those requests fail with EINVAL.
     cache: Option<Box<dyn FsCacheReqHandler>>,
+    /// The window itself, emptied when the thread ends (device reset).
+    dax: Option<Arc<DaxWindow>>,
     /// Set once a request has been answered (see `VirtioFs::used`).
     used: Arc<AtomicBool>,
 }
@@ -170,6 +173,8 @@ impl Worker {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
         used: Arc<AtomicBool>,
+        dax: Option<Arc<DaxWindow>>,
+        read_only: bool,
     ) -> io::Result<Worker> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let state = WorkerState {
@@ -181,7 +186,10 @@ impl Worker {
             queues,
             queue_evts,
             stop: stop.try_clone()?,
-            cache: None,
+            cache: dax.as_ref().map(|w| {
+                Box::new(DaxHandler::new(w.clone(), read_only)) as Box<dyn FsCacheReqHandler>
+            }),
+            dax,
             used,
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -289,6 +297,22 @@ impl WorkerState {
         }
         // On this thread: destroy() re-imports the root, which sets umask(0).
         self.fs.destroy();
+        // The guest driver is gone: drop its mappings so that the host
+        // files are no longer held.
+        if let Some(w) = &self.dax {
+            tracing::info!(
+                tag = self.tag,
+                setups = w.setups(),
+                removals = w.removals(),
+                "virtio-fs: DAX window emptied"
+            );
+            if let Err(e) = w.unmap_all() {
+                tracing::error!(
+                    tag = self.tag,
+                    "virtio-fs: cannot empty the DAX window: {e}"
+                );
+            }
+        }
     }
 
     fn serve(&mut self, ready: impl IntoIterator<Item = usize>, bad: &mut BadRequests) {
