@@ -97,6 +97,20 @@ impl Drop for TempDir {
     }
 }
 
+/// `len` pseudo-random bytes (xorshift from `seed`): file contents that
+/// differ at every offset, so misplaced bytes show.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
 /// Options for one VM.
 #[derive(Clone, Debug)]
 pub struct VmOptions {

@@ -34,35 +34,15 @@
 //!   two happened is printed);
 //! - `Shutdown` ends the VMM with status 0.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::container::{CreateContainerRequest, RootfsSource, StdioSpec};
 use vessel_proto::{fnv1a, MountRequest, ReadFileRequest, FNV1A_INIT};
-use vessel_tests::{kvm_available_or_skip, Artifacts, VmOptions, VmProcess, BOOT_TIMEOUT};
-
-/// A private directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
+use vessel_tests::{
+    kvm_available_or_skip, pattern, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT,
+};
 
 /// Largest `ReadFile` answered in one frame (guest->host vsock packets
 /// above about 32 KiB are lost today; see vmm/VIRTIOFS.md).
@@ -143,8 +123,7 @@ fn dax_reads_match_and_map_host_pages() {
         return;
     }
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let root = TempDir(std::env::temp_dir().join(format!("vessel-dax-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&root.0);
+    let root = TempDir::new("dax");
     let data = root.0.join("data");
     std::fs::create_dir_all(&data).unwrap();
     // Two full 2 MiB chunks and a partial third, not page aligned.

@@ -14,19 +14,9 @@ use std::time::{Duration, Instant};
 
 use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::{fnv1a, ReadFileRequest, FNV1A_INIT};
-use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT};
-
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
+use vessel_tests::{
+    kvm_available_or_skip, pattern, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT,
+};
 
 /// Largest `ReadFile` answered in one frame here: guest->host vsock
 /// packets above about 32 KiB are lost by the VMM's vsock device today
