@@ -312,6 +312,19 @@ pub fn kernel_cmdline(host: HostKind, virtio_devices: &[(u64, u32)], extra: &str
     parts.join(" ")
 }
 
+/// The guest's free page reporting order for a balloon in `mem_size` bytes
+/// of RAM. Linux reports only while a zone has `32 << order` pages free
+/// above its low watermark, and defaults `order` to `pageblock_order`,
+/// which without huge pages is MAX_PAGE_ORDER (10): 128 MiB, so a guest of
+/// 128 MiB never reported anything. We take the largest order up to 9
+/// (2 MiB ranges) for which that reserve is at most half the guest's RAM.
+pub fn page_reporting_order(mem_size: u64) -> u32 {
+    let pages = mem_size / 4096;
+    // 32 ranges per report, and half the RAM: pages / 64.
+    let limit = (pages / 64).max(1);
+    limit.ilog2().min(9)
+}
+
 /// Where the initramfs goes: page aligned, at the top of low RAM, above the kernel.
 pub fn initrd_address(mem_size: u64, kernel_end: u64, initrd_size: u64) -> Option<u64> {
     let top = layout::low_ram_end(mem_size);
@@ -832,7 +845,14 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
     let control = add_control(&mut event_manager, &cfg.api_sock)?;
 
     // Boot structures.
-    let cmdline = kernel_cmdline(host, &virtio_slots, &cfg.extra_cmdline);
+    let mut extra = cfg.extra_cmdline.clone();
+    if balloon.is_some() {
+        extra = format!(
+            "page_reporting.page_reporting_order={} {extra}",
+            page_reporting_order(mem_size)
+        );
+    }
+    let cmdline = kernel_cmdline(host, &virtio_slots, &extra);
     tracing::info!(%cmdline, "kernel command line");
     let seed = boot_params::host_rng_seed().map_err(os_err("getrandom"))?;
     boot_params::write_boot_data(&mem, mem_size, &cmdline, initrd, seed)?;
@@ -1213,6 +1233,18 @@ mod tests {
         assert!(c.validate().is_ok());
         c.shares = vec![share((1 << 30) + (2 << 20))];
         assert!(c.validate().unwrap_err().to_string().contains("DAX"));
+    }
+
+    #[test]
+    fn page_reporting_order_fits_small_guests() {
+        assert_eq!(page_reporting_order(64 << 20), 8);
+        assert_eq!(page_reporting_order(128 << 20), 9);
+        assert_eq!(page_reporting_order(4 << 30), 9);
+        assert_eq!(page_reporting_order(1 << 20), 2);
+        for mib in [16u64, 64, 128, 256] {
+            let reserve = 32u64 << page_reporting_order(mib << 20);
+            assert!(reserve * 4096 <= (mib << 20) / 2, "{mib} MiB");
+        }
     }
 
     #[test]
