@@ -29,7 +29,7 @@ fn rss_mib(pid: i32) -> Option<f64> {
 }
 
 #[test]
-#[ignore = "written, not yet verified on a VM: cargo test -p vessel-tests --test balloon -- --ignored"]
+#[ignore = "fails: Rss rises 40+ MiB but does not fall within 150 s when the container itself frees the file; by hand (rm through vessel exec) it falls 70 -> 23 MiB; suspect freed pages parked on the guest per-cpu lists; cargo xtask test --test balloon -- --ignored"]
 fn balloon_returns_freed_guest_memory() {
     if !kvm_available_or_skip() {
         return;
