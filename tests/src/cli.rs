@@ -65,22 +65,8 @@ impl CliEnv {
         fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
         let templates = crate::workspace_root().join("target/vessel/test-templates");
         let config = tmp.join("config.toml");
-        fs::write(
-            &config,
-            format!(
-                "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\n{}{extra_config}",
-                art.vmm,
-                art.kernel,
-                art.initrd,
-                templates,
-                if extra_config.contains("templates =") {
-                    ""
-                } else {
-                    "templates = true\n"
-                }
-            ),
-        )
-        .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
+        fs::write(&config, art.vessel_config(&templates, extra_config))
+            .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
         CliEnv {
             bin,
             config,

@@ -65,6 +65,23 @@ impl Artifacts {
     }
 }
 
+impl Artifacts {
+    /// A `vessel` config file (TOML) pointing at these artifacts, with
+    /// templates in `template_dir`, on unless `extra` (more TOML lines,
+    /// appended) sets `templates` itself.
+    pub fn vessel_config(&self, template_dir: &Path, extra: &str) -> String {
+        let templates = if extra.contains("templates =") {
+            ""
+        } else {
+            "templates = true\n"
+        };
+        format!(
+            "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\n{templates}{extra}",
+            self.vmm, self.kernel, self.initrd, template_dir
+        )
+    }
+}
+
 /// True when KVM tests should run. Panics (fails the test loudly) when
 /// `/dev/kvm` is missing, unless `VESSEL_SKIP_KVM=1` asks to skip.
 pub fn kvm_available_or_skip() -> bool {

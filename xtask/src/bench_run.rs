@@ -117,17 +117,8 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
     )
     .context("writing config.json")?;
     let config = dir.0.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\ntemplates = true\n",
-            a.vmm,
-            a.kernel,
-            a.initrd,
-            dir.0.join("templates")
-        ),
-    )
-    .context("writing config.toml")?;
+    std::fs::write(&config, a.vessel_config(&dir.0.join("templates"), ""))
+        .context("writing config.toml")?;
     let vessel_root = dir.0.join("vessel-root");
     let runc_root = dir.0.join("runc-root");
     let vessel_cmd = |args: &[&str]| {

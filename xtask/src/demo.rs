@@ -37,17 +37,8 @@ pub fn run(root: &Path) -> Result<()> {
     let bundle = dir.join("bundle");
     make_bundle(&bundle)?;
     let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "vmm = {:?}\nkernel = {:?}\ninitrd = {:?}\ntemplate_dir = {:?}\ntemplates = true\n",
-            a.vmm,
-            a.kernel,
-            a.initrd,
-            dir.join("templates")
-        ),
-    )
-    .context("writing the demo's config.toml")?;
+    std::fs::write(&config, a.vessel_config(&dir.join("templates"), ""))
+        .context("writing the demo's config.toml")?;
 
     let id = format!("demo-{}", std::process::id());
     let first = !dir.join("templates").exists();
