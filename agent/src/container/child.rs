@@ -104,13 +104,15 @@ pub enum Step {
     Exec,
     /// Loading the seccomp filter.
     Seccomp,
+    /// Waiting for the user namespace's id maps, then becoming its root.
+    UserNs,
 }
 
 impl Step {
     /// From the wire value.
     pub fn from_u32(v: u32) -> Option<Step> {
         use Step::*;
-        const ALL: [Step; 32] = [
+        const ALL: [Step; 33] = [
             CgroupNs,
             Setns,
             Session,
@@ -143,6 +145,7 @@ impl Step {
             ExecLookup,
             Exec,
             Seccomp,
+            UserNs,
         ];
         ALL.into_iter().find(|s| *s as u32 == v)
     }
@@ -207,6 +210,14 @@ pub struct ChildFds {
     pub start: Option<RawFd>,
     /// (pidfd of the container's init, namespaces to join) for an exec.
     pub join: Option<(RawFd, libc::c_int)>,
+    /// The process runs in a user namespace: it always sets its ids (its
+    /// ids from before are unmapped there) and binds devices instead of
+    /// making them.
+    pub userns: bool,
+    /// Init in a new user namespace: read end of the pipe on which the
+    /// agent says (one byte) that it has written the id maps, rlimits and
+    /// oom_score_adj, none of which the child may set itself there.
+    pub userns_sync: Option<RawFd>,
     /// Terminal mode: the child's end of a socket pair. The child opens a
     /// pty in the container's own devpts (`/dev/ptmx` after pivot_root or
     /// setns), so `tty` and `ttyname` work inside, and sends the master
@@ -369,7 +380,7 @@ fn mkdir_p(path: &CStr, file: bool) -> Result<(), i32> {
     Ok(())
 }
 
-fn do_mount(m: &MountOp) -> Result<(), (Step, i32)> {
+fn do_mount(m: &MountOp, userns: bool) -> Result<(), (Step, i32)> {
     let attempt = || {
         mount(
             cptr(&m.source),
@@ -379,25 +390,57 @@ fn do_mount(m: &MountOp) -> Result<(), (Step, i32)> {
             opt_ptr(m.data.as_ref()),
         )
     };
-    match attempt() {
-        Ok(()) => {}
+    let mut remount_flags = m.remount_flags;
+    let first = match attempt() {
         Err(libc::ENOENT) => {
             // The mount point is missing (a missing bind source is ENOENT
             // too and fails again below). A file bind needs a file.
             let file = m.fstype.is_none() && !is_dir(&m.source);
             mkdir_p(&m.target, file).map_err(|e| (Step::MountPoint, e))?;
-            attempt().map_err(|e| (Step::Mount, e))?;
+            attempt()
+        }
+        r => r,
+    };
+    match first {
+        Ok(()) => {}
+        Err(libc::EPERM) if userns => {
+            // A filesystem this user namespace may not mount: bind the
+            // guest's instead, with the flags the spec asked for.
+            let fallback = USERNS_BIND_FALLBACKS
+                .iter()
+                .find(|(fs, _)| m.fstype.as_deref() == Some(*fs));
+            let Some((_, guest)) = fallback else {
+                return Err((Step::Mount, libc::EPERM));
+            };
+            mount(
+                guest.as_ptr(),
+                cptr(&m.target),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
+            .map_err(|e| (Step::Mount, e))?;
+            let wanted =
+                m.flags & (libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
+            remount_flags = (wanted != 0).then_some(wanted | libc::MS_BIND | libc::MS_REMOUNT);
         }
         Err(e) => return Err((Step::Mount, e)),
     }
-    if let Some(flags) = m.remount_flags {
-        mount(
-            std::ptr::null(),
-            cptr(&m.target),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
+    if let Some(flags) = remount_flags {
+        let remount = |flags| {
+            mount(
+                std::ptr::null(),
+                cptr(&m.target),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        match remount(flags) {
+            // Flags the user namespace may not drop (see `kept_flags`).
+            Err(libc::EPERM) if userns => remount(flags | kept_flags(&m.target)),
+            r => r,
+        }
         .map_err(|e| (Step::MountRemount, e))?;
     }
     if m.propagation != 0 {
@@ -472,10 +515,97 @@ fn setup_stdio(fds: &ChildFds, new_session: bool) {
     }
 }
 
+/// oom_score_adj and rlimits of `p`, applied to the calling process.
+fn apply_limits(st: RawFd, p: &ProcessPlan) {
+    if let Some(v) = &p.oom_score_adj {
+        if let Err(e) = write_file(c"/proc/self/oom_score_adj", v.as_bytes()) {
+            fail(st, Step::OomScoreAdj, 0, e);
+        }
+    }
+    for (i, (resource, limit)) in p.rlimits.iter().enumerate() {
+        // SAFETY: prlimit64 on ourselves with a valid rlimit struct.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                *resource,
+                limit as *const libc::rlimit,
+                std::ptr::null_mut::<libc::rlimit>(),
+            )
+        };
+        if r != 0 {
+            fail(st, Step::Rlimit, i, errno());
+        }
+    }
+}
+
+/// Init in a new user namespace: waits until the agent has written the id
+/// maps, then becomes uid and gid 0 of the namespace, so that the set-up
+/// (mount points, device files) creates files as the container's root
+/// rather than as an unmapped id.
+fn become_userns_root(st: RawFd, sync: RawFd) {
+    let mut b = [0u8; 1];
+    // SAFETY: reads one byte into a stack buffer from a descriptor we hold.
+    let n = unsafe { libc::read(sync, b.as_mut_ptr().cast(), 1) };
+    if n != 1 {
+        // The agent gave up (it reports why): nothing to say.
+        // SAFETY: _exit ends the process.
+        unsafe { libc::_exit(127) };
+    }
+    // Raw calls, not libc's (see run_process).
+    // SAFETY: credential system calls with plain integers.
+    unsafe {
+        let r = libc::syscall(libc::SYS_setresgid, 0, 0, 0);
+        check(st, Step::UserNs, 0, r as libc::c_int);
+        let r = libc::syscall(libc::SYS_setresuid, 0, 0, 0);
+        check(st, Step::UserNs, 1, r as libc::c_int);
+    }
+}
+
+/// The flags a bind remount must keep from the mount at `path`: in a user
+/// namespace the kernel locks nosuid, nodev, noexec, read-only and the
+/// atime flags of mounts inherited from the guest, and refuses (EPERM) a
+/// remount that would drop them; without one, dropping them would quietly
+/// loosen the mount. 0 when `path` cannot be examined.
+fn kept_flags(path: &CStr) -> libc::c_ulong {
+    // SAFETY: an all-zero statvfs is a valid value for the kernel to fill.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `sv` is writable.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut sv) } != 0 {
+        return 0;
+    }
+    // statvfs(3)'s ST_* bits (the libc crate has no ST_RELATIME for musl).
+    let table: [(libc::c_ulong, libc::c_ulong); 7] = [
+        (1, libc::MS_RDONLY),
+        (2, libc::MS_NOSUID),
+        (4, libc::MS_NODEV),
+        (8, libc::MS_NOEXEC),
+        (1024, libc::MS_NOATIME),
+        (2048, libc::MS_NODIRATIME),
+        (4096, libc::MS_RELATIME),
+    ];
+    table
+        .iter()
+        .filter(|(st, _)| sv.f_flag & st != 0)
+        .fold(0, |acc, (_, ms)| acc | ms)
+}
+
+/// Filesystems a user namespace may not mount unless it owns the matching
+/// namespace (sysfs: network; cgroup2: cgroup; mqueue: ipc), with the
+/// guest's mount that runc-style set-up binds instead.
+const USERNS_BIND_FALLBACKS: [(&CStr, &CStr); 3] = [
+    (c"sysfs", c"/sys"),
+    (c"cgroup2", c"/sys/fs/cgroup"),
+    (c"mqueue", c"/dev/mqueue"),
+];
+
 /// The container's init: everything of `plan`, then wait for start, then
 /// exec. Never returns.
 pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     let st = fds.status;
+    if let Some(sync) = fds.userns_sync {
+        become_userns_root(st, sync);
+    }
     // SAFETY: (whole block) raw system calls on the plan's NUL-terminated
     // strings and on plain integers; see the module documentation.
     unsafe {
@@ -506,11 +636,27 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
         fail(st, Step::RootBind, 0, e);
     }
     for (i, m) in plan.mounts.iter().enumerate() {
-        if let Err((step, e)) = do_mount(m) {
+        if let Err((step, e)) = do_mount(m, fds.userns) {
             fail(st, step, i, e);
         }
     }
     for (i, d) in plan.devices.iter().enumerate() {
+        if fds.userns {
+            // No mknod of devices in a user namespace: bind the guest's
+            // node (runc does the same).
+            if let Err(e) = mkdir_p(&d.path, true).and_then(|()| {
+                mount(
+                    d.guest_path.as_ptr(),
+                    d.path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            }) {
+                fail(st, Step::Device, i, e);
+            }
+            continue;
+        }
         // SAFETY: NUL-terminated path from the plan.
         let r = unsafe { libc::mknod(d.path.as_ptr(), d.mode, d.dev) };
         if r != 0 && errno() != libc::EEXIST {
@@ -579,7 +725,11 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             std::ptr::null(),
         ) {
             Ok(()) => {
-                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC;
+                let flags = libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_REC
+                    | kept_flags(p);
                 if let Err(e) = mount(
                     p.as_ptr(),
                     p.as_ptr(),
@@ -599,7 +749,7 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             c"/".as_ptr(),
             c"/".as_ptr(),
             std::ptr::null(),
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | kept_flags(c"/"),
             std::ptr::null(),
         ) {
             fail(st, Step::ReadonlyRoot, 0, e);
@@ -629,12 +779,18 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             fail(st, Step::Sysctl, i, e);
         }
     }
-    run_process(&plan.process, fds, ptrs)
+    // In a new user namespace the agent has set the limits.
+    run_process(&plan.process, fds, ptrs, fds.userns_sync.is_none())
 }
 
 /// An exec: join the container's namespaces, then the process part.
 /// Never returns.
 pub fn run_exec(plan: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
+    // Before setns into a user namespace: in there, raising a hard rlimit
+    // or lowering oom_score_adj would be refused.
+    if fds.userns {
+        apply_limits(fds.status, plan);
+    }
     if let Some((pidfd, flags)) = fds.join {
         // SAFETY: setns on the pidfd the parent holds open.
         check(fds.status, Step::Setns, 0, unsafe {
@@ -642,7 +798,7 @@ pub fn run_exec(plan: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
         });
     }
     setup_stdio(fds, false);
-    run_process(plan, fds, ptrs)
+    run_process(plan, fds, ptrs, !fds.userns)
 }
 
 fn drop_bounding(st: RawFd, caps: &CapSets) {
@@ -810,30 +966,14 @@ fn container_pty(fds: &ChildFds) {
     }
 }
 
-/// The part common to init and exec: limits, user, capabilities, cwd, then
+/// The part common to init and exec: limits (unless set already), user,
+/// capabilities, cwd, then
 /// (init) report ready and wait for start, then execve.
-fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
+fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs, limits: bool) -> ! {
     let st = fds.status;
     container_pty(fds);
-    if let Some(v) = &p.oom_score_adj {
-        if let Err(e) = write_file(c"/proc/self/oom_score_adj", v.as_bytes()) {
-            fail(st, Step::OomScoreAdj, 0, e);
-        }
-    }
-    for (i, (resource, limit)) in p.rlimits.iter().enumerate() {
-        // SAFETY: prlimit64 on ourselves with a valid rlimit struct.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_prlimit64,
-                0,
-                *resource,
-                limit as *const libc::rlimit,
-                std::ptr::null_mut::<libc::rlimit>(),
-            )
-        };
-        if r != 0 {
-            fail(st, Step::Rlimit, i, errno());
-        }
+    if limits {
+        apply_limits(st, p);
     }
     // Like runc: without no_new_privs the filter is loaded while the
     // process still has CAP_SYS_ADMIN (before the capabilities and the
@@ -864,11 +1004,13 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             p.additional_gids.as_ptr(),
         );
         check(st, Step::Setgroups, 0, r as libc::c_int);
-        if p.gid != 0 {
+        // In a user namespace the ids from before may be unmapped (an
+        // exec's are the agent's): set them even when they are 0.
+        if p.gid != 0 || fds.userns {
             let r = libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid);
             check(st, Step::Setgid, 0, r as libc::c_int);
         }
-        if p.uid != 0 {
+        if p.uid != 0 || fds.userns {
             let r = libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid);
             check(st, Step::Setuid, 0, r as libc::c_int);
         }

@@ -104,6 +104,8 @@ pub struct Container {
     join_flags: libc::c_int,
     /// The init has its own pid namespace (an exec enters it too).
     pid_ns: bool,
+    /// The init has its own user namespace (`join_flags` has it).
+    userns: bool,
     cgroup: Cgroup,
     /// Where the agent mounted the rootfs tag (unmounted on delete).
     rootfs_mount: Option<String>,
@@ -409,6 +411,7 @@ impl Containers {
             pidfd,
             join_flags,
             pid_ns: plan.clone_flags & libc::CLONE_NEWPID as u64 != 0,
+            userns: plan.userns.is_some(),
             cgroup,
             rootfs_mount,
             seccomp: plan.process.seccomp.clone(),
@@ -816,6 +819,7 @@ fn spawn_init(
     let reaper = Reaper::get().map_err(internal)?;
     let (status_r, status_w) = pipe()?;
     let (start_r, start_w) = pipe()?;
+    let userns_sync = plan.userns.as_ref().map(|_| pipe()).transpose()?;
     let (std, pty) = stdio_fds(&taken, &plan.process)?;
     let pty_sock = pty.as_ref().map(|_| pty_socket()).transpose()?;
     let fds = ChildFds {
@@ -824,6 +828,8 @@ fn spawn_init(
         status: status_w.as_raw_fd(),
         start: Some(start_r.as_raw_fd()),
         join: None,
+        userns: plan.userns.is_some(),
+        userns_sync: userns_sync.as_ref().map(|(r, _)| r.as_raw_fd()),
         pty_sock: pty_sock.as_ref().map(|(_, c)| c.as_raw_fd()),
     };
     let ptrs = ExecPtrs::new(&plan.process);
@@ -843,7 +849,22 @@ fn spawn_init(
     let term_conn = taken.terminal.take();
     drop((status_w, start_r, taken));
     let mut status = File::from(status_r);
-    let report = read_report(&mut status);
+    let released = match (&plan.userns, userns_sync) {
+        (Some(ns), Some((sync_r, sync_w))) => {
+            drop(sync_r);
+            set_up_userns(pid, ns, &plan.process).and_then(|()| {
+                File::from(sync_w)
+                    .write_all(&[1])
+                    .map_err(|e| format!("cannot release the container process: {e}"))
+            })
+        }
+        _ => Ok(()),
+    };
+    let report = match released {
+        // Dropping the sync pipe unread made the child exit.
+        Err(e) => Err(internal(e)),
+        Ok(()) => read_report(&mut status),
+    };
     let failure = match report {
         Ok(Some(r)) if r.kind == REPORT_READY => None,
         Ok(Some(r)) if r.kind == REPORT_ERROR => Some(describe(&r, Some(plan), &plan.process)),
@@ -870,6 +891,45 @@ fn spawn_init(
         start_w,
         OwnedFd::from(status),
     ))
+}
+
+/// What the agent does for an init in a new user namespace before letting
+/// it go on: its id maps (only a process with the capabilities over the
+/// guest's ids may write them), and the rlimits and oom_score_adj it could
+/// no longer raise or lower itself in there.
+fn set_up_userns(pid: libc::pid_t, ns: &spec::UserNs, p: &ProcessPlan) -> Result<(), String> {
+    let write = |file: &str, value: &[u8]| {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(value))
+            .map_err(|e| format!("cannot write {file} of the container process: {e}"))
+    };
+    write("uid_map", ns.uid_map.as_bytes())?;
+    write("gid_map", ns.gid_map.as_bytes())?;
+    if let Some(v) = &p.oom_score_adj {
+        write("oom_score_adj", v.as_bytes())?;
+    }
+    for (resource, limit) in &p.rlimits {
+        // SAFETY: prlimit64 on our (unreaped) child with a valid rlimit.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                pid,
+                *resource,
+                limit as *const libc::rlimit,
+                std::ptr::null_mut::<libc::rlimit>(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "cannot set rlimit {resource} of the container process: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn relay_terminal(
@@ -901,6 +961,8 @@ fn spawn_exec(
         status: status_w.as_raw_fd(),
         start: None,
         join: Some((c.pidfd.as_raw_fd(), c.join_flags)),
+        userns: c.userns,
+        userns_sync: None,
         pty_sock: pty_sock.as_ref().map(|(_, c)| c.as_raw_fd()),
     };
     let pidfd = c.pidfd.as_raw_fd();

@@ -57,6 +57,12 @@ pub struct Mount {
     pub source: Option<String>,
     /// Options (flags and filesystem data).
     pub options: Option<Vec<String>>,
+    /// An idmapped mount's uid ranges (refused).
+    #[serde(rename = "uidMappings")]
+    pub uid_mappings: Option<Vec<IdMapping>>,
+    /// An idmapped mount's gid ranges (refused).
+    #[serde(rename = "gidMappings")]
+    pub gid_mappings: Option<Vec<IdMapping>>,
 }
 
 /// `process` (also the body of an exec).
@@ -180,10 +186,25 @@ pub struct Linux {
     pub personality: Option<Value>,
     /// sysctls (name -> value).
     pub sysctl: Option<HashMap<String, String>>,
-    /// User namespace mappings (refused).
-    pub uid_mappings: Option<Value>,
-    /// User namespace mappings (refused).
-    pub gid_mappings: Option<Value>,
+    /// User namespace: container uid ranges and the guest uids they map to.
+    pub uid_mappings: Option<Vec<IdMapping>>,
+    /// User namespace: container gid ranges and the guest gids they map to.
+    pub gid_mappings: Option<Vec<IdMapping>>,
+}
+
+/// One range of `linux.uidMappings` / `linux.gidMappings`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdMapping {
+    /// First id inside the container.
+    #[serde(rename = "containerID")]
+    pub container_id: u32,
+    /// First id outside (in the guest, which sees the host's ids through
+    /// virtio-fs).
+    #[serde(rename = "hostID")]
+    pub host_id: u32,
+    /// Number of ids.
+    pub size: u32,
 }
 
 /// One entry of `linux.namespaces`.
@@ -192,7 +213,8 @@ pub struct Namespace {
     /// pid, network, mount, ipc, uts, user, cgroup, time.
     #[serde(rename = "type")]
     pub typ: String,
-    /// Join this namespace instead of creating one (refused).
+    /// Join this namespace instead of creating one (refused: a path names
+    /// a host namespace, which a guest cannot enter).
     pub path: Option<String>,
 }
 

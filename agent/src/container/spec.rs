@@ -9,7 +9,7 @@ use std::ffi::CString;
 use std::path::{Component, Path};
 use std::sync::Arc;
 
-use super::oci::{Process, Resources, Spec};
+use super::oci::{IdMapping, Process, Resources, Spec};
 use super::seccomp::{self, SeccompError};
 
 /// `PATH` when the process's environment has none (runc's default).
@@ -79,6 +79,9 @@ pub struct MountOp {
 pub struct DeviceOp {
     /// rootfs + path.
     pub path: CString,
+    /// The guest's node of the same path, bind-mounted instead of `mknod`
+    /// in a user namespace (where `mknod` of devices is not permitted).
+    pub guest_path: CString,
     /// S_IFCHR/S_IFBLK/S_IFIFO | permission bits.
     pub mode: libc::mode_t,
     /// makedev(major, minor).
@@ -141,6 +144,17 @@ pub struct ProcessPlan {
     pub seccomp: Option<Arc<seccomp::Filter>>,
 }
 
+/// A user namespace's id maps, as written to `/proc/PID/uid_map` and
+/// `gid_map` by the agent (the child cannot write its own: it has no
+/// capability over the guest's ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserNs {
+    /// `uid_map` contents: one "inside outside count" line per range.
+    pub uid_map: String,
+    /// `gid_map` contents.
+    pub gid_map: String,
+}
+
 /// Everything a container's init applies.
 #[derive(Debug)]
 pub struct InitPlan {
@@ -149,6 +163,8 @@ pub struct InitPlan {
     pub clone_flags: u64,
     /// Unshare a cgroup namespace once inside the container's cgroup.
     pub cgroup_ns: bool,
+    /// A user namespace (`CLONE_NEWUSER` is in `clone_flags`).
+    pub userns: Option<UserNs>,
     /// The root filesystem (absolute guest path).
     pub rootfs: CString,
     /// Propagation of the container's mount tree (default rprivate).
@@ -177,6 +193,59 @@ pub struct InitPlan {
     pub process: ProcessPlan,
     /// Present but not applied (reported to the host).
     pub ignored: Vec<String>,
+}
+
+/// Most lines a kernel's `uid_map` takes (Linux 4.15 and later).
+const MAX_ID_MAP_LINES: usize = 340;
+
+/// The `uid_map`/`gid_map` text of `mappings`, checked the way the kernel
+/// and runc check them, so that a bad map is refused with a reason before
+/// any process exists: at least one range, no empty range, no range that
+/// wraps past 2^32, no two ranges overlapping inside or outside, and
+/// container id 0 mapped (the container's init becomes root of its user
+/// namespace before it sets up its mounts, as runc's does).
+fn id_map(kind: &str, mappings: Option<&[IdMapping]>) -> Result<String, SpecError> {
+    let mappings = mappings.unwrap_or_default();
+    if mappings.is_empty() {
+        return Err(invalid(format!(
+            "a user namespace needs linux.{kind}Mappings"
+        )));
+    }
+    if mappings.len() > MAX_ID_MAP_LINES {
+        return Err(invalid(format!(
+            "linux.{kind}Mappings has {} ranges (the kernel takes at most {MAX_ID_MAP_LINES})",
+            mappings.len()
+        )));
+    }
+    let end = |start: u32, size: u32| u64::from(start) + u64::from(size);
+    for (i, m) in mappings.iter().enumerate() {
+        if m.size == 0 {
+            return Err(invalid(format!("linux.{kind}Mappings[{i}] has size 0")));
+        }
+        if end(m.container_id, m.size) > 1 << 32 || end(m.host_id, m.size) > 1 << 32 {
+            return Err(invalid(format!(
+                "linux.{kind}Mappings[{i}] runs past the largest {kind}"
+            )));
+        }
+        for (j, o) in mappings[..i].iter().enumerate() {
+            let overlap =
+                |a: u32, b: u32| u64::from(a) < end(b, o.size) && u64::from(b) < end(a, m.size);
+            if overlap(m.container_id, o.container_id) || overlap(m.host_id, o.host_id) {
+                return Err(invalid(format!(
+                    "linux.{kind}Mappings[{i}] overlaps linux.{kind}Mappings[{j}]"
+                )));
+            }
+        }
+    }
+    if !mappings.iter().any(|m| m.container_id == 0) {
+        return Err(invalid(format!(
+            "linux.{kind}Mappings does not map {kind} 0 of the container"
+        )));
+    }
+    Ok(mappings
+        .iter()
+        .map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size))
+        .collect())
 }
 
 /// `rootfs` + `dest`, refusing relative destinations and `..`.
@@ -678,14 +747,49 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
                 cgroup_ns = true;
                 0
             }
-            "user" => return Err(SpecError::Unsupported("user namespaces".into())),
+            "user" => libc::CLONE_NEWUSER,
             "time" => return Err(SpecError::Unsupported("time namespaces".into())),
             other => return Err(invalid(format!("unknown namespace type {other:?}"))),
         };
         clone_flags |= u64::try_from(flag).unwrap_or(0);
     }
-    if linux.uid_mappings.is_some() || linux.gid_mappings.is_some() {
-        return Err(SpecError::Unsupported("uid/gid mappings".into()));
+    let userns = if clone_flags & libc::CLONE_NEWUSER as u64 != 0 {
+        Some(UserNs {
+            uid_map: id_map("uid", linux.uid_mappings.as_deref())?,
+            gid_map: id_map("gid", linux.gid_mappings.as_deref())?,
+        })
+    } else {
+        if linux.uid_mappings.as_ref().is_some_and(|m| !m.is_empty())
+            || linux.gid_mappings.as_ref().is_some_and(|m| !m.is_empty())
+        {
+            return Err(invalid(
+                "uidMappings/gidMappings need a user namespace in linux.namespaces",
+            ));
+        }
+        None
+    };
+    if userns.is_some() {
+        let mapped = |map: &[IdMapping], id: u32| {
+            map.iter().any(|m| {
+                id >= m.container_id
+                    && u64::from(id) < u64::from(m.container_id) + u64::from(m.size)
+            })
+        };
+        let uids = linux.uid_mappings.as_deref().unwrap_or_default();
+        let gids = linux.gid_mappings.as_deref().unwrap_or_default();
+        if !mapped(uids, process.uid) {
+            return Err(invalid(format!(
+                "process.user.uid {} is not in linux.uidMappings",
+                process.uid
+            )));
+        }
+        for g in std::iter::once(&process.gid).chain(&process.additional_gids) {
+            if !mapped(gids, *g) {
+                return Err(invalid(format!(
+                    "gid {g} of process.user is not in linux.gidMappings"
+                )));
+            }
+        }
     }
     if clone_flags & libc::CLONE_NEWNS as u64 == 0 {
         return Err(SpecError::Unsupported(
@@ -717,6 +821,16 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         let dest = Path::new(&m.destination);
         let target = in_root(rootfs, dest)?;
         let options = m.options.clone().unwrap_or_default();
+        let idmapped = m.uid_mappings.as_ref().is_some_and(|v| !v.is_empty())
+            || m.gid_mappings.as_ref().is_some_and(|v| !v.is_empty())
+            || options.iter().any(|o| o == "idmap" || o == "ridmap");
+        if idmapped {
+            // Ignoring it would give the container other owners than asked.
+            return Err(SpecError::Unsupported(format!(
+                "idmapped mount on {}",
+                dest.display()
+            )));
+        }
         let (mut flags, propagation, data, unsupported) = parse_mount_options(&options);
         for u in unsupported {
             ignored.push(format!("mount option {u} on {}", dest.display()));
@@ -780,6 +894,7 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         for (name, major, minor) in DEFAULT_DEVICES {
             devices.push(DeviceOp {
                 path: cstring("device", &format!("{root_prefix}/dev/{name}"))?,
+                guest_path: cstring("device", &format!("/dev/{name}"))?,
                 mode: libc::S_IFCHR | 0o666,
                 dev: libc::makedev(major, minor),
                 uid: 0,
@@ -808,6 +923,7 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         devices.retain(|x| x.path.as_bytes() != path.as_bytes());
         devices.push(DeviceOp {
             path: cstring("device", &path)?,
+            guest_path: cstring("device", &in_root("/", Path::new(&d.path))?)?,
             mode: kind | (d.file_mode.unwrap_or(0o666) & 0o7777),
             dev: libc::makedev(major, minor),
             uid: d.uid.unwrap_or(0),
@@ -876,6 +992,7 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
     Ok(InitPlan {
         clone_flags,
         cgroup_ns,
+        userns,
         rootfs: cstring("rootfs", rootfs)?,
         rootfs_propagation,
         mounts,
@@ -1011,6 +1128,44 @@ mod tests {
         assert_eq!(pr.rlimits[0].1.rlim_cur, 512);
     }
 
+    /// A patch with a user namespace, `uid_map` as given and a wide gid map.
+    fn userns(uid_map: serde_json::Value) -> serde_json::Value {
+        json!({"linux": {
+            "namespaces": [{"type": "mount"}, {"type": "user"}, {"type": "uts"}],
+            "uidMappings": uid_map,
+            "gidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        }})
+    }
+
+    #[test]
+    fn a_user_namespace_becomes_id_maps() {
+        let mut v = base();
+        merge(
+            &mut v,
+            &json!({"linux": {
+                "namespaces": [{"type": "mount"}, {"type": "user"}, {"type": "uts"}],
+                "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 1},
+                                {"containerID": 1, "hostID": 200001, "size": 65535}],
+                "gidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}]
+            }}),
+        );
+        let p = plan(v).unwrap();
+        assert_ne!(p.clone_flags & libc::CLONE_NEWUSER as u64, 0);
+        assert_eq!(
+            p.userns,
+            Some(UserNs {
+                uid_map: "0 100000 1\n1 200001 65535\n".into(),
+                gid_map: "0 100000 65536\n".into(),
+            })
+        );
+        // Devices keep the guest's path for binding.
+        assert!(p
+            .devices
+            .iter()
+            .all(|d| d.guest_path.to_bytes().starts_with(b"/dev/")));
+        assert!(plan(base()).unwrap().userns.is_none());
+    }
+
     #[test]
     fn bad_specs_are_refused_with_a_reason() {
         let cases: Vec<(&str, serde_json::Value)> = vec![
@@ -1033,8 +1188,40 @@ mod tests {
                 json!({"mounts": [{"destination": "/a", "type": "bind", "source": "rel"}]}),
             ),
             (
-                "user namespaces",
+                "needs linux.uidMappings",
                 json!({"linux": {"namespaces": [{"type": "mount"}, {"type": "user"}]}}),
+            ),
+            (
+                "need a user namespace",
+                json!({"linux": {"namespaces": [{"type": "mount"}],
+                    "uidMappings": [{"containerID": 0, "hostID": 1000, "size": 10}]}}),
+            ),
+            (
+                "uidMappings[0] has size 0",
+                userns(json!([{"containerID": 0, "hostID": 1000, "size": 0}])),
+            ),
+            (
+                "runs past the largest uid",
+                userns(json!([{"containerID": 0, "hostID": 4294967295u32, "size": 2}])),
+            ),
+            (
+                "uidMappings[1] overlaps linux.uidMappings[0]",
+                userns(json!([{"containerID": 0, "hostID": 1000, "size": 10},
+                              {"containerID": 100, "hostID": 1005, "size": 10}])),
+            ),
+            (
+                "idmapped mount on /data",
+                json!({"mounts": [{"destination": "/data", "type": "bind", "source": "/d",
+                    "options": ["rbind"],
+                    "uidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]}]}),
+            ),
+            (
+                "does not map uid 0",
+                userns(json!([{"containerID": 1, "hostID": 1000, "size": 10}])),
+            ),
+            (
+                "process.user.uid 1 is not in",
+                userns(json!([{"containerID": 0, "hostID": 1000, "size": 1}])),
             ),
             (
                 "mount namespace",

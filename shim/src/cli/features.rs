@@ -104,8 +104,8 @@ pub fn document() -> Value {
         "hooks": [],
         "mountOptions": &MOUNT_OPTIONS[..],
         "linux": {
-            // user and time namespaces are refused.
-            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
+            // time namespaces are refused.
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
             "capabilities": &CAPABILITIES[..],
             "cgroup": {
                 "v1": false,
@@ -173,10 +173,8 @@ mod tests {
             7
         );
         assert_eq!(d["linux"]["capabilities"][40], "CAP_CHECKPOINT_RESTORE");
-        assert!(!d["linux"]["namespaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|n| n == "user"));
+        let ns = d["linux"]["namespaces"].as_array().unwrap();
+        assert!(ns.iter().any(|n| n == "user"));
+        assert!(!ns.iter().any(|n| n == "time"));
     }
 }
