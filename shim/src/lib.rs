@@ -5,6 +5,7 @@ pub mod binds;
 pub mod bundle;
 pub mod config;
 pub mod log;
+pub mod netns;
 pub mod sandbox;
 pub mod signal;
 pub mod spec;

@@ -15,6 +15,7 @@
 //! one is rejected by the VMM's checksum and rebuilt.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -108,7 +109,18 @@ pub struct Sandbox {
     pub api: PathBuf,
 }
 
-fn vmm_command(cfg: &Config, dir: &Path, binds: &[HostBind]) -> Command {
+/// What the VMM process applies to itself between fork and exec.
+#[derive(Debug, Default)]
+pub struct HostSide {
+    /// Host bind mounts, in a mount namespace of the VMM's own
+    /// ([`crate::binds`]).
+    pub binds: Vec<HostBind>,
+    /// A network namespace the engine set up, which the VMM joins
+    /// ([`crate::netns`]).
+    pub netns: Option<OwnedFd>,
+}
+
+fn vmm_command(cfg: &Config, dir: &Path, host: &HostSide) -> Command {
     let mut cmd = Command::new(&cfg.vmm);
     cmd.arg("--vsock-uds")
         .arg(dir.join("vsock.sock"))
@@ -123,9 +135,11 @@ fn vmm_command(cfg: &Config, dir: &Path, binds: &[HostBind]) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let binds = binds.to_vec();
+    let binds = host.binds.clone();
+    // Stays open in `host` until the spawn; close-on-exec in the VMM.
+    let netns = host.netns.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes system calls (prctl, unshare, mount), which are
+    // makes system calls (prctl, setns, unshare, mount), which are
     // async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
@@ -133,6 +147,9 @@ fn vmm_command(cfg: &Config, dir: &Path, binds: &[HostBind]) -> Command {
             // test), so a crashed owner leaves no VM behind.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = netns {
+                crate::netns::enter(fd)?;
             }
             HostBind::apply(&binds)
         });
@@ -151,13 +168,13 @@ impl Sandbox {
     }
 
     /// Cold-boots a VM in `dir` (created if missing) with `shares`
-    /// (`TAG=DIR[,ro]`) and the host mounts `binds` in the VMM's own mount
+    /// (`TAG=DIR[,ro]`) and the host side `host` (bind mounts in the VMM's own mount
     /// namespace, and waits for its agent's ready announcement.
     pub fn boot(
         cfg: &Config,
         dir: &Path,
         shares: &[String],
-        binds: &[HostBind],
+        host: &HostSide,
     ) -> Result<(Sandbox, AgentClient), SandboxError> {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
         let ready_path =
@@ -166,7 +183,7 @@ impl Sandbox {
         let ready = UnixListener::bind(&ready_path)
             .map_err(io(format!("binding {}", ready_path.display())))?;
         ready.set_nonblocking(true).map_err(io("ready socket"))?;
-        let mut cmd = vmm_command(cfg, dir, binds);
+        let mut cmd = vmm_command(cfg, dir, host);
         cmd.arg("--kernel")
             .arg(&cfg.kernel)
             .arg("--initrd")
@@ -217,14 +234,14 @@ impl Sandbox {
     }
 
     /// Restores a VM from the snapshot in `template` into `dir`, binds the
-    /// snapshot's share tags (`TAG=DIR[,ro]`; host mounts `binds` as for
+    /// snapshot's share tags (`TAG=DIR[,ro]`; the host side `host` as for
     /// [`Sandbox::boot`]), and gives it fresh entropy and `hostname`.
     pub fn restore(
         cfg: &Config,
         template: &Path,
         dir: &Path,
         shares: &[String],
-        binds: &[HostBind],
+        host: &HostSide,
         hostname: Option<String>,
     ) -> Result<(Sandbox, AgentClient), SandboxError> {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -234,7 +251,7 @@ impl Sandbox {
             .map_err(io("reading /dev/urandom"))?;
         // Any CID of 3.. works: the vsock device is ours, not the host's.
         let cid = 3 + u32::from_le_bytes(cid_bytes) % (u32::MAX - 4);
-        let mut cmd = vmm_command(cfg, dir, binds);
+        let mut cmd = vmm_command(cfg, dir, host);
         cmd.arg("--restore")
             .arg(template)
             .arg("--vsock-cid")
@@ -478,7 +495,8 @@ impl<'a> Templates<'a> {
                 format!("{ROOTFS_TAG}={}", empty.display()),
                 format!("{MOUNTS_TAG}={}", empty.display()),
             ];
-            let (sb, mut client) = Sandbox::boot(self.cfg, &work.join("vm"), &shares, &[])?;
+            let (sb, mut client) =
+                Sandbox::boot(self.cfg, &work.join("vm"), &shares, &HostSide::default())?;
             let waited = wait_idle(sb.pid(), Duration::from_secs(30));
             tracing::debug!("template guest idle after {waited:?}");
             let snap = work.join("snapshot");

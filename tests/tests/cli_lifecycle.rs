@@ -241,3 +241,207 @@ fn runc_lifecycle_through_the_microvm() {
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 }
+
+/// A child process killed and reaped when the test ends, even by a panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// First host id of the test's user namespace (container ids 0..65536).
+const USERNS_BASE: u32 = 100_000;
+
+/// `chown -hR uid:gid dir`.
+fn chown_tree(dir: &Path, id: u32) {
+    std::os::unix::fs::lchown(dir, Some(id), Some(id))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", dir.display()));
+    if dir.is_symlink() || !dir.is_dir() {
+        return;
+    }
+    for e in std::fs::read_dir(dir).unwrap() {
+        chown_tree(&e.unwrap().path(), id);
+    }
+}
+
+/// A container in a user namespace, the way podman's `--userns` or
+/// Kubernetes' `hostUsers: false` asks for one: the bundle's root file
+/// system is owned by the first mapped host id, one file stays owned by
+/// the host's root. Inside, the process is uid 0 of its namespace with
+/// every capability there, yet it cannot write the host root's file, cannot
+/// make device nodes, and what it creates belongs to the mapped id on the
+/// host; sysfs (the VM's network namespace is not the container's) comes
+/// from a bind of the guest's. An exec joins the same user namespace and
+/// runs as its uid 0 too, not as the guest's root.
+///
+/// The second container also names a network namespace by path (as podman
+/// and CNI do): its VMM runs in that namespace. A host ipc namespace by
+/// path is refused.
+#[test]
+fn user_namespace_maps_ids() {
+    if !kvm_available_or_skip() {
+        return;
+    }
+    let env = CliEnv::new("cli-userns", "");
+    let rootfs = env.tmp.join("rootfs");
+    busybox_rootfs(
+        &rootfs,
+        &[
+            "sh", "echo", "cat", "id", "stat", "mknod", "ls", "hostname", "sleep",
+        ],
+    );
+    chown_tree(&rootfs, USERNS_BASE);
+    let host_root_file = rootfs.join("etc/host-root");
+    std::fs::write(&host_root_file, "host\n").unwrap();
+    std::os::unix::fs::lchown(&host_root_file, Some(0), Some(0)).unwrap();
+
+    let script = "read a b c < /proc/self/uid_map; echo uid_map $a $b $c; \
+                  read a b c < /proc/self/gid_map; echo gid_map $a $b $c; \
+                  echo id $(id -u) $(id -g); hostname; \
+                  echo made > /made-inside && echo create-ok; \
+                  echo owner $(stat -c %u:%g /etc/host-root); \
+                  (echo x >> /etc/host-root) 2>/dev/null && echo host-root-WRITABLE || echo host-root-refused; \
+                  mknod /tmp/mem c 1 1 2>/dev/null && echo mknod-ALLOWED || echo mknod-refused; \
+                  echo x > /dev/null && echo dev-null-ok; \
+                  ls /sys/kernel > /dev/null && echo sysfs-ok; \
+                  [ -s /proc/kcore ] && echo kcore-visible || echo kcore-masked";
+    let caps = json!([
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_SETUID",
+        "CAP_SETGID",
+        "CAP_SYS_ADMIN",
+        "CAP_KILL"
+    ]);
+    let map = json!([{"containerID": 0, "hostID": USERNS_BASE, "size": 65536}]);
+    let spec = |args: Value| {
+        json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": rootfs, "readonly": false},
+            "hostname": "userns",
+            "process": {
+                "terminal": false,
+                "args": args,
+                "env": ["PATH=/bin"],
+                "cwd": "/",
+                "user": {"uid": 0, "gid": 0},
+                "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 4096, "soft": 4096}],
+                "oomScoreAdj": -100
+            },
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev"]}
+            ],
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"},
+                               {"type": "uts"}, {"type": "user"}],
+                "uidMappings": map,
+                "gidMappings": map,
+                "maskedPaths": ["/proc/kcore"],
+                "readonlyPaths": ["/proc/sys"]
+            }
+        })
+    };
+
+    let b = env.write_bundle("b-userns", &spec(json!(["sh", "-c", script])));
+    let t = Instant::now();
+    let o = env.output(&["run", "--bundle", &b, "userns"]);
+    eprintln!("vessel run in a user namespace: {:?}", t.elapsed());
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "stdout: {out}\nstderr: {err}");
+    assert_eq!(
+        out,
+        format!(
+            "uid_map 0 {USERNS_BASE} 65536\ngid_map 0 {USERNS_BASE} 65536\nid 0 0\nuserns\n\
+             create-ok\nowner 65534:65534\nhost-root-refused\nmknod-refused\ndev-null-ok\n\
+             sysfs-ok\nkcore-masked\n"
+        ),
+        "stderr: {err}"
+    );
+    // What the container's root made belongs to the mapped id on the host.
+    let made = std::fs::metadata(rootfs.join("made-inside")).expect("file made inside");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((made.uid(), made.gid()), (USERNS_BASE, USERNS_BASE));
+    assert_eq!(std::fs::read_to_string(&host_root_file).unwrap(), "host\n");
+
+    // An exec joins the user namespace as its root, not as the guest's.
+    // The engine's network namespace: one of a process of ours.
+    let holder = KillOnDrop(
+        std::process::Command::new("unshare")
+            .args(["--net", "sleep", "600"])
+            .spawn()
+            .expect("unshare --net (util-linux)"),
+    );
+    let holder = &holder.0;
+    let netns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while netns_of(holder.id()) == netns_of(std::process::id()) {
+        assert!(
+            Instant::now() < deadline,
+            "unshare --net did not take effect"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = spec(json!(["sleep", "1000"]));
+    let netns_path = format!("/proc/{}/ns/net", holder.id());
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network", "path": netns_path}));
+    let b = env.write_bundle("b-userns-sleep", &s);
+    let (st, err) = env.detached(&["run", "-d", "--bundle", &b, "userns-exec"]);
+    assert!(st.success(), "run -d: {err}");
+    let vmms = env.vmms();
+    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    assert_eq!(
+        netns_of(u32::try_from(vmms[0]).unwrap()),
+        netns_of(holder.id()),
+        "the VMM runs in the network namespace of the spec"
+    );
+    let o = env.output(&[
+        "exec",
+        "userns-exec",
+        "sh",
+        "-c",
+        "read a b c < /proc/self/uid_map; echo $a $b $c; echo id $(id -u) $(id -g); \
+         (echo x >> /etc/host-root) 2>/dev/null && echo host-root-WRITABLE || echo host-root-refused",
+    ]);
+    assert_eq!(
+        text(&o.stdout),
+        format!("0 {USERNS_BASE} 65536\nid 0 0\nhost-root-refused\n"),
+        "stderr: {}",
+        text(&o.stderr)
+    );
+    env.ok(&["delete", "--force", "userns-exec"]);
+
+    // Other namespaces of the host cannot be joined from a VM.
+    let mut s = spec(json!(["true"]));
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "cgroup", "path": "/proc/self/ns/cgroup"}));
+    let b = env.write_bundle("b-hostns", &s);
+    let err = env.fails(&["run", "--bundle", &b, "hostns"]);
+    assert!(err.contains("host's cgroup namespace"), "{err}");
+
+    // A map that does not cover the process's uid is refused up front.
+    let mut bad = spec(json!(["true"]));
+    bad["process"]["user"]["uid"] = json!(70000);
+    let b = env.write_bundle("b-userns-bad", &bad);
+    let err = env.fails(&["run", "--bundle", &b, "userns-bad"]);
+    assert!(err.contains("not in linux.uidMappings"), "{err}");
+
+    assert!(env.vmms().is_empty(), "VMMs left behind");
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}

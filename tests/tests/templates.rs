@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use vessel_proto::ReadFileRequest;
 use vessel_shim::config::Config;
-use vessel_shim::sandbox::{Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
+use vessel_shim::sandbox::{HostSide, Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
 fn vessel(bin: &Path, config: &Path, args: &[&str]) -> Output {
@@ -93,7 +93,7 @@ fn template_build_list_rebuild_rm_and_restore() {
             format!("{ROOTFS_TAG}={},ro", rootfs.display()),
             format!("{MOUNTS_TAG}={},ro", rootfs.display()),
         ],
-        &[],
+        &HostSide::default(),
         Some("sb1".into()),
     )
     .expect("restore");

@@ -45,7 +45,7 @@ use vessel_proto::AGENT_PORT;
 use vessel_shim::binds;
 use vessel_shim::bundle::Bundle;
 use vessel_shim::config::Config;
-use vessel_shim::sandbox::{Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
+use vessel_shim::sandbox::{HostSide, Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
 use vessel_shim::signal;
 use vessel_shim::state::{self, ContainerState, Status, Store, OCI_VERSION};
 
@@ -508,7 +508,11 @@ fn setup(
     let stage = dir.join("mounts");
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
-    let binds = binds::plan(&mut spec, &b.dir, &stage, GUEST_MOUNTS)?;
+    let netns = vessel_shim::netns::take(&mut spec)?;
+    let host = HostSide {
+        binds: binds::plan(&mut spec, &b.dir, &stage, GUEST_MOUNTS)?,
+        netns,
+    };
     let shares = [
         format!(
             "{ROOTFS_TAG}={}{}",
@@ -519,13 +523,14 @@ fn setup(
     ];
     let (mut sb, mut client) = if cfg.templates {
         let (tpl, _) = Templates::new(cfg).ensure(false)?;
-        Sandbox::restore(cfg, &tpl, &dir, &shares, &binds, b.hostname.clone())?
+        Sandbox::restore(cfg, &tpl, &dir, &shares, &host, b.hostname.clone())?
     } else {
-        Sandbox::boot(cfg, &dir, &shares, &binds)?
+        Sandbox::boot(cfg, &dir, &shares, &host)?
     };
+    drop(host.netns);
     let created = (|| -> Result<stdio::Relays> {
         std::fs::write(dir.join(VMM_PID_FILE), sb.pid().to_string()).context("writing vmm.pid")?;
-        if !binds.is_empty() {
+        if !host.binds.is_empty() {
             client.set_timeout(Some(AGENT_TIMEOUT))?;
             client
                 .mount(MOUNTS_TAG, GUEST_MOUNTS, false)
