@@ -133,9 +133,14 @@ impl HostBind {
     /// Makes a private mount namespace for the calling process and the
     /// mounts of `binds` in it. Meant for the VMM's child between fork and
     /// exec (see `Command::pre_exec`): only system calls, no allocation.
-    /// Does nothing when `binds` is empty.
-    pub fn apply(binds: &[HostBind]) -> std::io::Result<()> {
-        if binds.is_empty() {
+    ///
+    /// The staging directory `stage` itself becomes a read-only bind of
+    /// itself first: the guest sees it through a read-write share (for the
+    /// read-write binds), and without this it could create files of any
+    /// size next to the mount points, in the host's `/run`. Does nothing
+    /// without a `stage` and `binds`.
+    pub fn apply(stage: Option<&CStr>, binds: &[HostBind]) -> std::io::Result<()> {
+        if stage.is_none() && binds.is_empty() {
             return Ok(());
         }
         // SAFETY: unshare with a flag only.
@@ -144,6 +149,14 @@ impl HostBind {
         }
         // Nothing we mount may propagate back to the host's namespace.
         sys_mount(std::ptr::null(), c"/", libc::MS_REC | libc::MS_SLAVE)?;
+        if let Some(stage) = stage {
+            sys_mount(stage.as_ptr(), stage, libc::MS_BIND)?;
+            sys_mount(
+                std::ptr::null(),
+                stage,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            )?;
+        }
         for b in binds {
             let rec = if b.recursive { libc::MS_REC } else { 0 };
             sys_mount(b.src.as_ptr(), &b.dst, libc::MS_BIND | rec)?;
@@ -465,19 +478,21 @@ mod tests {
         let binds = plan(&mut spec, &d, &stage, "/g").unwrap();
         let script = format!(
             "cat {s}/0/f; (: > {s}/0/new) 2>/dev/null && echo ro-writable || echo ro-refused; \
-             echo more >> {s}/1/f && echo rw-ok",
+             echo more >> {s}/1/f && echo rw-ok; \
+             (: > {s}/beside) 2>/dev/null && echo stage-writable || echo stage-refused",
             s = stage.display()
         );
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.args(["-c", &script]);
+        let stage_c = CString::new(stage.as_os_str().as_bytes()).unwrap();
         // SAFETY: the closure only makes system calls (see `apply`).
         unsafe {
-            cmd.pre_exec(move || HostBind::apply(&binds));
+            cmd.pre_exec(move || HostBind::apply(Some(&stage_c), &binds));
         }
         let out = cmd.output().expect("run sh with the mounts");
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
-            "data\nro-refused\nrw-ok\n",
+            "data\nro-refused\nrw-ok\nstage-refused\n",
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
@@ -486,6 +501,7 @@ mod tests {
             "data\nmore\n"
         );
         assert!(!src.join("new").exists());
+        assert!(!stage.join("beside").exists());
         let ours = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!ours.contains(&*stage.to_string_lossy()), "{ours}");
         std::fs::remove_dir_all(&d).unwrap();

@@ -14,6 +14,7 @@
 //! stale and removed by `vessel template rm` or the next build); a corrupt
 //! one is rejected by the VMM's checksum and rebuilt.
 
+use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -112,6 +113,9 @@ pub struct Sandbox {
 /// What the VMM process applies to itself between fork and exec.
 #[derive(Debug, Default)]
 pub struct HostSide {
+    /// The bind mounts' staging directory (the `MOUNTS_TAG` share), made
+    /// read-only for the VMM ([`HostBind::apply`]).
+    pub stage: Option<CString>,
     /// Host bind mounts, in a mount namespace of the VMM's own
     /// ([`crate::binds`]).
     pub binds: Vec<HostBind>,
@@ -136,6 +140,7 @@ fn vmm_command(cfg: &Config, dir: &Path, host: &HostSide) -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let binds = host.binds.clone();
+    let stage = host.stage.clone();
     // Stays open in `host` until the spawn; close-on-exec in the VMM.
     let netns = host.netns.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and only
@@ -151,7 +156,7 @@ fn vmm_command(cfg: &Config, dir: &Path, host: &HostSide) -> Command {
             if let Some(fd) = netns {
                 crate::netns::enter(fd)?;
             }
-            HostBind::apply(&binds)
+            HostBind::apply(stage.as_deref(), &binds)
         });
     }
     cmd

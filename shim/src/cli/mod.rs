@@ -510,6 +510,10 @@ fn setup(
     std::fs::create_dir_all(&stage).with_context(|| format!("creating {}", stage.display()))?;
     let netns = vessel_shim::netns::take(&mut spec)?;
     let host = HostSide {
+        stage: Some(
+            std::ffi::CString::new(stage.as_os_str().as_encoded_bytes())
+                .context("the state directory's path contains NUL")?,
+        ),
         binds: binds::plan(&mut spec, &b.dir, &stage, GUEST_MOUNTS)?,
         netns,
     };
