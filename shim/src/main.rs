@@ -64,7 +64,8 @@ struct CreateArgs {
     /// Accepted for runc compatibility.
     #[arg(long)]
     no_pivot: bool,
-    /// Accepted for runc compatibility.
+    /// Accepted for runc compatibility: the guest kernel has no keyrings
+    /// (`CONFIG_KEYS` is off), so containers neither get nor share one.
     #[arg(long)]
     no_new_keyring: bool,
     /// Pass N extra file descriptors (3..3+N) to the container.

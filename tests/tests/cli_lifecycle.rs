@@ -89,7 +89,8 @@ fn runc_lifecycle_through_the_microvm() {
 
     let b = bundle(&env, "b-true", &["true"]);
     let t = Instant::now();
-    let o = env.output(&["run", "--bundle", &b, "true"]);
+    // --no-new-keyring is accepted (the guest kernel has no keyrings).
+    let o = env.output(&["run", "--no-new-keyring", "--bundle", &b, "true"]);
     let took = t.elapsed();
     assert!(
         o.status.success(),
@@ -230,6 +231,10 @@ fn runc_lifecycle_through_the_microvm() {
     std::fs::create_dir_all(&empty).unwrap();
     let (st, err) = env.detached(&["create", "--bundle", &empty.to_string_lossy(), "bad"]);
     assert!(!st.success() && err.contains("config.json"), "{err}");
+    // Host descriptors cannot cross into the VM: refused before anything
+    // starts.
+    let err = env.fails(&["run", "--preserve-fds", "1", "--bundle", &b, "fds"]);
+    assert!(err.contains("--preserve-fds is not supported"), "{err}");
     let o = env.output(&["start", "nosuch"]);
     assert!(!o.status.success());
     assert!(

@@ -525,6 +525,7 @@ fn setup(
         ),
         format!("{MOUNTS_TAG}={}", stage.display()),
     ];
+    let t0 = Instant::now();
     let (mut sb, mut client) = if cfg.templates {
         let (tpl, _) = Templates::new(cfg).ensure(false)?;
         Sandbox::restore(cfg, &tpl, &dir, &shares, &host, b.hostname.clone())?
@@ -532,6 +533,7 @@ fn setup(
         Sandbox::boot(cfg, &dir, &shares, &host)?
     };
     drop(host.netns);
+    tracing::debug!("{id}: sandbox ready after {:?}", t0.elapsed());
     let created = (|| -> Result<stdio::Relays> {
         std::fs::write(dir.join(VMM_PID_FILE), sb.pid().to_string()).context("writing vmm.pid")?;
         if !host.binds.is_empty() {
@@ -573,6 +575,11 @@ fn setup(
                 stdio: attached.spec(),
             })
             .context("creating the container")?;
+        tracing::debug!(
+            "{id}: container created after {:?} (in the guest: {} ms)",
+            t0.elapsed(),
+            c.elapsed_us / 1000
+        );
         if !c.ignored.is_empty() {
             tracing::info!("{id}: not applied in the guest: {}", c.ignored.join(", "));
         }
@@ -627,12 +634,14 @@ pub fn monitor(
             255
         }
     };
+    tracing::debug!("{id}: exited with {status}");
     // Let the last output through (a child holding the stream open past
     // init's exit must not keep us here).
     m.relays.drain(stdio::DRAIN_TIMEOUT);
     if let Err(e) = m.sb.shutdown(&mut m.client, Duration::from_secs(30)) {
         tracing::warn!("{id}: stopping the sandbox: {e}");
     }
+    tracing::debug!("{id}: sandbox stopped");
     if let Ok(dir) = store.dir(id) {
         let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
     }
