@@ -63,7 +63,11 @@ struct File {
     templates: Option<bool>,
     template_dir: Option<PathBuf>,
     balloon: Option<bool>,
+    rootfs_dax_mib: Option<u64>,
 }
+
+/// Largest `rootfs_dax_mib` (the VMM's limit is 8x the guest's memory).
+pub const MAX_ROOTFS_DAX_MIB: u64 = 64 << 10;
 
 /// Effective configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,6 +89,10 @@ pub struct Config {
     /// Give sandboxes a balloon with free page reporting (memory the guest
     /// frees goes back to the host).
     pub balloon: bool,
+    /// Size of the container root file system share's DAX window (MiB,
+    /// a multiple of 2; 0: none). With a window the guest maps files from
+    /// the host's page cache instead of copying them into its own.
+    pub rootfs_dax_mib: u64,
     /// The file these came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -104,6 +112,7 @@ impl Config {
             templates: true,
             template_dir: PathBuf::from("/var/lib/vessel/templates"),
             balloon: true,
+            rootfs_dax_mib: 0,
             source: None,
         }
     }
@@ -172,6 +181,14 @@ impl Config {
         }
         if let Some(b) = f.balloon {
             self.balloon = b;
+        }
+        if let Some(m) = f.rootfs_dax_mib {
+            if m % 2 != 0 || m > MAX_ROOTFS_DAX_MIB {
+                return Err(ConfigError::Invalid(format!(
+                    "rootfs_dax_mib must be 0 or an even number up to {MAX_ROOTFS_DAX_MIB}, got {m}"
+                )));
+            }
+            self.rootfs_dax_mib = m;
         }
         self.source = Some(path.to_path_buf());
         Ok(())

@@ -91,12 +91,23 @@ pub fn template_key(cfg: &Config) -> Result<String, SandboxError> {
     }
     h.update(cfg.mem_mib.to_le_bytes());
     h.update([cfg.vcpus, u8::from(cfg.balloon)]);
+    h.update(cfg.rootfs_dax_mib.to_le_bytes());
     for tag in [ROOTFS_TAG, MOUNTS_TAG] {
         h.update(tag.as_bytes());
         h.update([0]);
     }
     let d = h.finalize();
     Ok(d[..8].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The `--fs` option giving the rootfs share its DAX window, if configured
+/// (`,dax=NM`, or nothing). A restore takes the window from the snapshot.
+pub fn rootfs_dax(cfg: &Config) -> String {
+    if cfg.rootfs_dax_mib == 0 {
+        String::new()
+    } else {
+        format!(",dax={}M", cfg.rootfs_dax_mib)
+    }
 }
 
 /// A running `vessel-vmm` and its files.
@@ -497,7 +508,7 @@ impl<'a> Templates<'a> {
         std::fs::create_dir_all(&empty).map_err(io(format!("creating {}", empty.display())))?;
         let result = (|| {
             let shares = [
-                format!("{ROOTFS_TAG}={}", empty.display()),
+                format!("{ROOTFS_TAG}={}{}", empty.display(), rootfs_dax(self.cfg)),
                 format!("{MOUNTS_TAG}={}", empty.display()),
             ];
             let (sb, mut client) =

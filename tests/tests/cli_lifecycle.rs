@@ -450,3 +450,53 @@ fn user_namespace_maps_ids() {
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
 }
+
+/// With `rootfs_dax_mib`, the root file system share has a DAX window (in
+/// the template too, so the key differs): the container's binaries are
+/// mapped from the host's page cache, which shows as the VMM mapping the
+/// rootfs's busybox (FUSE SETUPMAPPING) while the container runs.
+#[test]
+fn rootfs_through_a_dax_window() {
+    if !kvm_available_or_skip() {
+        return;
+    }
+    let env = CliEnv::new("cli-dax", "rootfs_dax_mib = 32\n");
+    let rootfs = env.tmp.join("rootfs");
+    busybox_rootfs(&rootfs, &APPLETS);
+    let b = env.write_bundle(
+        "b-dax",
+        &spec(
+            &rootfs,
+            &["sh", "-c", "cat /etc/hostname-file; exec sleep 1000"],
+        ),
+    );
+    std::fs::write(rootfs.join("etc/hostname-file"), "via dax\n").unwrap();
+    let t = Instant::now();
+    let (st, err) = env.detached(&["run", "-d", "--bundle", &b, "dax"]);
+    assert!(st.success(), "run -d: {err}");
+    eprintln!(
+        "run -d with a DAX rootfs (template build included unless another test built it): {:?}",
+        t.elapsed()
+    );
+    let vmms = env.vmms();
+    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    let busybox = rootfs.join("bin/busybox");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", vmms[0])).unwrap();
+        if maps.contains(&*busybox.to_string_lossy()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VMM never mapped {} into the DAX window",
+            busybox.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = env.output(&["exec", "dax", "cat", "/etc/hostname-file"]);
+    assert_eq!(text(&o.stdout), "via dax\n", "stderr: {}", text(&o.stderr));
+    env.ok(&["delete", "--force", "dax"]);
+    assert!(env.vmms().is_empty(), "VMMs left behind");
+    assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+}

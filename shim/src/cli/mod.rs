@@ -519,9 +519,10 @@ fn setup(
     };
     let shares = [
         format!(
-            "{ROOTFS_TAG}={}{}",
+            "{ROOTFS_TAG}={}{}{}",
             b.rootfs.display(),
-            if b.readonly { ",ro" } else { "" }
+            if b.readonly { ",ro" } else { "" },
+            vessel_shim::sandbox::rootfs_dax(cfg)
         ),
         format!("{MOUNTS_TAG}={}", stage.display()),
     ];
