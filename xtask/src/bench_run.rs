@@ -6,7 +6,9 @@
 //! (`vessel template build`, timed: that is the one cold boot). Then, after
 //! one warm-up run of each, N rounds alternate `vessel run` and `runc run`
 //! of the bundle, each timed from spawn to exit of the CLI process; the
-//! table shows medians and the ratio. Finally `CONCURRENT` (10) `vessel run`
+//! table shows medians and the ratio. Each round also runs vessel with
+//! `rootfs_dax_mib = 32` (the rootfs share has a DAX window; its own
+//! template, built and timed beforehand). Finally `CONCURRENT` (10) `vessel run`
 //! start at once: each one's latency and the wall time of the batch,
 //! against the sequential median.
 
@@ -119,23 +121,31 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
     let config = dir.0.join("config.toml");
     std::fs::write(&config, a.vessel_config(&dir.0.join("templates"), ""))
         .context("writing config.toml")?;
+    let config_dax = dir.0.join("config-dax.toml");
+    std::fs::write(
+        &config_dax,
+        a.vessel_config(&dir.0.join("templates"), "rootfs_dax_mib = 32\n"),
+    )
+    .context("writing config-dax.toml")?;
     let vessel_root = dir.0.join("vessel-root");
     let runc_root = dir.0.join("runc-root");
-    let vessel_cmd = |args: &[&str]| {
+    let vessel_with = |config: &Path, args: &[&str]| {
         let mut c = Command::new(&vessel);
         c.arg("--root")
             .arg(&vessel_root)
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .args(args);
         c
     };
+    let vessel_cmd = |args: &[&str]| vessel_with(&config, args);
     let bundle_s = bundle.to_string_lossy().into_owned();
     let vessel_run = |id: &str| {
         let mut c = vessel_cmd(&["run", "--bundle", &bundle_s, id]);
         c.current_dir(&bundle);
         c
     };
+    let vessel_dax_run = |id: &str| vessel_with(&config_dax, &["run", "--bundle", &bundle_s, id]);
     let runc_run = |id: &str| {
         let mut c = Command::new(runc);
         c.arg("--root")
@@ -146,16 +156,22 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
 
     eprintln!("bench run: building the VM template (one cold boot)");
     let template_ms = timed(&mut vessel_cmd(&["template", "build", "--rebuild"]))?;
+    let template_dax_ms = timed(&mut vessel_with(
+        &config_dax,
+        &["template", "build", "--rebuild"],
+    ))?;
     eprintln!("bench run: warm-up");
     timed(&mut vessel_run("warm-vessel"))?;
+    timed(&mut vessel_dax_run("warm-dax"))?;
     timed(&mut runc_run("warm-runc"))?;
-    let (mut v, mut r) = (Vec::new(), Vec::new());
+    let (mut v, mut d, mut r) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         v.push(timed(&mut vessel_run(&format!("v{i}")))?);
+        d.push(timed(&mut vessel_dax_run(&format!("d{i}")))?);
         r.push(timed(&mut runc_run(&format!("r{i}")))?);
         eprintln!(
-            "bench run: round {i}: vessel {:.0} ms, runc {:.1} ms",
-            v[i], r[i]
+            "bench run: round {i}: vessel {:.0} ms, vessel (rootfs DAX) {:.0} ms, runc {:.1} ms",
+            v[i], d[i], r[i]
         );
     }
 
@@ -187,7 +203,7 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
         bail!("{} concurrent runs failed: {failures:?}", failures.len());
     }
 
-    let (mv, mr) = (median(v.clone()), median(r.clone()));
+    let (mv, md, mr) = (median(v.clone()), median(d.clone()), median(r.clone()));
     let mc = median(each.clone());
     println!();
     println!("run: `true` in a busybox bundle, vessel run (VM restored from a template) vs runc run, same bundle, same invocation");
@@ -197,8 +213,17 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
         "vessel template build, one cold boot (ms)", template_ms
     );
     println!("{:<48} {:>10.1}", "vessel run true, median (ms)", mv);
+    println!(
+        "{:<48} {:>10.1}",
+        "vessel template build, rootfs DAX (ms)", template_dax_ms
+    );
+    println!(
+        "{:<48} {:>10.1}",
+        "vessel run true, rootfs DAX 32 MiB, median (ms)", md
+    );
     println!("{:<48} {:>10.1}", "runc run true, median (ms)", mr);
     println!("{:<48} {:>10.1}x", "vessel / runc", mv / mr);
+    println!("{:<48} {:>10.1}x", "vessel (rootfs DAX) / runc", md / mr);
     println!(
         "{:<48} {:>10.1}",
         format!("{CONCURRENT} concurrent vessel run: median each (ms)"),
@@ -221,6 +246,9 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
         "vessel_run_ms": v,
         "runc_run_ms": r,
         "vessel_median_ms": mv,
+        "template_build_dax_ms": template_dax_ms,
+        "vessel_dax_run_ms": d,
+        "vessel_dax_median_ms": md,
         "runc_median_ms": mr,
         "ratio": mv / mr,
         "concurrent": CONCURRENT,
