@@ -300,8 +300,12 @@ impl Sandbox {
             .and_then(|mut f| f.read_exact(&mut entropy))
             .map_err(io("reading /dev/urandom"))
             .and_then(|()| {
+                // The connect timeout (5 s) is too short for a guest that
+                // shares its cores with many others just restored (10 at
+                // once on 2 cores timed out here).
                 client
-                    .restored(entropy, hostname)
+                    .set_timeout(Some(RESTORE_TIMEOUT))
+                    .and_then(|()| client.restored(entropy, hostname))
                     .map_err(|e| SandboxError::Vm(format!("reseeding the guest: {e}")))
             });
         if let Err(e) = seeded {
