@@ -48,8 +48,17 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             crate::bench_run::run(root, runs)
         }
+        Some("fs") => {
+            let mib = match args.get(1) {
+                Some(n) => n.parse().context("file size in MiB")?,
+                None => 8,
+            };
+            crate::bench_fs::run(root, mib)
+        }
         Some(other) => {
-            bail!("unknown benchmark {other:?} (available: boot, profile, restore, density, run)")
+            bail!(
+                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs)"
+            )
         }
     }
 }
