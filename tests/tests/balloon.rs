@@ -66,7 +66,10 @@ struct Phase {
 /// (by 0.5 MiB: smaller moves are noise) for [`STALL`].
 fn follow(vmm: i32, from: f64, done: impl Fn(f64, f64) -> bool) -> Phase {
     let start = Instant::now();
-    let (mut high, mut low, mut now) = (from, from, from);
+    let (mut high, mut now) = (from, from);
+    // The range the Rss has covered, widened only by moves of 0.5 MiB or
+    // more, so a slow steady rise or fall counts as progress.
+    let (mut top, mut bottom) = (from, from);
     let mut moved = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(250));
@@ -78,11 +81,12 @@ fn follow(vmm: i32, from: f64, done: impl Fn(f64, f64) -> bool) -> Phase {
             };
         };
         now = rss;
-        if now >= high + 0.5 || now <= low - 0.5 {
+        high = high.max(now);
+        if now >= top + 0.5 || now <= bottom - 0.5 {
+            top = top.max(now);
+            bottom = bottom.min(now);
             moved = Instant::now();
         }
-        high = high.max(now);
-        low = low.min(now);
         if done(high, now) {
             return Phase {
                 outcome: Outcome::Reached,
