@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::container::{CreateContainerRequest, RootfsSource, StdioSpec};
-use vessel_proto::{fnv1a, MountRequest, ReadFileRequest, FNV1A_INIT};
+use vessel_proto::{fnv1a, ReadFileRequest, FNV1A_INIT};
+use vessel_tests::fsread::{guest_read, mount_share, vmm_mappings};
 use vessel_tests::{
     kvm_available_or_skip, pattern, Artifacts, TempDir, VmOptions, VmProcess, BOOT_TIMEOUT,
 };
@@ -67,29 +68,9 @@ fn read_at(c: &mut AgentClient, path: &str, offset: u64, len: u64) -> Result<Vec
 
 /// `(length, fnv1a, guest seconds)` of a whole-file read in the guest.
 fn checksum(c: &mut AgentClient, path: &str, mmap: bool) -> (u64, u64, f64) {
-    let req = ReadFileRequest {
-        path: path.into(),
-        max_len: u64::MAX,
-        offset: 0,
-        discard: true,
-    };
-    let d = if mmap {
-        c.mmap_read_file(req)
-    } else {
-        c.read_file(req)
-    }
-    .unwrap_or_else(|e| panic!("reading {path} (mmap: {mmap}): {e}"));
-    (d.len, d.fnv1a, d.elapsed_us as f64 / 1e6)
-}
-
-/// Lines of the VMM's memory map that map `file`.
-fn vmm_mappings(pid: u32, file: &std::path::Path) -> Vec<String> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let name = file.to_string_lossy();
-    maps.lines()
-        .filter(|l| l.ends_with(name.as_ref()))
-        .map(str::to_string)
-        .collect()
+    let r =
+        guest_read(c, path, mmap).unwrap_or_else(|e| panic!("reading {path} (mmap: {mmap}): {e}"));
+    (r.len, r.fnv1a, r.secs)
 }
 
 /// A minimal runc-like spec running `args` with a writable rootfs.
@@ -183,28 +164,20 @@ fn dax_reads_match_and_map_host_pages() {
     assert!(answer.starts_with("OK snapshot"), "{answer}");
 
     // Mounts.
-    let mount = |c: &mut AgentClient, tag: &str, target: &str, read_only, dax| {
-        c.mount_request(MountRequest {
-            tag: tag.into(),
-            target: target.into(),
-            read_only,
-            dax,
-        })
-    };
     let t = Instant::now();
-    if let Err(e) = mount(&mut c, "dax", "/mnt/dax", false, true) {
+    if let Err(e) = mount_share(&mut c, "dax", "/mnt/dax", false, true) {
         panic!("DAX mount failed: {e}\nserial:\n{}", vm.serial_output());
     }
     eprintln!("DAX mount took {:?}", t.elapsed());
     // Before its first mount (later mounts of a tag share the first one's
     // superblock and options).
-    match mount(&mut c, "plain", "/mnt/plain-dax", false, true) {
+    match mount_share(&mut c, "plain", "/mnt/plain-dax", false, true) {
         Err(ClientError::Remote(e)) => eprintln!("dax=always without a window: {}", e.message),
         other => panic!("DAX mount of a share without a window: {other:?}"),
     }
-    mount(&mut c, "plain", "/mnt/plain", false, false).expect("mount plain");
-    mount(&mut c, "rodax", "/mnt/rodax", false, true).expect("mount rodax");
-    mount(&mut c, "daxinode", "/mnt/daxinode", false, false).expect("mount daxinode");
+    mount_share(&mut c, "plain", "/mnt/plain", false, false).expect("mount plain");
+    mount_share(&mut c, "rodax", "/mnt/rodax", false, true).expect("mount rodax");
+    mount_share(&mut c, "daxinode", "/mnt/daxinode", false, false).expect("mount daxinode");
     let mounts = String::from_utf8(read_at(&mut c, "/proc/mounts", 0, 64 * 1024).unwrap())
         .expect("/proc/mounts is text");
     // The mount options of `target`.
@@ -425,7 +398,7 @@ fn dax_reads_match_and_map_host_pages() {
         .connect_and_ping(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("clone: {e}; serial: {}", clone.serial_output()));
     cc.set_timeout(Some(Duration::from_secs(600))).unwrap();
-    mount(&mut cc, "dax", "/mnt/dax", false, true).expect("clone DAX mount");
+    mount_share(&mut cc, "dax", "/mnt/dax", false, true).expect("clone DAX mount");
     let (len, sum, _) = checksum(&mut cc, "/mnt/dax/odd.bin", false);
     assert_eq!(
         (len, sum),

@@ -48,8 +48,17 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             crate::bench_run::run(root, runs)
         }
+        Some("fs") => {
+            let mib = match args.get(1) {
+                Some(n) => n.parse().context("file size in MiB")?,
+                None => 8,
+            };
+            crate::bench_fs::run(root, mib)
+        }
         Some(other) => {
-            bail!("unknown benchmark {other:?} (available: boot, profile, restore, density, run)")
+            bail!(
+                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs)"
+            )
         }
     }
 }
@@ -286,10 +295,12 @@ fn restore(root: &Path, runs: usize) -> Result<()> {
         ..VmOptions::default()
     };
     let mut template = VmProcess::spawn(&a, &opts).context("cannot start vessel-vmm")?;
-    let mut client = template.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
+    let client = template.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
     let cold_ms = template.started.elapsed().as_secs_f64() * 1000.0;
-    // As `vessel template build` does: snapshot a guest that has settled.
-    let settle = vessel_shim::sandbox::wait_idle(template.pid(), Duration::from_secs(30));
+    // As `vessel template build` does: one Ping, no open connection, and a
+    // guest that has settled.
+    let settle =
+        vessel_shim::sandbox::settle_for_snapshot(template.pid(), client, Duration::from_secs(30))?;
     let t = Instant::now();
     let answer = template
         .api(&format!("snapshot {}", snap.display()))
@@ -298,7 +309,10 @@ fn restore(root: &Path, runs: usize) -> Result<()> {
         bail!("snapshot failed: {answer}");
     }
     let snapshot_ms = t.elapsed().as_secs_f64() * 1000.0;
-    client.shutdown().context("shutdown")?;
+    template
+        .connect()
+        .and_then(|mut c| c.shutdown())
+        .context("template shutdown")?;
     template
         .wait_exit(Duration::from_secs(60))
         .ok_or_else(|| anyhow!("template did not stop"))?;
@@ -405,15 +419,18 @@ fn density(root: &Path, n: usize) -> Result<()> {
         ..VmOptions::default()
     };
     let mut template = VmProcess::spawn(&a, &opts).context("cannot start vessel-vmm")?;
-    let mut client = template.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
-    vessel_shim::sandbox::wait_idle(template.pid(), Duration::from_secs(30));
+    let client = template.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
+    vessel_shim::sandbox::settle_for_snapshot(template.pid(), client, Duration::from_secs(30))?;
     let answer = template
         .api(&format!("snapshot {}", snap.display()))
         .context("snapshot request")?;
     if !answer.starts_with("OK") {
         bail!("snapshot failed: {answer}");
     }
-    client.shutdown().context("shutdown")?;
+    template
+        .connect()
+        .and_then(|mut c| c.shutdown())
+        .context("template shutdown")?;
     template
         .wait_exit(Duration::from_secs(60))
         .ok_or_else(|| anyhow!("template did not stop"))?;

@@ -14,9 +14,11 @@
 //! cargo xtask bench restore [N]          template restore to agent ready vs a cold boot
 //! cargo xtask bench density [N]          N idle sandboxes: memory, idle CPU, start slowdown
 //! cargo xtask bench run [N]              `vessel run true` vs `runc run`, and 10 concurrent
+//! cargo xtask bench fs [MiB]             file read throughput: guest DAX, guest no DAX, host
 //! ```
 
 mod bench;
+mod bench_fs;
 mod bench_run;
 mod build;
 mod demo;
@@ -28,7 +30,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs]>";
 
 fn main() {
     if let Err(e) = run() {
