@@ -925,11 +925,27 @@ mod tests {
 
     const CID: u64 = 3;
 
-    fn dir(name: &str) -> PathBuf {
+    /// A test's socket directory, removed when the test ends.
+    struct TestDir(PathBuf);
+
+    impl std::ops::Deref for TestDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> TestDir {
         let d = std::env::temp_dir().join(format!("vessel-vsock-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TestDir(d)
     }
 
     fn guest_pkt(src_port: u32, dst_port: u32, op: u16, data: &[u8]) -> Packet {
@@ -972,7 +988,7 @@ mod tests {
     }
 
     /// Host connect handshake; returns (muxer, client, local_port).
-    fn connected(name: &str) -> (Muxer, UnixStream, u32, PathBuf) {
+    fn connected(name: &str) -> (Muxer, UnixStream, u32, TestDir) {
         let d = dir(name);
         let mut m = Muxer::new(CID, d.join("v.sock")).unwrap();
         m.set_active(true);
