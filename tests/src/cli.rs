@@ -131,6 +131,22 @@ impl CliEnv {
         (st, fs::read_to_string(&err).unwrap_or_default())
     }
 
+    /// `vessel run -d --bundle BUNDLE ID`, which must succeed (its time is
+    /// printed: the first run of a configuration builds the template);
+    /// the pid of the container's VMM, the only one of this environment.
+    pub fn run_detached(&self, bundle: &str, id: &str) -> i32 {
+        let t = Instant::now();
+        let (st, err) = self.detached(&["run", "-d", "--bundle", bundle, id]);
+        assert!(st.success(), "run -d {id}: {err}");
+        eprintln!(
+            "run -d {id} (template build included unless another test built it): {:?}",
+            t.elapsed()
+        );
+        let vmms = self.vmms();
+        assert_eq!(vmms.len(), 1, "VMMs after run -d {id}: {vmms:?}");
+        vmms[0]
+    }
+
     /// Writes `spec` as `<tmp>/<name>/config.json`; the bundle's path.
     pub fn write_bundle(&self, name: &str, spec: &Value) -> String {
         let dir = self.tmp.join(name);

@@ -142,16 +142,7 @@ fn balloon_returns_freed_guest_memory() {
         "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}
     });
     let b = env.write_bundle("bundle", &spec);
-    let t = Instant::now();
-    let (st, err) = env.detached(&["run", "--detach", "--bundle", &b, "fill"]);
-    assert!(st.success(), "run -d: {err}");
-    eprintln!(
-        "run -d (template build included unless another test built it): {:?}",
-        t.elapsed()
-    );
-    let vmms = env.vmms();
-    assert_eq!(vmms.len(), 1, "VMMs of the container: {vmms:?}");
-    let vmm = vmms[0];
+    let vmm = env.run_detached(&b, "fill");
 
     let started = rss_mib(vmm).expect("VMM Rss");
     let want = FILL_MIB as f64 * 0.75;

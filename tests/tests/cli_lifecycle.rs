@@ -283,8 +283,8 @@ fn chown_tree(dir: &Path, id: u32) {
 /// runs as its uid 0 too, not as the guest's root.
 ///
 /// The second container also names a network namespace by path (as podman
-/// and CNI do): its VMM runs in that namespace. A host ipc namespace by
-/// path is refused.
+/// and CNI do): its VMM runs in that namespace. A host cgroup namespace
+/// by path is refused.
 #[test]
 fn user_namespace_maps_ids() {
     if !kvm_available_or_skip() {
@@ -405,12 +405,9 @@ fn user_namespace_maps_ids() {
         .unwrap()
         .push(json!({"type": "network", "path": netns_path}));
     let b = env.write_bundle("b-userns-sleep", &s);
-    let (st, err) = env.detached(&["run", "-d", "--bundle", &b, "userns-exec"]);
-    assert!(st.success(), "run -d: {err}");
-    let vmms = env.vmms();
-    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    let vmm = env.run_detached(&b, "userns-exec");
     assert_eq!(
-        netns_of(u32::try_from(vmms[0]).unwrap()),
+        netns_of(u32::try_from(vmm).unwrap()),
         netns_of(holder.id()),
         "the VMM runs in the network namespace of the spec"
     );
@@ -471,19 +468,11 @@ fn rootfs_through_a_dax_window() {
         ),
     );
     std::fs::write(rootfs.join("etc/hostname-file"), "via dax\n").unwrap();
-    let t = Instant::now();
-    let (st, err) = env.detached(&["run", "-d", "--bundle", &b, "dax"]);
-    assert!(st.success(), "run -d: {err}");
-    eprintln!(
-        "run -d with a DAX rootfs (template build included unless another test built it): {:?}",
-        t.elapsed()
-    );
-    let vmms = env.vmms();
-    assert_eq!(vmms.len(), 1, "{vmms:?}");
+    let vmm = env.run_detached(&b, "dax");
     let busybox = rootfs.join("bin/busybox");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let maps = std::fs::read_to_string(format!("/proc/{}/maps", vmms[0])).unwrap();
+        let maps = std::fs::read_to_string(format!("/proc/{vmm}/maps")).unwrap();
         if maps.contains(&*busybox.to_string_lossy()) {
             break;
         }
