@@ -1,0 +1,540 @@
+//! docker 20.10 (Debian's `docker.io`) with its default configuration runs
+//! vessel: every behaviour below is run once with runc and once with
+//! vessel (`dockerd --add-runtime vessel=<wrapper>`, `docker run
+//! --runtime vessel`) and the two are compared: same stdout, same exit
+//! status, same state transitions.
+//!
+//! The test starts its own dockerd inside a network namespace it created
+//! (entered with `nsenter --net`, see `engines::Netns`), with a private
+//! `--data-root`, `-H unix://…`, `--bridge none --iptables=false` and an
+//! `--exec-root` longer than the default `/var/run/docker`: the runtime
+//! gets `--root <exec-root>/runtime-runc/moby` and 64-hex container ids,
+//! the case that once put vessel's sockets past the 108-byte limit.
+//! dockerd starts its own managed containerd under the exec root.
+//!
+//! Behaviours: one `run --rm` whose shell prints many facts at once
+//! (`--read-only`, `--user`, `--cap-drop`, `--memory`, `--pids-limit`,
+//! `-v hostdir:/x`, `--tmpfs`, `-e`, `-w`, `--hostname`, `--init`, the
+//! default capability and seccomp profiles) and exits 7; one `run -d`
+//! container for `inspect`, `logs`, `exec`, `exec -it` (a pty, resized),
+//! `kill -s USR1`, `stats`, `pause`/`unpause`, `stop -t 2` (pid 1 ignores
+//! SIGTERM, so SIGKILL after the timeout: exit 137), `start` again and
+//! `rm -f` of the running container; `run -it --rm` on a pty with a
+//! resize. Every runtime call is logged by a wrapper script (its argv), and
+//! the vessel calls are printed at the end. At the end no container, no
+//! `vessel-vmm`, monitor, mount, socket or state entry of the test is left.
+//!
+//! Needs Debian's `docker.io`, `containerd`, `runc`, `busybox-static` and
+//! `iproute2`; the docker client used is the 20.10 one from `docker.io`,
+//! by path (another client on `$PATH` may be a different version).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vessel_tests::engines::{
+    busybox_image_tar, leaks, output_within, poll_until, require_tools, wait_within, Checks,
+    Netns, Pty, RuntimeWrapper, Timed,
+};
+use vessel_tests::{kvm_available_or_skip, workspace_root, Artifacts, TempDir};
+
+/// The 20.10 client from Debian's `docker.io`.
+const DOCKER: &str = "/usr/bin/docker";
+/// dockerd from Debian's `docker.io`.
+const DOCKERD: &str = "/usr/sbin/dockerd";
+/// The image `docker import` makes of the busybox root.
+const IMAGE: &str = "vessel-busybox:1";
+/// Checks that fail with vessel and that the lead could not fix in time:
+/// reported loudly, not asserted (see /work/notes/engine-findings.md).
+const KNOWN_FAILING: &[&str] = &[];
+
+/// The `run --rm` container's script: many facts at once, then exit 7.
+const FACTS: &str = r#"echo "uid=$(id -u):$(id -g) cwd=$(pwd) foo=$FOO host=$(hostname)"
+touch /rofile 2>&1
+echo "x=$(cat /x/f)"
+echo "tmpfs=$(grep ' /t ' /proc/mounts | cut -d' ' -f3)"
+grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status
+echo "mem=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes)"
+echo "pids=$(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max)"
+grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status
+echo "pid1=$(tr '\0' ' ' </proc/1/cmdline)"
+exit 7"#;
+
+/// The `run -d` container: pid 1 is a shell without a SIGTERM handler (so
+/// SIGTERM does nothing to it) that answers SIGUSR1.
+const DAEMON: &str = "trap 'echo got-usr1' USR1; echo started; while :; do sleep 1; done";
+
+/// A dockerd of this test: its netns, directories and process; stopped,
+/// with everything it left, on drop.
+struct Dockerd {
+    tmp: TempDir,
+    sock: PathBuf,
+    exec_root: PathBuf,
+    child: Option<Child>,
+    tag: String,
+    ns: Option<Netns>,
+}
+
+impl Dockerd {
+    fn start(tmp: TempDir, wrappers: &[(&str, &Path)], tag: &str) -> Dockerd {
+        let ns = Netns::new("docker");
+        // Longer than the default /var/run/docker (15 bytes).
+        let exec_root = tmp.0.join("exec-root");
+        let data_root = tmp.0.join("data-root");
+        let sock = tmp.0.join("docker.sock");
+        let mut cmd = ns.command(DOCKERD);
+        cmd.arg("--data-root")
+            .arg(&data_root)
+            .arg("--exec-root")
+            .arg(&exec_root)
+            .arg("--pidfile")
+            .arg(tmp.0.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--bridge", "none", "--iptables=false", "--ip-masq=false"]);
+        for (name, path) in wrappers {
+            cmd.arg("--add-runtime")
+                .arg(format!("{name}={}", path.display()));
+        }
+        let log = fs::File::create(tmp.0.join("dockerd.log")).expect("dockerd.log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn dockerd");
+        let d = Dockerd {
+            tmp,
+            sock,
+            exec_root,
+            child: Some(child),
+            tag: tag.to_string(),
+            ns: Some(ns),
+        };
+        let up = poll_until(Duration::from_secs(60), || {
+            d.docker(&["version", "--format", "{{.Server.Version}}"], 10)
+                .ok("version")
+                .ok()
+                .map(|t| t.stdout.clone())
+        });
+        assert!(
+            up.is_some(),
+            "dockerd did not answer within 60 s; its log:\n{}",
+            d.log()
+        );
+        eprintln!("dockerd {} up", up.unwrap_or_default().trim());
+        d
+    }
+
+    fn docker_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(DOCKER);
+        c.arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .args(args);
+        c
+    }
+
+    fn docker(&self, args: &[&str], secs: u64) -> Timed {
+        output_within(&mut self.docker_cmd(args), Duration::from_secs(secs))
+    }
+
+    fn log(&self) -> String {
+        let l = fs::read_to_string(self.tmp.0.join("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = l.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// `--root` dockerd gives every runtime.
+    fn runtime_root(&self) -> PathBuf {
+        self.exec_root.join("runtime-runc/moby")
+    }
+
+    /// Names of every container (`ps -a`).
+    fn containers(&self) -> Vec<String> {
+        self.docker(&["ps", "-a", "--format", "{{.Names}}"], 30)
+            .stdout
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// `inspect -f FORMAT name`, trimmed, or the error.
+    fn inspect(&self, name: &str, format: &str) -> Result<String, String> {
+        let t = self.docker(&["inspect", "-f", format, name], 30);
+        t.ok("inspect")?;
+        Ok(t.stdout.trim().to_string())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let left = self.containers();
+        if !left.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(left.iter().map(String::as_str));
+            let _ = self.docker(&args, 60);
+        }
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill with a pid and a signal number only.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if wait_within(&mut child, Duration::from_secs(30)).is_none() {
+                eprintln!("dockerd did not stop on SIGTERM within 30 s: killed");
+            }
+        }
+        let killed = leaks::kill_tagged(&self.tag);
+        let dir = self.tmp.0.to_string_lossy().into_owned();
+        let me = std::process::id() as i32;
+        let stray: Vec<i32> = vessel_tests::cli::processes_mentioning(&dir, "")
+            .into_iter()
+            .filter(|&p| p != me)
+            .collect();
+        for &p in &stray {
+            // SAFETY: kill with a pid and a signal number only.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        if !left.is_empty() || !killed.is_empty() || !stray.is_empty() {
+            eprintln!("cleanup: removed containers {left:?}, killed {killed:?} and {stray:?}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mounts = leaks::unmount_under(&self.tmp.0);
+        if !mounts.is_empty() {
+            eprintln!("cleanup: unmounted {mounts:?}");
+        }
+        self.ns.take();
+    }
+}
+
+/// What one runtime did in each behaviour: (check name, observed facts or
+/// what went wrong).
+type Observed = Vec<(&'static str, Result<String, String>)>;
+
+/// Fails unless `t` exited with `code` in time; its stdout.
+fn exits(t: &Timed, what: &str, code: i32) -> Result<String, String> {
+    if t.code() == code {
+        Ok(t.stdout.clone())
+    } else {
+        Err(format!("expected exit {code}; {}", t.describe(what)))
+    }
+}
+
+/// Polls `inspect` until the container's `.State.Status` is `want`.
+fn wait_status(d: &Dockerd, name: &str, want: &str, secs: u64) -> Result<(), String> {
+    let mut last = String::new();
+    let got = poll_until(Duration::from_secs(secs), || {
+        last = d
+            .inspect(name, "{{.State.Status}}")
+            .unwrap_or_else(|e| e.to_string());
+        (last == want).then_some(())
+    });
+    got.ok_or_else(|| format!("{name}: status {last:?} after {secs} s, expected {want:?}"))
+}
+
+/// Polls `docker logs` until it contains `needle`; the logs.
+fn wait_logs(d: &Dockerd, name: &str, needle: &str, secs: u64) -> Result<String, String> {
+    let mut last = String::new();
+    poll_until(Duration::from_secs(secs), || {
+        let t = d.docker(&["logs", name], 30);
+        last = format!("{}{}", t.stdout, t.stderr);
+        last.contains(needle).then(|| t.stdout.clone())
+    })
+    .ok_or_else(|| format!("{name}: logs {last:?} lack {needle:?} after {secs} s"))
+}
+
+/// Drives `args` (a `-it` docker command) on a pty: waits for `24 80`,
+/// resizes to 40x120, types `hi`, expects the new size and `got:hi`; the
+/// terminal's text (carriage returns dropped) and the exit status.
+fn on_pty(d: &Dockerd, args: &[&str], secs: u64) -> Result<String, String> {
+    let pty = Pty::open(24, 80).map_err(|e| format!("pty: {e}"))?;
+    let mut child = pty
+        .spawn(&mut d.docker_cmd(args))
+        .map_err(|e| format!("spawn docker: {e}"))?;
+    let run = || -> Result<String, String> {
+        pty.read_until(Duration::from_secs(secs), |s| s.contains("24 80"))?;
+        pty.resize(40, 120).map_err(|e| format!("resize: {e}"))?;
+        // The client reads the new size on SIGWINCH and sends it on.
+        std::thread::sleep(Duration::from_millis(500));
+        pty.write("hi\n").map_err(|e| format!("type: {e}"))?;
+        pty.read_until(Duration::from_secs(30), |s| s.contains("got:hi"))
+    };
+    let shown = run();
+    let st = wait_within(&mut child, Duration::from_secs(30));
+    let shown = shown?;
+    let code = st.and_then(|s| s.code()).unwrap_or(-1);
+    let text: String = shown.replace('\r', "");
+    // Echo of the typed line aside, what the container printed.
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    Ok(format!("{} exit={code}", lines.join("|")))
+}
+
+/// Every behaviour with runtime `rt`.
+fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
+    let mut out: Observed = Vec::new();
+    let x = format!("{}:/x", hostdir.display());
+
+    // run --rm with many options at once.
+    let t = d.docker(
+        &[
+            "run", "--rm", "--runtime", rt, "--read-only", "--user", "1000:1000", "--cap-drop",
+            "NET_RAW", "--memory", "64m", "--pids-limit", "50", "-v", &x, "--tmpfs", "/t", "-e",
+            "FOO=bar", "-w", "/tmp", "--hostname", "hn", "--init", IMAGE, "sh", "-c", FACTS,
+        ],
+        300,
+    );
+    out.push(("run --rm (options, exit 7)", exits(&t, "run --rm", 7)));
+    eprintln!("[{rt}] run --rm took {:.1?}", t.took);
+
+    // One detached container for the rest.
+    let name = format!("d-{rt}");
+    let n = name.as_str();
+    let t = d.docker(
+        &["run", "-d", "--runtime", rt, "--name", n, IMAGE, "sh", "-c", DAEMON],
+        300,
+    );
+    eprintln!("[{rt}] run -d took {:.1?}", t.took);
+    let started = t
+        .ok("run -d")
+        .map(|_| ())
+        .and_then(|()| wait_logs(d, n, "started", 60).map(|_| ()));
+    out.push(("run -d", started.clone().map(|()| "started".into())));
+    if let Err(e) = started {
+        let _ = d.docker(&["rm", "-f", n], 60);
+        for c in [
+            "inspect running",
+            "exec",
+            "exec -it",
+            "kill -s USR1",
+            "stats",
+            "pause",
+            "unpause",
+            "stop -t 2 (SIGKILL after timeout)",
+            "start again",
+            "rm -f running",
+        ] {
+            out.push((c, Err(format!("no container: {e}"))));
+        }
+    } else {
+        out.push((
+            "inspect running",
+            d.inspect(n, "{{.State.Status}} {{.State.Running}} {{.State.Paused}} {{.HostConfig.Runtime}}")
+                .map(|s| s.replace(rt, "RUNTIME")),
+        ));
+        let t = d.docker(
+            &["exec", n, "sh", "-c", "echo exec-out; echo exec-err >&2; exit 5"],
+            120,
+        );
+        out.push((
+            "exec",
+            exits(&t, "exec", 5).map(|o| format!("out={o:?} err={:?}", t.stderr)),
+        ));
+        out.push((
+            "exec -it",
+            on_pty(
+                d,
+                &[
+                    "exec", "-it", n, "sh", "-c",
+                    "stty size; tty >/dev/null && echo is-tty; read l; stty size; echo got:$l; exit 4",
+                ],
+                120,
+            ),
+        ));
+        let killed = d
+            .docker(&["kill", "-s", "USR1", n], 60)
+            .ok("kill -s USR1")
+            .map(|_| ())
+            .and_then(|()| wait_logs(d, n, "got-usr1", 30))
+            .and_then(|_| {
+                d.inspect(n, "{{.State.Status}}")
+            });
+        out.push(("kill -s USR1", killed));
+        let t = d.docker(
+            &["stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", n],
+            60,
+        );
+        out.push((
+            "stats",
+            t.ok("stats").and_then(|t| {
+                let s = t.stdout.trim();
+                if s.starts_with(n) && s.contains('/') {
+                    Ok(format!("{} line", s.lines().count()))
+                } else {
+                    Err(format!("stats printed {s:?}"))
+                }
+            }),
+        ));
+        let paused = d
+            .docker(&["pause", n], 60)
+            .ok("pause")
+            .map(|_| ())
+            .and_then(|()| d.inspect(n, "{{.State.Status}} {{.State.Paused}}"));
+        out.push(("pause", paused));
+        let resumed = d
+            .docker(&["unpause", n], 60)
+            .ok("unpause")
+            .map(|_| ())
+            .and_then(|()| d.inspect(n, "{{.State.Status}} {{.State.Paused}}"));
+        out.push(("unpause", resumed));
+        let t = d.docker(&["stop", "-t", "2", n], 120);
+        let stopped = t.ok("stop").map(|_| ()).and_then(|()| {
+            if t.took < Duration::from_secs(2) {
+                return Err(format!("stop returned after {:.1?}, before the 2 s timeout", t.took));
+            }
+            d.inspect(n, "{{.State.Status}} {{.State.ExitCode}}")
+        });
+        out.push(("stop -t 2 (SIGKILL after timeout)", stopped));
+        let t = d.docker(&["start", n], 300);
+        eprintln!("[{rt}] start took {:.1?}", t.took);
+        let again = t
+            .ok("start")
+            .map(|_| ())
+            .and_then(|()| wait_status(d, n, "running", 60))
+            .and_then(|()| d.inspect(n, "{{.State.Status}} {{.RestartCount}}"));
+        out.push(("start again", again));
+        let t = d.docker(&["rm", "-f", n], 120);
+        let removed = t.ok("rm -f").map(|_| ()).and_then(|()| {
+            if d.containers().iter().any(|c| c == n) {
+                Err(format!("{n} still listed after rm -f"))
+            } else {
+                Ok("gone".to_string())
+            }
+        });
+        out.push(("rm -f running", removed));
+    }
+
+    // Interactive run on a pty, resized while it runs.
+    out.push((
+        "run -it (pty, resize)",
+        on_pty(
+            d,
+            &[
+                "run", "-it", "--rm", "--runtime", rt, IMAGE, "sh", "-c",
+                "stty size; read l; stty size; echo got:$l; exit 4",
+            ],
+            300,
+        ),
+    ));
+    out
+}
+
+#[test]
+fn docker_runs_vessel_like_runc() {
+    if !kvm_available_or_skip() {
+        return;
+    }
+    require_tools(&[
+        ("dockerd", "docker.io"),
+        ("containerd", "containerd"),
+        ("runc", "runc"),
+        ("nsenter", "util-linux"),
+        ("ip", "iproute2"),
+    ]);
+    assert!(
+        Path::new(DOCKER).exists(),
+        "{DOCKER} missing: install Debian's docker.io"
+    );
+    let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
+    let vessel = art.vmm.with_file_name("vessel");
+    assert!(vessel.is_file(), "{} missing (cargo xtask build)", vessel.display());
+    let runc = vessel_tests::engines::which("runc").expect("runc");
+
+    let tmp = TempDir::new("engine-docker");
+    let tag = format!("docker-{}", std::process::id());
+    let config = tmp.0.join("vessel.toml");
+    let templates = workspace_root().join("target/vessel/test-templates");
+    fs::write(&config, art.vessel_config(&templates, "")).expect("write vessel.toml");
+    let cfg = config.to_string_lossy().into_owned();
+    let logs = tmp.0.join("argv");
+    fs::create_dir_all(&logs).expect("mkdir argv");
+    let w_runc = RuntimeWrapper::write(
+        &tmp.0.join("runc-wrapper"),
+        &runc,
+        &[],
+        &logs.join("runc.log"),
+        &logs.join("runc-specs"),
+        &tag,
+    );
+    let w_vessel = RuntimeWrapper::write(
+        &tmp.0.join("vessel-wrapper"),
+        &vessel,
+        &["--config", &cfg],
+        &logs.join("vessel.log"),
+        &logs.join("vessel-specs"),
+        &tag,
+    );
+    let hostdir = tmp.0.join("hostdir");
+    fs::create_dir_all(&hostdir).expect("mkdir hostdir");
+    fs::write(hostdir.join("f"), "from-host").expect("write hostdir/f");
+    let tar = busybox_image_tar(&tmp.0);
+
+    let t0 = Instant::now();
+    let tmp_path = tmp.0.clone();
+    let d = Dockerd::start(
+        tmp,
+        &[("runcw", &w_runc.path), ("vessel", &w_vessel.path)],
+        &tag,
+    );
+    let t = d.docker(
+        &[
+            "import",
+            "-c",
+            "ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            &tar.to_string_lossy(),
+            IMAGE,
+        ],
+        120,
+    );
+    t.ok("docker import").unwrap_or_else(|e| panic!("{e}"));
+
+    let runc_seen = behaviours(&d, "runcw", &hostdir);
+    let vessel_seen = behaviours(&d, "vessel", &hostdir);
+
+    let mut checks = Checks::new();
+    for ((name, r), (_, v)) in runc_seen.iter().zip(vessel_seen.iter()) {
+        checks.record(name, compare(r, v));
+    }
+    let runtime_root = d.runtime_root();
+    checks.run("runtime --root is the long exec-root one", || {
+        let want = format!("--root {}", runtime_root.display());
+        let calls = w_vessel.calls();
+        if !calls.is_empty() && calls.iter().all(|c| c.starts_with(&want)) {
+            Ok(())
+        } else {
+            Err(format!("vessel calls lack {want:?}: {calls:?}"))
+        }
+    });
+    checks.run("docker ps -a empty", || {
+        let left = d.containers();
+        left.is_empty()
+            .then_some(())
+            .ok_or(format!("left: {left:?}"))
+    });
+    checks.run("nothing left behind", || {
+        let found = poll_until(Duration::from_secs(20), || {
+            let f = leaks::find(&tag, &[], &[&runtime_root]);
+            f.is_empty().then_some(())
+        });
+        found.ok_or_else(|| format!("{:?}", leaks::find(&tag, &[], &[&runtime_root])))
+    });
+
+    eprintln!("vessel verbs dockerd used: {:?}", w_vessel.verbs());
+    for c in w_vessel.calls() {
+        eprintln!("vessel argv: {c}");
+    }
+    eprintln!("engine test took {:.1?}", t0.elapsed());
+    drop(d);
+    checks.run("no mounts left", || {
+        let m = leaks::mounts_under(&[&tmp_path]);
+        m.is_empty().then_some(()).ok_or(format!("{m:?}"))
+    });
+    checks.finish(KNOWN_FAILING);
+}
+
+/// A behaviour passes when runc's run passed and vessel's shows the same.
+fn compare(runc: &Result<String, String>, vessel: &Result<String, String>) -> Result<(), String> {
+    match (runc, vessel) {
+        (Err(e), _) => Err(format!("runc itself failed: {e}")),
+        (Ok(_), Err(e)) => Err(format!("vessel: {e}")),
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        (Ok(a), Ok(b)) => Err(format!("runc showed {a:?}, vessel {b:?}")),
+    }
+}
