@@ -22,10 +22,17 @@ use vessel_shim::sandbox::Templates;
 use vessel_shim::state::Store;
 use vessel_shim::{log, spec};
 
+/// What `vessel -v` prints after the name, shaped like runc's answer
+/// (`runc version X`, then `spec: Y`), which engines show in their info.
+const VERSION: &str = concat!("version ", env!("CARGO_PKG_VERSION"), "\nspec: ", "1.2.0");
+
 /// vessel: OCI containers, each in its own KVM microVM (runc-compatible CLI).
 #[derive(Debug, Parser)]
-#[command(name = "vessel", version)]
+#[command(name = "vessel", version = VERSION, disable_version_flag = true)]
 struct Cli {
+    /// Print the version (runc's `-v`).
+    #[arg(short = 'v', long = "version", action = clap::ArgAction::Version)]
+    version: Option<bool>,
     /// Root directory for container state.
     #[arg(long, global = true, default_value = "/run/vessel")]
     root: PathBuf,
@@ -38,7 +45,7 @@ struct Cli {
     /// Debug logging.
     #[arg(long, global = true)]
     debug: bool,
-    /// Accepted for runc compatibility (cgroups live in the guest).
+    /// Read `linux.cgroupsPath` in systemd's `slice:prefix:name` form.
     #[arg(long, global = true)]
     systemd_cgroup: bool,
     /// Configuration file (default: $VESSEL_CONFIG, then /etc/vessel/config.toml).
@@ -292,6 +299,9 @@ fn monitor_globals(cli: &Cli) -> Result<Vec<OsString>> {
     if cli.debug {
         g.push("--debug".into());
     }
+    if cli.systemd_cgroup {
+        g.push("--systemd-cgroup".into());
+    }
     Ok(g)
 }
 
@@ -303,7 +313,8 @@ fn check_create(a: &CreateArgs) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let store = Store::new(&cli.root);
+    let cfg = Config::load(cli.config.as_deref())?;
+    let store = Store::with_run_dir(&cli.root, &cfg.run_dir);
     let ok = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match &cli.command {
         Command::State { id } => ok(cli::state(&store, id)),
@@ -312,7 +323,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Spec { bundle, rootless } => ok(spec(bundle, *rootless)),
         Command::Create(a) => {
             check_create(a)?;
-            let cfg = Config::load(cli.config.as_deref())?;
             let globals = monitor_globals(&cli)?;
             cli::create(
                 &store,
@@ -328,7 +338,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run { create: a, detach } => {
             check_create(a)?;
-            let cfg = Config::load(cli.config.as_deref())?;
             let globals = monitor_globals(&cli)?;
             cli::run(
                 &store,
@@ -347,7 +356,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ready_fd,
             console_socket,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
             let console = console_socket.as_deref();
             Ok(cli::monitor(&store, &cfg, id, bundle, console, *ready_fd))
         }
@@ -365,7 +373,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Update(a) => ok(cli::resources::update(&store, a)),
         Command::Events(a) => ok(cli::events::events(&store, a)),
         Command::Features => ok(cli::features::features()),
-        Command::Template(t) => ok(template(&Config::load(cli.config.as_deref())?, t)),
+        Command::Template(t) => ok(template(&cfg, t)),
     }
 }
 

@@ -86,11 +86,19 @@ fn runc_lifecycle_through_the_microvm() {
     );
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 
     let b = bundle(&env, "b-true", &["true"]);
     let t = Instant::now();
     // --no-new-keyring is accepted (the guest kernel has no keyrings).
-    let o = env.output(&["run", "--no-new-keyring", "--bundle", &b, "true"]);
+    // A 64-hex id under a root as long as dockerd's: the socket paths
+    // must still fit.
+    let long_id = "0123456789abcdef".repeat(4);
+    let o = env.output(&["run", "--no-new-keyring", "--bundle", &b, &long_id]);
     let took = t.elapsed();
     assert!(
         o.status.success(),
@@ -144,6 +152,11 @@ fn runc_lifecycle_through_the_microvm() {
         "host mounts left behind: {mountinfo}"
     );
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 
     // create, state, start, kill -> stopped, 137.
     let b = bundle(&env, "b-sleep", &["sleep", "1000"]);
@@ -245,6 +258,11 @@ fn runc_lifecycle_through_the_microvm() {
 
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 }
 
 /// A child process killed and reaped when the test ends, even by a panic.
@@ -446,6 +464,11 @@ fn user_namespace_maps_ids() {
 
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 }
 
 /// With `rootfs_dax_mib`, the root file system share has a DAX window (in
@@ -488,4 +511,31 @@ fn rootfs_through_a_dax_window() {
     env.ok(&["delete", "--force", "dax"]);
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
+}
+
+/// `-v`/`--version` and `-h`/`--help` answer everywhere, as runc's do
+/// (engines run `RUNTIME --version` to show it in their info).
+#[test]
+fn version_and_help_flags_answer_like_runc() {
+    let env = CliEnv::new("cli-flags", "");
+    for args in [&["-v"][..], &["--version"]] {
+        let (out, _) = env.ok(args);
+        assert!(out.starts_with("vessel version "), "{args:?}: {out}");
+        assert!(out.contains("\nspec: "), "{args:?}: {out}");
+    }
+    for args in [
+        &["-h"][..],
+        &["--help"],
+        &["create", "-h"],
+        &["exec", "--help"],
+        &["delete", "-h"],
+    ] {
+        let (out, _) = env.ok(args);
+        assert!(out.contains("Usage: vessel"), "{args:?}: {out}");
+    }
 }

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use vessel_shim::state::{Status, Store};
+use vessel_shim::state::{Op, Status, Store};
 
 use super::{connect, effective};
 
@@ -99,9 +99,7 @@ pub fn events(store: &Store, a: &EventsArgs) -> Result<()> {
         bail!("--interval must be greater than 0");
     }
     let s = effective(store.load(id)?);
-    if s.status == Status::Stopped {
-        bail!("container {id} is not running");
-    }
+    s.status.check(Op::Inspect, id)?;
     let mut c = connect(store, id)?;
     let stats_line =
         |st: &vessel_proto::resources::Stats| json!({"type": "stats", "id": id, "data": st});

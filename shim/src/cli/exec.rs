@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use vessel_proto::container::{ExecProcessRequest, SignalProcessRequest};
 use vessel_shim::bundle::Bundle;
-use vessel_shim::state::{Status, Store};
+use vessel_shim::state::{Op, Store};
 
 use super::stdio::{Attached, Resizer, DRAIN_TIMEOUT};
 use super::tty::{self, HostEnd, RawMode};
@@ -312,14 +312,7 @@ pub fn exec(store: &Store, globals: &[OsString], a: &ExecArgs) -> Result<ExitCod
         bail!("--preserve-fds is not supported: host descriptors cannot be passed into the VM");
     }
     let s = load_effective(store, &a.id)?;
-    match s.status {
-        Status::Running => {}
-        Status::Stopped => bail!("cannot exec in a stopped container"),
-        Status::Paused => bail!("cannot exec in a paused container"),
-        Status::Created | Status::Creating => {
-            bail!("cannot exec in a container that has not been started")
-        }
-    }
+    s.status.check(Op::Exec, &a.id)?;
     let process = build_process(a, &s.bundle)?;
     let terminal = process["terminal"].as_bool().unwrap_or(false);
     if terminal && a.detach && a.console_socket.is_none() {
@@ -480,9 +473,7 @@ pub fn ps(store: &Store, id: &str, format: &str, ps_args: &[String]) -> Result<(
         bail!("invalid format option {format:?}: use table or json");
     }
     let s = load_effective(store, id)?;
-    if s.status == Status::Stopped {
-        bail!("container {id} is not running");
-    }
+    s.status.check(Op::Inspect, id)?;
     let mut c = connect(store, id)?;
     c.set_timeout(Some(AGENT_TIMEOUT))?;
     let pids = c

@@ -12,8 +12,9 @@
 //! `stopped` with the exit status, and exits with that status, so the pid
 //! in `--pid-file` behaves like runc's container process.
 //!
-//! `<root>/<id>/` holds the state, the lock, the VM's sockets
-//! (`vsock.sock`, `api.sock`), its logs and `vmm.pid`.
+//! `<root>/<id>/` holds the state, the lock, the VM's logs and `vmm.pid`;
+//! its sockets (`vsock.sock`, `api.sock`) are in the short
+//! [`Store::sandbox_dir`], whatever the length of `--root`.
 //!
 //! Terminal containers (`process.terminal`): the monitor sends a host pty
 //! master to `--console-socket` before it says `ok`, or, for a foreground
@@ -34,7 +35,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -45,9 +46,9 @@ use vessel_proto::AGENT_PORT;
 use vessel_shim::binds;
 use vessel_shim::bundle::Bundle;
 use vessel_shim::config::Config;
-use vessel_shim::sandbox::{HostSide, Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
+use vessel_shim::sandbox::{Dirs, HostSide, Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
 use vessel_shim::signal;
-use vessel_shim::state::{self, ContainerState, Status, Store, OCI_VERSION};
+use vessel_shim::state::{self, ContainerState, Op, Status, Store, OCI_VERSION};
 
 /// Where the agent mounts the rootfs share in the guest.
 const GUEST_ROOTFS: &str = "/run/vessel/rootfs";
@@ -63,7 +64,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The vsock socket of container `id`'s sandbox.
 fn vsock_path(store: &Store, id: &str) -> Result<PathBuf> {
-    Ok(store.dir(id)?.join("vsock.sock"))
+    Ok(store.sandbox_dir(id)?.join("vsock.sock"))
 }
 
 fn connect(store: &Store, id: &str) -> Result<AgentClient> {
@@ -72,41 +73,16 @@ fn connect(store: &Store, id: &str) -> Result<AgentClient> {
         .with_context(|| format!("cannot reach the sandbox of container {id}"))
 }
 
-/// Fields of `/proc/PID/stat` after the command name, or `None`.
-fn proc_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-fn proc_args(pid: i32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            b.split(|&c| c == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Whether `pid` is a live (not zombie) process whose arguments contain
-/// every one of `needles`.
-fn alive_with(pid: i32, needles: &[&str]) -> bool {
-    if pid <= 0 || matches!(proc_state(pid), None | Some('Z') | Some('X')) {
-        return false;
-    }
-    let args = proc_args(pid);
-    needles
-        .iter()
-        .all(|n| args.iter().any(|a| a == n || a.contains(n)))
-}
-
-fn monitor_alive(pid: i32, id: &str) -> bool {
-    alive_with(pid, &["monitor", id])
+/// Whether the monitor recorded in `s` still runs: same pid and the same
+/// start time (a recycled pid is another process), not a zombie.
+fn monitor_alive(s: &ContainerState) -> bool {
+    s.pid_start
+        .is_some_and(|start| state::same_process(s.pid, start))
 }
 
 /// The state as it really is: a container whose monitor is gone is stopped.
 fn effective(mut s: ContainerState) -> ContainerState {
-    if s.status != Status::Stopped && !monitor_alive(s.pid, &s.id) {
+    if s.status != Status::Stopped && !monitor_alive(&s) {
         s.status = Status::Stopped;
         s.pid = 0;
     }
@@ -135,21 +111,27 @@ fn send_signal(pid: i32, sig: i32) {
     }
 }
 
-/// Kills the VMM of `dir` (from `vmm.pid`) if it still runs.
+/// Records the VMM's pid and start time in `dir` for [`kill_vmm`].
+fn write_vmm_pid(dir: &Path, pid: u32) -> Result<()> {
+    let pid = i32::try_from(pid).context("pid out of range")?;
+    let start = state::process_start(pid).context("the VMM exited")?;
+    std::fs::write(dir.join(VMM_PID_FILE), format!("{pid} {start}\n")).context("writing vmm.pid")
+}
+
+/// Kills the VMM of `dir` (from `vmm.pid`) if that very process still runs.
 fn kill_vmm(dir: &Path) {
-    let Some(pid) = std::fs::read_to_string(dir.join(VMM_PID_FILE))
+    let Some((pid, start)) = std::fs::read_to_string(dir.join(VMM_PID_FILE))
         .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
+        .and_then(|s| {
+            let (p, t) = s.trim().split_once(' ')?;
+            Some((p.parse::<i32>().ok()?, t.parse::<u64>().ok()?))
+        })
     else {
         return;
     };
-    let sock = dir.join("vsock.sock");
-    let sock = sock.to_string_lossy();
-    if alive_with(pid, &["vessel-vmm", &sock]) {
+    if state::same_process(pid, start) {
         send_signal(pid, libc::SIGKILL);
-        wait_until(Duration::from_secs(10), || {
-            !alive_with(pid, &["vessel-vmm"])
-        });
+        wait_until(Duration::from_secs(10), || !state::same_process(pid, start));
     }
 }
 
@@ -218,6 +200,13 @@ pub fn create(
             .arg(wfd.to_string());
         if let Some(s) = &console_socket {
             cmd.arg("--console-socket").arg(s);
+            // The container's stdio is the pty: like runc, keep nothing of
+            // the caller's stdio, or a caller reading our output until EOF
+            // (`out=$(vessel create ...)`, dockerd, containerd's shim)
+            // waits as long as the container lives.
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
         }
         // SAFETY: runs in the child between fork and exec; setsid(2) and
         // fcntl(2) are async-signal-safe and touch no memory of ours.
@@ -244,10 +233,14 @@ pub fn create(
             );
         }
         let pid = c.id();
+        let pid_i = i32::try_from(pid).context("pid out of range")?;
+        let pid_start = state::process_start(pid_i).ok_or_else(|| {
+            anyhow!("the sandbox monitor exited right after creating the container")
+        })?;
         let st = ContainerState {
             oci_version: OCI_VERSION.into(),
             id: id.into(),
-            pid: i32::try_from(pid).context("pid out of range")?,
+            pid: pid_i,
             status: Status::Created,
             bundle: b.dir.clone(),
             rootfs: b.rootfs.clone(),
@@ -255,6 +248,7 @@ pub fn create(
             owner: String::new(),
             annotations: b.annotations.clone(),
             exit_status: None,
+            pid_start: Some(pid_start),
         };
         store.save(&st, &lock)?;
         if let Some(p) = pid_file {
@@ -281,12 +275,7 @@ pub fn create(
 pub fn start(store: &Store, id: &str) -> Result<()> {
     let lock = store.lock(id)?;
     let mut s = effective(store.load(id)?);
-    match s.status {
-        Status::Created => {}
-        Status::Stopped => bail!("cannot start a container that has stopped"),
-        Status::Running => bail!("cannot start an already running container"),
-        other => bail!("cannot start a container in the {} state", other.as_str()),
-    }
+    s.status.check(Op::Start, id)?;
     let mut c = connect(store, id)?;
     c.set_timeout(Some(AGENT_TIMEOUT))?;
     c.start_container(id)
@@ -300,9 +289,7 @@ pub fn start(store: &Store, id: &str) -> Result<()> {
 pub fn kill(store: &Store, id: &str, sig: Option<&str>, all: bool) -> Result<()> {
     let signal = signal::parse(sig.unwrap_or("SIGTERM"))?;
     let s = effective(store.load(id)?);
-    if s.status == Status::Stopped {
-        bail!("container not running");
-    }
+    s.status.check(Op::Kill, id)?;
     let mut c = connect(store, id)?;
     c.signal_process(SignalProcessRequest {
         id: id.into(),
@@ -318,18 +305,14 @@ pub fn kill(store: &Store, id: &str, sig: Option<&str>, all: bool) -> Result<()>
 pub fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
     let lock = store.lock(id)?;
     let s = store.load(id).ok().map(effective);
-    if let Some(s) = &s {
-        if matches!(s.status, Status::Running | Status::Paused) && !force {
-            bail!(
-                "cannot delete container {id} that is not stopped: {}",
-                s.status.as_str()
-            );
-        }
+    if let Some(s) = s.as_ref().filter(|_| !force) {
+        s.status.check(Op::Delete, id)?;
     }
     // The monitor takes the lock to record `stopped`: let it.
     drop(lock);
     let dir = store.dir(id)?;
     if let Some(s) = s.filter(|s| s.status != Status::Stopped) {
+        let alive = || monitor_alive(&s);
         if let Ok(mut c) = connect(store, id) {
             let killed = c.signal_process(SignalProcessRequest {
                 id: id.into(),
@@ -341,10 +324,10 @@ pub fn delete(store: &Store, id: &str, force: bool) -> Result<()> {
                 let _ = c.delete_container(id, true);
             }
         }
-        if !wait_until(STOP_TIMEOUT, || !monitor_alive(s.pid, id)) {
+        if !wait_until(STOP_TIMEOUT, || !alive()) {
             tracing::warn!("the monitor of {id} did not stop; killing it");
             send_signal(s.pid, libc::SIGKILL);
-            wait_until(Duration::from_secs(10), || !monitor_alive(s.pid, id));
+            wait_until(Duration::from_secs(10), || !alive());
         }
     }
     kill_vmm(&dir);
@@ -499,6 +482,11 @@ fn setup(
 ) -> Result<Monitored> {
     let b = Bundle::load(bundle)?;
     let dir = store.dir(id)?;
+    let sockets = store.create_sandbox_dir(id)?;
+    let dirs = Dirs {
+        dir: &dir,
+        sockets: &sockets,
+    };
     let mut spec = b.spec.clone();
     if b.readonly {
         // The guest cannot write a read-only share: make the mount points
@@ -529,14 +517,14 @@ fn setup(
     let t0 = Instant::now();
     let (mut sb, mut client) = if cfg.templates {
         let (tpl, _) = Templates::new(cfg).ensure(false)?;
-        Sandbox::restore(cfg, &tpl, &dir, &shares, &host, b.hostname.clone())?
+        Sandbox::restore(cfg, &tpl, dirs, &shares, &host, b.hostname.clone())?
     } else {
-        Sandbox::boot(cfg, &dir, &shares, &host)?
+        Sandbox::boot(cfg, dirs, &shares, &host)?
     };
     drop(host.netns);
     tracing::debug!("{id}: sandbox ready after {:?}", t0.elapsed());
     let created = (|| -> Result<stdio::Relays> {
-        std::fs::write(dir.join(VMM_PID_FILE), sb.pid().to_string()).context("writing vmm.pid")?;
+        write_vmm_pid(&dir, sb.pid())?;
         if !host.binds.is_empty() {
             client.set_timeout(Some(AGENT_TIMEOUT))?;
             client

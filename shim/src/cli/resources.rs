@@ -13,7 +13,7 @@ use vessel_proto::resources::{
     BlockIoUpdate, CpuUpdate, MemoryUpdate, PidsUpdate, ResourcesUpdate,
 };
 
-use vessel_shim::state::{Status, Store};
+use vessel_shim::state::{Op, Status, Store};
 
 use super::{connect, effective, AGENT_TIMEOUT};
 
@@ -133,11 +133,7 @@ fn requested(a: &UpdateArgs) -> Result<ResourcesUpdate> {
 pub fn pause(store: &Store, id: &str) -> Result<()> {
     let lock = store.lock(id)?;
     let mut s = effective(store.load(id)?);
-    match s.status {
-        Status::Running => {}
-        Status::Paused => bail!("container {id} is already paused"),
-        _ => bail!("container {id} is not running"),
-    }
+    s.status.check(Op::Pause, id)?;
     let mut c = connect(store, id)?;
     c.set_timeout(Some(AGENT_TIMEOUT))?;
     c.pause_container(id)
@@ -151,9 +147,7 @@ pub fn pause(store: &Store, id: &str) -> Result<()> {
 pub fn resume(store: &Store, id: &str) -> Result<()> {
     let lock = store.lock(id)?;
     let mut s = effective(store.load(id)?);
-    if s.status != Status::Paused {
-        bail!("container {id} is not paused");
-    }
+    s.status.check(Op::Resume, id)?;
     let mut c = connect(store, id)?;
     c.set_timeout(Some(AGENT_TIMEOUT))?;
     c.resume_container(id)
@@ -169,9 +163,7 @@ pub fn update(store: &Store, a: &UpdateArgs) -> Result<()> {
     let resources = requested(a)?;
     let _lock = store.lock(id)?;
     let s = effective(store.load(id)?);
-    if s.status == Status::Stopped {
-        bail!("cannot update container {id}: it is stopped");
-    }
+    s.status.check(Op::Update, id)?;
     let mut c = connect(store, id)?;
     c.set_timeout(Some(AGENT_TIMEOUT))?;
     c.update_container(id, resources)
