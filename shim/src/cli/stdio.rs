@@ -1,5 +1,5 @@
 //! A process's stdio on the host: the vsock streams attached for it before
-//! it is created (see `agent/proto/README.md`, "Stdio streams"), and the
+//! it is created (see `proto/README.md`, "Stdio streams"), and the
 //! threads that relay them to our stdio or to a terminal.
 
 use std::os::fd::AsFd;
