@@ -339,12 +339,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Spec { bundle, rootless } => ok(spec(bundle, *rootless)),
         Command::Create(a) => {
             let o = a.options(false)?;
+            rt.cfg.check_artifacts()?;
             let b = Bundle::load(&a.bundle)?;
             rt.create(&a.id, &b, &o)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { create: a, detach } => {
             let o = a.options(!detach)?;
+            rt.cfg.check_artifacts()?;
             let b = Bundle::load(&a.bundle)?;
             Ok(ExitCode::from(rt.run(&a.id, &b, &o, *detach)?))
         }
