@@ -5,6 +5,7 @@
 
 pub mod binds;
 pub mod bundle;
+pub mod cgroup;
 pub mod config;
 pub mod log;
 pub mod netns;
