@@ -326,6 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         store,
         cfg,
         launcher,
+        systemd_cgroup: cli.systemd_cgroup,
     };
     let ok = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match &cli.command {

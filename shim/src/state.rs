@@ -195,6 +195,10 @@ pub struct ContainerState {
     /// a recycled pid is never taken for the container's monitor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_start: Option<u64>,
+    /// vessel: the host cgroup the sandbox runs in (what vessel created,
+    /// so `delete` removes exactly that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<crate::cgroup::HostCgroupState>,
 }
 
 /// The start time (clock ticks since boot) of a live, non-zombie process.
@@ -480,6 +484,7 @@ mod tests {
             annotations: Default::default(),
             exit_status: None,
             pid_start: None,
+            host_cgroup: None,
         }
     }
 

@@ -158,8 +158,12 @@ fn runc_lifecycle_through_the_microvm() {
         env.run_entries()
     );
 
-    // create, state, start, kill -> stopped, 137.
-    let b = bundle(&env, "b-sleep", &["sleep", "1000"]);
+    // create, state, start, kill -> stopped, 137; the sandbox runs in the
+    // host cgroup `linux.cgroupsPath` names, removed on delete.
+    let cg = format!("/vessel-test-{}/sleep", std::process::id());
+    let mut s = spec(&env.tmp.join("rootfs"), &["sleep", "1000"]);
+    s["linux"]["cgroupsPath"] = json!(cg);
+    let b = env.write_bundle("b-sleep", &s);
     let pid_file = env.tmp.join("sleep.pid");
     let pf = pid_file.to_string_lossy().into_owned();
     let (st, err) = env.detached(&["create", "--bundle", &b, "--pid-file", &pf, "sleep"]);
@@ -171,6 +175,26 @@ fn runc_lifecycle_through_the_microvm() {
         (Some("created"), Some(i64::from(pid)))
     );
     assert_eq!(s["bundle"].as_str(), Some(b.as_str()));
+    let vmm = env.vmms();
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    for h in ["memory", "pids", "cpu", "unified"] {
+        let procs = Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join(&cg[1..])
+            .join("cgroup.procs");
+        if !Path::new("/sys/fs/cgroup").join(h).is_dir() {
+            continue; // not this host's layout (pure v2 has no `memory` dir)
+        }
+        let list =
+            std::fs::read_to_string(&procs).unwrap_or_else(|e| panic!("{}: {e}", procs.display()));
+        for p in [pid, vmm[0]] {
+            assert!(
+                list.lines().any(|l| l.trim() == p.to_string()),
+                "pid {p} not in {}: {list}",
+                procs.display()
+            );
+        }
+    }
     // A duplicate id is refused and leaves the first container alone.
     let (st, err) = env.detached(&["create", "--bundle", &b, "sleep"]);
     assert!(!st.success() && err.contains("already exists"), "{err}");
@@ -209,6 +233,12 @@ fn runc_lifecycle_through_the_microvm() {
         "delete: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // Both levels vessel created are gone, in every hierarchy.
+    let top = format!("vessel-test-{}", std::process::id());
+    for h in ["memory", "pids", "cpu", "unified", ""] {
+        let dir = Path::new("/sys/fs/cgroup").join(h).join(&top);
+        assert!(!dir.exists(), "host cgroup left: {}", dir.display());
+    }
 
     // run --detach, then delete --force of the running container.
     let pf = env.tmp.join("force.pid").to_string_lossy().into_owned();

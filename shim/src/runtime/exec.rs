@@ -335,7 +335,8 @@ impl Runtime {
                         .into(),
                 );
             }
-            let cmd = self.launcher.command(&args, writer.as_raw_fd());
+            // The exec-monitor stays in our cgroup: it only relays.
+            let cmd = self.launcher.command(&args, writer.as_raw_fd(), Vec::new());
             let (child, _) = Launcher::spawn_and_wait_ready(
                 cmd,
                 reader,

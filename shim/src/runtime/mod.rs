@@ -31,9 +31,10 @@ pub mod monitor;
 mod stdio;
 pub mod tty;
 
-use std::ffi::OsString;
+use std::ffi::{CStr, CString, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,7 @@ use vessel_proto::AGENT_PORT;
 
 use crate::binds::BindError;
 use crate::bundle::{Bundle, BundleError};
+use crate::cgroup::{CgroupError, CgroupPath, CpuResources, HostCgroup};
 use crate::config::{Config, ConfigError};
 use crate::netns::NetnsError;
 use crate::sandbox::SandboxError;
@@ -88,6 +90,9 @@ pub enum RuntimeError {
     /// Not a signal.
     #[error(transparent)]
     Signal(#[from] SignalError),
+    /// The host cgroup cannot be set up or removed.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     /// The agent refused a request or could not be reached.
     #[error("{what}")]
     Agent {
@@ -180,8 +185,10 @@ pub struct Launcher {
 
 impl Launcher {
     /// A command running `exe globals... args...` in a session of its
-    /// own, with `ready` (a pipe's write end) left open for it.
-    fn command(&self, args: &[OsString], ready: RawFd) -> Command {
+    /// own, with `ready` (a pipe's write end) left open for it, that
+    /// joins the cgroups whose `cgroup.procs` files are `procs` before it
+    /// runs (so everything it starts is accounted there).
+    fn command(&self, args: &[OsString], ready: RawFd, procs: Vec<CString>) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.args(&self.globals)
             .args(args)
@@ -193,6 +200,9 @@ impl Launcher {
             cmd.pre_exec(move || {
                 if libc::setsid() < 0 || libc::fcntl(ready, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for p in &procs {
+                    join_cgroup(p)?;
                 }
                 Ok(())
             });
@@ -229,6 +239,27 @@ impl Launcher {
     }
 }
 
+/// Moves the calling process into the cgroup whose `cgroup.procs` is
+/// `procs` (writing `0` means "me", in v1 and v2). Only system calls: safe
+/// between fork and exec.
+fn join_cgroup(procs: &CStr) -> std::io::Result<()> {
+    // SAFETY: open(2) of a NUL-terminated path we own, write(2) of a
+    // static byte, close(2) of the descriptor we opened; no allocation.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if n != 1 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 /// What `create` needs besides the bundle.
 #[derive(Clone, Debug, Default)]
 pub struct CreateOptions {
@@ -250,6 +281,9 @@ pub struct Runtime {
     pub cfg: Config,
     /// How monitors are started.
     pub launcher: Launcher,
+    /// `linux.cgroupsPath` is in systemd's `slice:prefix:name` form
+    /// (runc's `--systemd-cgroup`).
+    pub systemd_cgroup: bool,
 }
 
 impl Runtime {
@@ -305,7 +339,16 @@ impl Runtime {
             .ctx("resolving the console socket path")?;
         let (dir, lock) = self.store.create(id)?;
         let mut child: Option<Child> = None;
+        let mut cgroup: Option<HostCgroup> = None;
         let result = (|| -> Result<()> {
+            let cg = cgroup.insert(self.host_cgroup(id, b)?);
+            let procs = cg
+                .state()
+                .dirs
+                .iter()
+                .map(|d| CString::new(d.leaf.join("cgroup.procs").into_os_string().into_vec()))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|_| RuntimeError::Invalid("a cgroup path contains NUL".into()))?;
             let (reader, writer) = std::io::pipe().ctx("creating a pipe")?;
             let mut args: Vec<OsString> = vec![
                 "monitor".into(),
@@ -317,7 +360,7 @@ impl Runtime {
                 args.push("--console-socket".into());
                 args.push(s.clone().into());
             }
-            let mut cmd = self.launcher.command(&args, writer.as_raw_fd());
+            let mut cmd = self.launcher.command(&args, writer.as_raw_fd(), procs);
             if console_socket.is_some() {
                 // The container's stdio is the pty: like runc, keep nothing
                 // of the caller's stdio, or a caller reading our output
@@ -355,6 +398,7 @@ impl Runtime {
                 annotations: b.annotations.clone(),
                 exit_status: None,
                 pid_start: Some(pid_start),
+                host_cgroup: Some(cg.state().clone()),
             };
             self.store.save(&st, &lock)?;
             if let Some(p) = &o.pid_file {
@@ -371,6 +415,11 @@ impl Runtime {
                     let _ = c.wait();
                 }
                 kill_vmm(&dir);
+                if let Some(cg) = cgroup {
+                    if let Err(e) = cg.remove() {
+                        tracing::warn!("{id}: removing the host cgroup: {e}");
+                    }
+                }
                 let _ = self.store.remove(id, lock);
                 Err(e)
             }
@@ -444,8 +493,24 @@ impl Runtime {
         }
         kill_vmm(&dir);
         let lock = self.store.lock(id)?;
+        if let Some(cg) = self.store.load(id).ok().and_then(|s| s.host_cgroup) {
+            HostCgroup::from_state(cg).remove()?;
+        }
         self.store.remove(id, lock)?;
         Ok(())
+    }
+
+    /// Creates the host cgroup `linux.cgroupsPath` names (runc's default
+    /// when it is empty) and gives it the spec's CPU weight and cpuset.
+    fn host_cgroup(&self, id: &str, b: &Bundle) -> Result<HostCgroup> {
+        let path = b.spec["linux"]["cgroupsPath"].as_str();
+        let path = CgroupPath::parse(path, self.systemd_cgroup, id)?;
+        let cg = HostCgroup::create(&path)?;
+        if let Err(e) = cg.apply_cpu(&CpuResources::from_spec(&b.spec)) {
+            let _ = cg.remove();
+            return Err(e.into());
+        }
+        Ok(cg)
     }
 
     /// `pause`: freezes the container's cgroup in the guest.
