@@ -44,7 +44,7 @@ use std::time::{Duration, Instant, SystemTime};
 use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::container::SignalProcessRequest;
 use vessel_proto::resources::{ResourcesUpdate, Stats};
-use vessel_proto::AGENT_PORT;
+use vessel_proto::{ErrorCode, AGENT_PORT};
 
 use crate::binds::BindError;
 use crate::bundle::{Bundle, BundleError};
@@ -445,7 +445,17 @@ impl Runtime {
     pub fn kill(&self, id: &str, signal: i32, all: bool) -> Result<()> {
         let s = self.state(id)?;
         s.status.check(Op::Kill, id)?;
-        self.signal(id, None, signal, all)
+        match self.signal(id, None, signal, all) {
+            // The init exited and the monitor has not recorded it yet:
+            // runc's words, which engines match ("container not running").
+            Err(RuntimeError::Agent {
+                source: ClientError::Remote(r),
+                ..
+            }) if r.code == ErrorCode::FailedPrecondition => {
+                Err(StateError::InvalidState("container not running".into()).into())
+            }
+            other => other,
+        }
     }
 
     /// Sends `signal` to process `exec_id` (None: init) of `id`.
