@@ -19,6 +19,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
@@ -336,7 +337,14 @@ impl Runtime {
                 );
             }
             // The exec-monitor stays in our cgroup: it only relays.
-            let cmd = self.launcher.command(&args, writer.as_raw_fd(), Vec::new());
+            let mut cmd = self.launcher.command(&args, writer.as_raw_fd(), Vec::new());
+            if a.console_socket.is_some() {
+                // The process's stdio is the pty: keep nothing of the
+                // caller's (see `Runtime::create`).
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+            }
             let (child, _) = Launcher::spawn_and_wait_ready(
                 cmd,
                 reader,
