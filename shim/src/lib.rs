@@ -7,6 +7,7 @@ pub mod binds;
 pub mod bundle;
 pub mod cgroup;
 pub mod config;
+pub mod hooks;
 pub mod log;
 pub mod netns;
 pub mod runtime;

@@ -199,6 +199,9 @@ pub struct ContainerState {
     /// so `delete` removes exactly that).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<crate::cgroup::HostCgroupState>,
+    /// vessel: the spec's `hooks`, for `poststart` and `poststop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<serde_json::Value>,
 }
 
 /// The start time (clock ticks since boot) of a live, non-zombie process.
@@ -485,6 +488,7 @@ mod tests {
             exit_status: None,
             pid_start: None,
             host_cgroup: None,
+            hooks: None,
         }
     }
 

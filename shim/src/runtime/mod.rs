@@ -50,6 +50,7 @@ use crate::binds::BindError;
 use crate::bundle::{Bundle, BundleError};
 use crate::cgroup::{CgroupError, CgroupPath, CpuResources, HostCgroup};
 use crate::config::{Config, ConfigError};
+use crate::hooks::HookError;
 use crate::netns::NetnsError;
 use crate::sandbox::SandboxError;
 use crate::signal::SignalError;
@@ -90,6 +91,9 @@ pub enum RuntimeError {
     /// Not a signal.
     #[error(transparent)]
     Signal(#[from] SignalError),
+    /// A hook failed.
+    #[error(transparent)]
+    Hook(#[from] HookError),
     /// The host cgroup cannot be set up or removed.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
@@ -399,7 +403,13 @@ impl Runtime {
                 exit_status: None,
                 pid_start: Some(pid_start),
                 host_cgroup: Some(cg.state().clone()),
+                hooks: b.spec.get("hooks").cloned().filter(|h| !h.is_null()),
             };
+            for kind in ["createContainer", "startContainer"] {
+                if !crate::hooks::of_kind(&b.spec, kind)?.is_empty() {
+                    tracing::info!("{id}: {kind} hooks are not run: they would run inside the VM");
+                }
+            }
             self.store.save(&st, &lock)?;
             if let Some(p) = &o.pid_file {
                 write_pid_file(p, pid)?;
@@ -438,7 +448,24 @@ impl Runtime {
             .with_ctx(|| format!("starting container {id}"))?;
         s.status = Status::Running;
         self.store.save(&s, &lock)?;
+        drop(lock);
+        self.run_hooks(&s, "poststart");
         Ok(())
+    }
+
+    /// Runs hooks of `kind` from the saved state (post* hooks: a failure
+    /// is logged, as the runtime spec says).
+    fn run_hooks(&self, s: &ContainerState, kind: &str) {
+        let Some(spec) = &s.hooks else {
+            return;
+        };
+        let spec = serde_json::json!({ "hooks": spec });
+        let state = state_json(s);
+        let r =
+            crate::hooks::of_kind(&spec, kind).and_then(|h| crate::hooks::run(kind, &h, &state));
+        if let Err(e) = r {
+            tracing::warn!("{}: {}", s.id, error_chain(&e));
+        }
     }
 
     /// `kill`: `signal` to the init (or, with `all`, every process).
@@ -503,8 +530,13 @@ impl Runtime {
         }
         kill_vmm(&dir);
         let lock = self.store.lock(id)?;
-        if let Some(cg) = self.store.load(id).ok().and_then(|s| s.host_cgroup) {
-            HostCgroup::from_state(cg).remove()?;
+        if let Ok(mut s) = self.store.load(id) {
+            if let Some(cg) = s.host_cgroup.take() {
+                HostCgroup::from_state(cg).remove()?;
+            }
+            s.status = Status::Stopped;
+            s.pid = 0;
+            self.run_hooks(&s, "poststop");
         }
         self.store.remove(id, lock)?;
         Ok(())
@@ -634,6 +666,31 @@ impl Runtime {
         self.delete(id, true)?;
         Ok(exit_code(status))
     }
+}
+
+/// The state hooks get on stdin (the runtime spec's state).
+fn state_json(s: &ContainerState) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": s.oci_version,
+        "id": s.id,
+        "status": s.status.as_str(),
+        "pid": s.pid,
+        "bundle": s.bundle,
+        "annotations": s.annotations,
+    })
+}
+
+/// The state of container `id` (bundle `b`) with `status` and `pid`, for
+/// hooks run before `state.json` exists.
+pub(crate) fn hook_state(id: &str, b: &Bundle, status: &str, pid: u32) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": OCI_VERSION,
+        "id": id,
+        "status": status,
+        "pid": pid,
+        "bundle": b.dir,
+        "annotations": b.annotations,
+    })
 }
 
 /// Whether the monitor recorded in `s` still runs: same pid and the same

@@ -47,7 +47,22 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
     let stage = dir.join("mounts");
     let _ = std::fs::remove_dir_all(&stage);
     std::fs::create_dir_all(&stage).with_ctx(|| format!("creating {}", stage.display()))?;
-    let netns = crate::netns::take(&mut spec)?;
+    // The sandbox's network namespace is the monitor's own (the VMM
+    // inherits it): the engine's, given by path (podman, CNI), or a new one
+    // when the spec asks for a network namespace (docker fills it from a
+    // prestart hook that finds it at /proc/<monitor>/ns/net).
+    match crate::netns::take(&mut spec)? {
+        Some(fd) => crate::netns::enter(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .ctx("joining the engine's network namespace")?,
+        None if crate::netns::wanted(&spec) => {
+            crate::netns::unshare().ctx("creating the sandbox's network namespace")?
+        }
+        None => {}
+    }
+    let hook_state = super::hook_state(id, &b, "creating", std::process::id());
+    for kind in ["prestart", "createRuntime"] {
+        crate::hooks::run(kind, &crate::hooks::of_kind(&b.spec, kind)?, &hook_state)?;
+    }
     let host = HostSide {
         stage: Some(
             std::ffi::CString::new(stage.as_os_str().as_encoded_bytes()).map_err(|_| {
@@ -55,7 +70,7 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
             })?,
         ),
         binds: binds::plan(&mut spec, &b.dir, &stage, GUEST_MOUNTS)?,
-        netns,
+        netns: None,
     };
     let shares = [
         format!(
@@ -73,7 +88,6 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
     } else {
         Sandbox::boot(cfg, dirs, &shares, &host)?
     };
-    drop(host.netns);
     tracing::debug!("{id}: sandbox ready after {:?}", t0.elapsed());
     let created = (|| -> Result<stdio::Relays> {
         write_vmm_pid(&dir, sb.pid())?;
