@@ -120,6 +120,7 @@ fn runc_lifecycle_through_the_microvm() {
                   (echo x > /ro/new) 2>/dev/null && echo ro-WRITABLE || echo ro-refused; \
                   cat /ro/in /etc/greeting; \
                   [ -s /proc/kcore ] && echo kcore-visible || echo kcore-masked; \
+                  cat /sys/fs/cgroup/pids.max; \
                   for i in 1 2 3 4 5 6; do sleep 1 & done; wait; echo no-pids-limit";
     let mut s = spec(&env.tmp.join("rootfs"), &["sh", "-c", script]);
     let mounts = s["mounts"].as_array_mut().unwrap();
@@ -129,6 +130,12 @@ fn runc_lifecycle_through_the_microvm() {
                        "options": ["bind", "ro"]}));
     mounts.push(json!({"destination": "/etc/greeting", "source": greeting,
                        "options": ["bind", "ro", "nosuid"]}));
+    // No cgroup namespace asked for (podman, docker on v1 hosts): the
+    // cgroup mount still shows the container's own limits.
+    mounts.push(
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                       "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    );
     s["linux"]["resources"] = json!({"pids": {"limit": 4}});
     let b = env.write_bundle("b-binds", &s);
     let t = Instant::now();
@@ -136,7 +143,7 @@ fn runc_lifecycle_through_the_microvm() {
     eprintln!("vessel run with 3 bind mounts: {:?}", t.elapsed());
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert_eq!(
-        out, "rw-ok\nro-refused\nfrom the host\nhello file\nkcore-masked\n",
+        out, "rw-ok\nro-refused\nfrom the host\nhello file\nkcore-masked\n4\n",
         "stderr: {err}"
     );
     // busybox sh gives up when fork fails (the 4th process of the cgroup).
