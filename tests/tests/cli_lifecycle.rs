@@ -86,11 +86,19 @@ fn runc_lifecycle_through_the_microvm() {
     );
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 
     let b = bundle(&env, "b-true", &["true"]);
     let t = Instant::now();
     // --no-new-keyring is accepted (the guest kernel has no keyrings).
-    let o = env.output(&["run", "--no-new-keyring", "--bundle", &b, "true"]);
+    // A 64-hex id under a root as long as dockerd's: the socket paths
+    // must still fit.
+    let long_id = "0123456789abcdef".repeat(4);
+    let o = env.output(&["run", "--no-new-keyring", "--bundle", &b, &long_id]);
     let took = t.elapsed();
     assert!(
         o.status.success(),
@@ -112,6 +120,7 @@ fn runc_lifecycle_through_the_microvm() {
                   (echo x > /ro/new) 2>/dev/null && echo ro-WRITABLE || echo ro-refused; \
                   cat /ro/in /etc/greeting; \
                   [ -s /proc/kcore ] && echo kcore-visible || echo kcore-masked; \
+                  cat /sys/fs/cgroup/pids.max; \
                   for i in 1 2 3 4 5 6; do sleep 1 & done; wait; echo no-pids-limit";
     let mut s = spec(&env.tmp.join("rootfs"), &["sh", "-c", script]);
     let mounts = s["mounts"].as_array_mut().unwrap();
@@ -121,6 +130,12 @@ fn runc_lifecycle_through_the_microvm() {
                        "options": ["bind", "ro"]}));
     mounts.push(json!({"destination": "/etc/greeting", "source": greeting,
                        "options": ["bind", "ro", "nosuid"]}));
+    // No cgroup namespace asked for (podman, docker on v1 hosts): the
+    // cgroup mount still shows the container's own limits.
+    mounts.push(
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                       "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    );
     s["linux"]["resources"] = json!({"pids": {"limit": 4}});
     let b = env.write_bundle("b-binds", &s);
     let t = Instant::now();
@@ -128,7 +143,7 @@ fn runc_lifecycle_through_the_microvm() {
     eprintln!("vessel run with 3 bind mounts: {:?}", t.elapsed());
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert_eq!(
-        out, "rw-ok\nro-refused\nfrom the host\nhello file\nkcore-masked\n",
+        out, "rw-ok\nro-refused\nfrom the host\nhello file\nkcore-masked\n4\n",
         "stderr: {err}"
     );
     // busybox sh gives up when fork fails (the 4th process of the cgroup).
@@ -144,9 +159,18 @@ fn runc_lifecycle_through_the_microvm() {
         "host mounts left behind: {mountinfo}"
     );
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 
-    // create, state, start, kill -> stopped, 137.
-    let b = bundle(&env, "b-sleep", &["sleep", "1000"]);
+    // create, state, start, kill -> stopped, 137; the sandbox runs in the
+    // host cgroup `linux.cgroupsPath` names, removed on delete.
+    let cg = format!("/vessel-test-{}/sleep", std::process::id());
+    let mut s = spec(&env.tmp.join("rootfs"), &["sleep", "1000"]);
+    s["linux"]["cgroupsPath"] = json!(cg);
+    let b = env.write_bundle("b-sleep", &s);
     let pid_file = env.tmp.join("sleep.pid");
     let pf = pid_file.to_string_lossy().into_owned();
     let (st, err) = env.detached(&["create", "--bundle", &b, "--pid-file", &pf, "sleep"]);
@@ -158,6 +182,26 @@ fn runc_lifecycle_through_the_microvm() {
         (Some("created"), Some(i64::from(pid)))
     );
     assert_eq!(s["bundle"].as_str(), Some(b.as_str()));
+    let vmm = env.vmms();
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    for h in ["memory", "pids", "cpu", "unified"] {
+        let procs = Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join(&cg[1..])
+            .join("cgroup.procs");
+        if !Path::new("/sys/fs/cgroup").join(h).is_dir() {
+            continue; // not this host's layout (pure v2 has no `memory` dir)
+        }
+        let list =
+            std::fs::read_to_string(&procs).unwrap_or_else(|e| panic!("{}: {e}", procs.display()));
+        for p in [pid, vmm[0]] {
+            assert!(
+                list.lines().any(|l| l.trim() == p.to_string()),
+                "pid {p} not in {}: {list}",
+                procs.display()
+            );
+        }
+    }
     // A duplicate id is refused and leaves the first container alone.
     let (st, err) = env.detached(&["create", "--bundle", &b, "sleep"]);
     assert!(!st.success() && err.contains("already exists"), "{err}");
@@ -196,6 +240,12 @@ fn runc_lifecycle_through_the_microvm() {
         "delete: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // Both levels vessel created are gone, in every hierarchy.
+    let top = format!("vessel-test-{}", std::process::id());
+    for h in ["memory", "pids", "cpu", "unified", ""] {
+        let dir = Path::new("/sys/fs/cgroup").join(h).join(&top);
+        assert!(!dir.exists(), "host cgroup left: {}", dir.display());
+    }
 
     // run --detach, then delete --force of the running container.
     let pf = env.tmp.join("force.pid").to_string_lossy().into_owned();
@@ -245,6 +295,11 @@ fn runc_lifecycle_through_the_microvm() {
 
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 }
 
 /// A child process killed and reaped when the test ends, even by a panic.
@@ -446,6 +501,11 @@ fn user_namespace_maps_ids() {
 
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 }
 
 /// With `rootfs_dax_mib`, the root file system share has a DAX window (in
@@ -488,4 +548,31 @@ fn rootfs_through_a_dax_window() {
     env.ok(&["delete", "--force", "dax"]);
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
+}
+
+/// `-v`/`--version` and `-h`/`--help` answer everywhere, as runc's do
+/// (engines run `RUNTIME --version` to show it in their info).
+#[test]
+fn version_and_help_flags_answer_like_runc() {
+    let env = CliEnv::new("cli-flags", "");
+    for args in [&["-v"][..], &["--version"]] {
+        let (out, _) = env.ok(args);
+        assert!(out.starts_with("vessel version "), "{args:?}: {out}");
+        assert!(out.contains("\nspec: "), "{args:?}: {out}");
+    }
+    for args in [
+        &["-h"][..],
+        &["--help"],
+        &["create", "-h"],
+        &["exec", "--help"],
+        &["delete", "-h"],
+    ] {
+        let (out, _) = env.ok(args);
+        assert!(out.contains("Usage: vessel"), "{args:?}: {out}");
+    }
 }

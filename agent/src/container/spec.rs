@@ -852,6 +852,14 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
             // Only the unified hierarchy exists in the guest.
             typ = "cgroup2".into();
         }
+        if typ == "cgroup2" {
+            // The container must find its own cgroup (memory.max,
+            // pids.max) at the mount point, as runc arranges by binding its
+            // cgroup directory there: a cgroup namespace rooted at the
+            // container's cgroup gives exactly that, and hides the VM's
+            // other cgroups.
+            cgroup_ns = true;
+        }
         if dest == Path::new("/dev") && typ == "tmpfs" {
             dev_is_tmpfs = true;
         }
@@ -1129,6 +1137,18 @@ mod tests {
     }
 
     /// A patch with a user namespace, `uid_map` as given and a wide gid map.
+    #[test]
+    fn a_cgroup_mount_shows_the_container_its_own_cgroup() {
+        // podman and docker on cgroup v1 hosts ask for no cgroup namespace
+        // but mount cgroup at /sys/fs/cgroup: the container still gets one,
+        // so memory.max and pids.max are its own.
+        let mut v = base();
+        v["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "mount"}, {"type": "uts"}]);
+        assert!(plan(v.clone()).unwrap().cgroup_ns);
+        v["mounts"].as_array_mut().unwrap().pop();
+        assert!(!plan(v).unwrap().cgroup_ns);
+    }
+
     fn userns(uid_map: serde_json::Value) -> serde_json::Value {
         json!({"linux": {
             "namespaces": [{"type": "mount"}, {"type": "user"}, {"type": "uts"}],
