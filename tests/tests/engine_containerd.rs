@@ -155,13 +155,16 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Runtime processes first: a monitor stuck on a pipe can hold the
+        // shim, and with it every ctr call on its task.
+        let killed = leaks::kill_tagged(&self.tag);
         let tasks = self.list("task");
         for t in &tasks {
-            let _ = self.ctr(&["task", "rm", "-f", t], 60);
+            let _ = self.ctr(&["task", "rm", "-f", t], 30);
         }
         let containers = self.list("containers");
         for c in &containers {
-            let _ = self.ctr(&["containers", "rm", c], 60);
+            let _ = self.ctr(&["containers", "rm", c], 30);
         }
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill with a pid and a signal number only.
@@ -170,7 +173,8 @@ impl Drop for Containerd {
                 eprintln!("containerd did not stop on SIGTERM within 30 s: killed");
             }
         }
-        let killed = leaks::kill_tagged(&self.tag);
+        let mut killed = killed;
+        killed.extend(leaks::kill_tagged(&self.tag));
         let dir = self.tmp.0.to_string_lossy().into_owned();
         let me = std::process::id() as i32;
         let stray: Vec<i32> = vessel_tests::cli::processes_mentioning(&dir, "")
@@ -181,8 +185,7 @@ impl Drop for Containerd {
             // SAFETY: kill with a pid and a signal number only.
             unsafe { libc::kill(p, libc::SIGKILL) };
         }
-        if !tasks.is_empty() || !containers.is_empty() || !killed.is_empty() || !stray.is_empty()
-        {
+        if !tasks.is_empty() || !containers.is_empty() || !killed.is_empty() || !stray.is_empty() {
             eprintln!(
                 "cleanup: removed tasks {tasks:?}, containers {containers:?}, killed {killed:?} and {stray:?}"
             );
@@ -233,7 +236,12 @@ fn wait_log(log: &Path, needle: &str, secs: u64) -> Result<(), String> {
         last = fs::read_to_string(log).unwrap_or_default();
         last.contains(needle).then_some(())
     })
-    .ok_or_else(|| format!("{}: {last:?} lacks {needle:?} after {secs} s", log.display()))
+    .ok_or_else(|| {
+        format!(
+            "{}: {last:?} lacks {needle:?} after {secs} s",
+            log.display()
+        )
+    })
 }
 
 /// Drives `cmd` (a `-t` ctr command) on a pty: waits for `24 80`, resizes
@@ -241,9 +249,7 @@ fn wait_log(log: &Path, needle: &str, secs: u64) -> Result<(), String> {
 /// exit status.
 fn on_pty(mut cmd: Command, secs: u64) -> Result<String, String> {
     let pty = Pty::open(24, 80).map_err(|e| format!("pty: {e}"))?;
-    let mut child = pty
-        .spawn(&mut cmd)
-        .map_err(|e| format!("spawn ctr: {e}"))?;
+    let mut child = pty.spawn(&mut cmd).map_err(|e| format!("spawn ctr: {e}"))?;
     let run = || -> Result<String, String> {
         pty.read_until(Duration::from_secs(secs), |s| s.contains("24 80"))?;
         pty.resize(40, 120).map_err(|e| format!("resize: {e}"))?;
@@ -283,10 +289,25 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
     let args = with(
         &["run", "--rm"],
         &[
-            "--read-only", "--cap-drop", "CAP_NET_RAW", "--memory-limit", "67108864", "--env",
-            "FOO=bar", "--cwd", "/tmp", "--mount", &bind, "--mount",
-            "type=tmpfs,src=tmpfs,dst=/t,options=nosuid:nodev", "--seccomp", IMAGE, &id_rm, "sh",
-            "-c", FACTS,
+            "--read-only",
+            "--cap-drop",
+            "CAP_NET_RAW",
+            "--memory-limit",
+            "67108864",
+            "--env",
+            "FOO=bar",
+            "--cwd",
+            "/tmp",
+            "--mount",
+            &bind,
+            "--mount",
+            "type=tmpfs,src=tmpfs,dst=/t,options=nosuid:nodev",
+            "--seccomp",
+            IMAGE,
+            &id_rm,
+            "sh",
+            "-c",
+            FACTS,
         ],
     );
     let t = c.ctr(&strs(&args), 300);
@@ -313,7 +334,10 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
     let n = id.as_str();
     let log = c.tmp.0.join(format!("{id}.out"));
     let log_uri = format!("file://{}", log.display());
-    let args = with(&["run", "-d", "--log-uri", &log_uri], &[IMAGE, n, "sh", "-c", DAEMON]);
+    let args = with(
+        &["run", "-d", "--log-uri", &log_uri],
+        &[IMAGE, n, "sh", "-c", DAEMON],
+    );
     let t = c.ctr(&strs(&args), 300);
     eprintln!("[{rt}] run -d took {:.1?}", t.took);
     let started = run_cmd(t, "run -d").and_then(|()| wait_log(&log, "started", 60));
@@ -339,26 +363,46 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
     } else {
         out.push(("task ls running", c.status(n)));
         let t = c.ctr(
-            &["task", "exec", "--exec-id", "e1", n, "sh", "-c", "echo exec-out; echo exec-err >&2; exit 5"],
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                "e1",
+                n,
+                "sh",
+                "-c",
+                "echo exec-out; echo exec-err >&2; exit 5",
+            ],
             120,
         );
         out.push((
             "task exec",
             exits(&t, "task exec", 5).map(|o| format!("out={o:?} err={:?}", t.stderr)),
         ));
-        out.push((
-            "task exec -t",
-            on_pty(
-                c.ctr_cmd(&[
-                    "task", "exec", "-t", "--exec-id", "e2", n, "sh", "-c",
-                    "stty size; tty >/dev/null && echo is-tty; read l; stty size; echo got:$l; exit 4",
-                ]),
-                120,
-            ),
-        ));
-        let usr1 = run_cmd(c.ctr(&["task", "kill", "-s", "SIGUSR1", n], 60), "kill USR1")
-            .and_then(|()| wait_log(&log, "got-usr1", 30))
-            .and_then(|()| c.status(n));
+        let exec_t = on_pty(
+            c.ctr_cmd(&[
+                "task",
+                "exec",
+                "-t",
+                "--exec-id",
+                "e2",
+                n,
+                "sh",
+                "-c",
+                "stty size; tty >/dev/null && echo is-tty; read l; stty size; echo got:$l; exit 4",
+            ]),
+            120,
+        );
+        if exec_t.is_err() {
+            release_stuck(&c.tag);
+        }
+        out.push(("task exec -t", exec_t));
+        let usr1 = run_cmd(
+            c.ctr(&["task", "kill", "-s", "SIGUSR1", n], 60),
+            "kill USR1",
+        )
+        .and_then(|()| wait_log(&log, "got-usr1", 30))
+        .and_then(|()| c.status(n));
         out.push(("kill -s SIGUSR1", usr1));
         let t = c.ctr(&["task", "metrics", n], 60);
         out.push((
@@ -379,20 +423,33 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
             "resume",
             run_cmd(c.ctr(&["task", "resume", n], 60), "resume").and_then(|()| c.status(n)),
         ));
-        let term = run_cmd(c.ctr(&["task", "kill", "-s", "SIGTERM", n], 60), "kill TERM")
-            .and_then(|()| {
-                std::thread::sleep(Duration::from_secs(2));
-                c.status(n)
-            });
+        let term = run_cmd(
+            c.ctr(&["task", "kill", "-s", "SIGTERM", n], 60),
+            "kill TERM",
+        )
+        .and_then(|()| {
+            std::thread::sleep(Duration::from_secs(2));
+            c.status(n)
+        });
         out.push(("SIGTERM ignored by pid 1", term));
-        let kill = run_cmd(c.ctr(&["task", "kill", "-s", "SIGKILL", n], 60), "kill KILL")
-            .and_then(|()| wait_status(c, n, "STOPPED", 60))
-            .and_then(|s| {
-                let t = c.ctr(&["task", "rm", n], 60);
-                t.ok("task rm")?;
-                let code = if t.stderr.contains("exit code 137") { "137" } else { "?" };
-                Ok(format!("{s} exit {code} ({})", t.stderr.trim().len().min(1)))
-            });
+        let kill = run_cmd(
+            c.ctr(&["task", "kill", "-s", "SIGKILL", n], 60),
+            "kill KILL",
+        )
+        .and_then(|()| wait_status(c, n, "STOPPED", 60))
+        .and_then(|s| {
+            let t = c.ctr(&["task", "rm", n], 60);
+            t.ok("task rm")?;
+            let code = if t.stderr.contains("exit code 137") {
+                "137"
+            } else {
+                "?"
+            };
+            Ok(format!(
+                "{s} exit {code} ({})",
+                t.stderr.trim().len().min(1)
+            ))
+        });
         out.push(("SIGKILL: exit 137", kill));
         let t = c.ctr(&["task", "start", "-d", n], 300);
         eprintln!("[{rt}] task start took {:.1?}", t.took);
@@ -415,13 +472,35 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
     let id_it = format!("it-{rt}");
     let args = with(
         &["run", "-t", "--rm"],
-        &[IMAGE, &id_it, "sh", "-c", "stty size; read l; stty size; echo got:$l; exit 4"],
+        &[
+            IMAGE,
+            &id_it,
+            "sh",
+            "-c",
+            "stty size; read l; stty size; echo got:$l; exit 4",
+        ],
     );
-    out.push((
-        "run -t (pty, resize)",
-        on_pty(c.ctr_cmd(&strs(&args)), 300),
-    ));
+    out.push(("run -t (pty, resize)", on_pty(c.ctr_cmd(&strs(&args)), 300)));
     out
+}
+
+/// After a pty check failed: SIGKILLs the runtime's exec-monitors (tagged
+/// `tag`), which may hold the shim's pipe and with it every later call on
+/// the container, so the remaining checks still run; what it killed.
+fn release_stuck(tag: &str) -> Vec<i32> {
+    let stuck: Vec<i32> = leaks::tagged_processes(tag)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("exec-monitor"))
+        .map(|(p, _)| p)
+        .collect();
+    for &p in &stuck {
+        // SAFETY: kill with a pid and a signal number only.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    if !stuck.is_empty() {
+        eprintln!("!!! killed exec-monitors {stuck:?} left after a failed pty check");
+    }
+    stuck
 }
 
 /// A behaviour passes when runc's run passed and vessel's shows the same.
@@ -491,7 +570,11 @@ fn containerd_runs_vessel_like_runc() {
     ]);
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
     let vessel = art.vmm.with_file_name("vessel");
-    assert!(vessel.is_file(), "{} missing (cargo xtask build)", vessel.display());
+    assert!(
+        vessel.is_file(),
+        "{} missing (cargo xtask build)",
+        vessel.display()
+    );
     let runc = vessel_tests::engines::which("runc").expect("runc");
 
     let tmp = TempDir::new("engine-containerd");

@@ -34,8 +34,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vessel_tests::engines::{
-    busybox_image_tar, leaks, output_within, poll_until, require_tools, wait_within, Checks,
-    Netns, Pty, RuntimeWrapper, Timed,
+    busybox_image_tar, leaks, output_within, poll_until, require_tools, wait_within, Checks, Netns,
+    Pty, RuntimeWrapper, Timed,
 };
 use vessel_tests::{kvm_available_or_skip, workspace_root, Artifacts, TempDir};
 
@@ -169,6 +169,9 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
+        // Runtime processes first: a monitor stuck on a pipe can hold the
+        // shim, and with it every docker call on its container.
+        let killed = leaks::kill_tagged(&self.tag);
         let left = self.containers();
         if !left.is_empty() {
             let mut args = vec!["rm", "-f"];
@@ -182,7 +185,8 @@ impl Drop for Dockerd {
                 eprintln!("dockerd did not stop on SIGTERM within 30 s: killed");
             }
         }
-        let killed = leaks::kill_tagged(&self.tag);
+        let mut killed = killed;
+        killed.extend(leaks::kill_tagged(&self.tag));
         let dir = self.tmp.0.to_string_lossy().into_owned();
         let me = std::process::id() as i32;
         let stray: Vec<i32> = vessel_tests::cli::processes_mentioning(&dir, "")
@@ -267,6 +271,25 @@ fn on_pty(d: &Dockerd, args: &[&str], secs: u64) -> Result<String, String> {
     Ok(format!("{} exit={code}", lines.join("|")))
 }
 
+/// After a pty check failed: SIGKILLs the runtime's exec-monitors (tagged
+/// `tag`), which may hold the shim's pipe and with it every later call on
+/// the container, so the remaining checks still run; what it killed.
+fn release_stuck(tag: &str) -> Vec<i32> {
+    let stuck: Vec<i32> = leaks::tagged_processes(tag)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("exec-monitor"))
+        .map(|(p, _)| p)
+        .collect();
+    for &p in &stuck {
+        // SAFETY: kill with a pid and a signal number only.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    if !stuck.is_empty() {
+        eprintln!("!!! killed exec-monitors {stuck:?} left after a failed pty check");
+    }
+    stuck
+}
+
 /// Every behaviour with runtime `rt`.
 fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
     let mut out: Observed = Vec::new();
@@ -275,9 +298,34 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
     // run --rm with many options at once.
     let t = d.docker(
         &[
-            "run", "--rm", "--runtime", rt, "--read-only", "--user", "1000:1000", "--cap-drop",
-            "NET_RAW", "--memory", "64m", "--pids-limit", "50", "-v", &x, "--tmpfs", "/t", "-e",
-            "FOO=bar", "-w", "/tmp", "--hostname", "hn", "--init", IMAGE, "sh", "-c", FACTS,
+            "run",
+            "--rm",
+            "--runtime",
+            rt,
+            "--read-only",
+            "--user",
+            "1000:1000",
+            "--cap-drop",
+            "NET_RAW",
+            "--memory",
+            "64m",
+            "--pids-limit",
+            "50",
+            "-v",
+            &x,
+            "--tmpfs",
+            "/t",
+            "-e",
+            "FOO=bar",
+            "-w",
+            "/tmp",
+            "--hostname",
+            "hn",
+            "--init",
+            IMAGE,
+            "sh",
+            "-c",
+            FACTS,
         ],
         300,
     );
@@ -288,7 +336,18 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
     let name = format!("d-{rt}");
     let n = name.as_str();
     let t = d.docker(
-        &["run", "-d", "--runtime", rt, "--name", n, IMAGE, "sh", "-c", DAEMON],
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            rt,
+            "--name",
+            n,
+            IMAGE,
+            "sh",
+            "-c",
+            DAEMON,
+        ],
         300,
     );
     eprintln!("[{rt}] run -d took {:.1?}", t.took);
@@ -316,39 +375,57 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
     } else {
         out.push((
             "inspect running",
-            d.inspect(n, "{{.State.Status}} {{.State.Running}} {{.State.Paused}} {{.HostConfig.Runtime}}")
-                .map(|s| s.replace(rt, "RUNTIME")),
+            d.inspect(
+                n,
+                "{{.State.Status}} {{.State.Running}} {{.State.Paused}} {{.HostConfig.Runtime}}",
+            )
+            .map(|s| s.replace(rt, "RUNTIME")),
         ));
         let t = d.docker(
-            &["exec", n, "sh", "-c", "echo exec-out; echo exec-err >&2; exit 5"],
+            &[
+                "exec",
+                n,
+                "sh",
+                "-c",
+                "echo exec-out; echo exec-err >&2; exit 5",
+            ],
             120,
         );
         out.push((
             "exec",
             exits(&t, "exec", 5).map(|o| format!("out={o:?} err={:?}", t.stderr)),
         ));
-        out.push((
-            "exec -it",
-            on_pty(
-                d,
-                &[
-                    "exec", "-it", n, "sh", "-c",
-                    "stty size; tty >/dev/null && echo is-tty; read l; stty size; echo got:$l; exit 4",
-                ],
-                120,
-            ),
-        ));
+        let exec_it = on_pty(
+            d,
+            &[
+                "exec",
+                "-it",
+                n,
+                "sh",
+                "-c",
+                "stty size; tty >/dev/null && echo is-tty; read l; stty size; echo got:$l; exit 4",
+            ],
+            120,
+        );
+        if exec_it.is_err() {
+            release_stuck(&d.tag);
+        }
+        out.push(("exec -it", exec_it));
         let killed = d
             .docker(&["kill", "-s", "USR1", n], 60)
             .ok("kill -s USR1")
             .map(|_| ())
             .and_then(|()| wait_logs(d, n, "got-usr1", 30))
-            .and_then(|_| {
-                d.inspect(n, "{{.State.Status}}")
-            });
+            .and_then(|_| d.inspect(n, "{{.State.Status}}"));
         out.push(("kill -s USR1", killed));
         let t = d.docker(
-            &["stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", n],
+            &[
+                "stats",
+                "--no-stream",
+                "--format",
+                "{{.Name}} {{.MemUsage}}",
+                n,
+            ],
             60,
         );
         out.push((
@@ -377,7 +454,10 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
         let t = d.docker(&["stop", "-t", "2", n], 120);
         let stopped = t.ok("stop").map(|_| ()).and_then(|()| {
             if t.took < Duration::from_secs(2) {
-                return Err(format!("stop returned after {:.1?}, before the 2 s timeout", t.took));
+                return Err(format!(
+                    "stop returned after {:.1?}, before the 2 s timeout",
+                    t.took
+                ));
             }
             d.inspect(n, "{{.State.Status}} {{.State.ExitCode}}")
         });
@@ -407,7 +487,14 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
         on_pty(
             d,
             &[
-                "run", "-it", "--rm", "--runtime", rt, IMAGE, "sh", "-c",
+                "run",
+                "-it",
+                "--rm",
+                "--runtime",
+                rt,
+                IMAGE,
+                "sh",
+                "-c",
                 "stty size; read l; stty size; echo got:$l; exit 4",
             ],
             300,
@@ -434,7 +521,11 @@ fn docker_runs_vessel_like_runc() {
     );
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
     let vessel = art.vmm.with_file_name("vessel");
-    assert!(vessel.is_file(), "{} missing (cargo xtask build)", vessel.display());
+    assert!(
+        vessel.is_file(),
+        "{} missing (cargo xtask build)",
+        vessel.display()
+    );
     let runc = vessel_tests::engines::which("runc").expect("runc");
 
     let tmp = TempDir::new("engine-docker");
