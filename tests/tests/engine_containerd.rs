@@ -60,6 +60,20 @@ exit 7"#;
 /// answers SIGUSR1.
 const DAEMON: &str = "trap 'echo got-usr1' USR1; echo started; while :; do sleep 1; done";
 
+/// The terminal containers' script: the size (once the engine has set
+/// one: the engine's resize may come after the process starts), a line
+/// read, the size again (once it changed), the line, exit 4.
+const TTY_SCRIPT: &str = r#"s=
+for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    s=$(stty size 2>/dev/null) && [ "$s" != "0 0" ] && break; sleep 1
+done
+echo "size $s"; tty >/dev/null && echo is-tty
+read l
+for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    n=$(stty size 2>/dev/null); [ "$n" != "$s" ] && break; sleep 1
+done
+echo "size $n"; echo "got:$l"; exit 4"#;
+
 /// A containerd of this test: its netns, directories and process; stopped,
 /// with everything it left, on drop.
 struct Containerd {
@@ -251,7 +265,7 @@ fn on_pty(mut cmd: Command, secs: u64) -> Result<String, String> {
     let pty = Pty::open(24, 80).map_err(|e| format!("pty: {e}"))?;
     let mut child = pty.spawn(&mut cmd).map_err(|e| format!("spawn ctr: {e}"))?;
     let run = || -> Result<String, String> {
-        pty.read_until(Duration::from_secs(secs), |s| s.contains("24 80"))?;
+        pty.read_until(Duration::from_secs(secs), |s| s.contains("size 24 80"))?;
         pty.resize(40, 120).map_err(|e| format!("resize: {e}"))?;
         std::thread::sleep(Duration::from_millis(500));
         pty.write("hi\n").map_err(|e| format!("type: {e}"))?;
@@ -389,7 +403,7 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
                 n,
                 "sh",
                 "-c",
-                "stty size; tty >/dev/null && echo is-tty; read l; stty size; echo got:$l; exit 4",
+                TTY_SCRIPT,
             ]),
             120,
         );
@@ -472,13 +486,7 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
     let id_it = format!("it-{rt}");
     let args = with(
         &["run", "-t", "--rm"],
-        &[
-            IMAGE,
-            &id_it,
-            "sh",
-            "-c",
-            "stty size; read l; stty size; echo got:$l; exit 4",
-        ],
+        &[IMAGE, &id_it, "sh", "-c", TTY_SCRIPT],
     );
     out.push(("run -t (pty, resize)", on_pty(c.ctr_cmd(&strs(&args)), 300)));
     out

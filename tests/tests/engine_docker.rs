@@ -65,6 +65,20 @@ exit 7"#;
 /// SIGTERM does nothing to it) that answers SIGUSR1.
 const DAEMON: &str = "trap 'echo got-usr1' USR1; echo started; while :; do sleep 1; done";
 
+/// The terminal containers' script: the size (once the engine has set
+/// one: the engine's resize may come after the process starts), a line
+/// read, the size again (once it changed), the line, exit 4.
+const TTY_SCRIPT: &str = r#"s=
+for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    s=$(stty size 2>/dev/null) && [ "$s" != "0 0" ] && break; sleep 1
+done
+echo "size $s"; tty >/dev/null && echo is-tty
+read l
+for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    n=$(stty size 2>/dev/null); [ "$n" != "$s" ] && break; sleep 1
+done
+echo "size $n"; echo "got:$l"; exit 4"#;
+
 /// A dockerd of this test: its netns, directories and process; stopped,
 /// with everything it left, on drop.
 struct Dockerd {
@@ -254,7 +268,7 @@ fn on_pty(d: &Dockerd, args: &[&str], secs: u64) -> Result<String, String> {
         .spawn(&mut d.docker_cmd(args))
         .map_err(|e| format!("spawn docker: {e}"))?;
     let run = || -> Result<String, String> {
-        pty.read_until(Duration::from_secs(secs), |s| s.contains("24 80"))?;
+        pty.read_until(Duration::from_secs(secs), |s| s.contains("size 24 80"))?;
         pty.resize(40, 120).map_err(|e| format!("resize: {e}"))?;
         // The client reads the new size on SIGWINCH and sends it on.
         std::thread::sleep(Duration::from_millis(500));
@@ -395,18 +409,7 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
             "exec",
             exits(&t, "exec", 5).map(|o| format!("out={o:?} err={:?}", t.stderr)),
         ));
-        let exec_it = on_pty(
-            d,
-            &[
-                "exec",
-                "-it",
-                n,
-                "sh",
-                "-c",
-                "stty size; tty >/dev/null && echo is-tty; read l; stty size; echo got:$l; exit 4",
-            ],
-            120,
-        );
+        let exec_it = on_pty(d, &["exec", "-it", n, "sh", "-c", TTY_SCRIPT], 120);
         if exec_it.is_err() {
             release_stuck(&d.tag);
         }
@@ -495,7 +498,7 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
                 IMAGE,
                 "sh",
                 "-c",
-                "stty size; read l; stty size; echo got:$l; exit 4",
+                TTY_SCRIPT,
             ],
             300,
         ),
