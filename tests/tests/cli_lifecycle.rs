@@ -202,7 +202,20 @@ fn runc_lifecycle_through_the_microvm() {
     let cg = format!("/vessel-test-{}/sleep", std::process::id());
     let mut s = spec(&env.tmp.join("rootfs"), &["sleep", "1000"]);
     s["linux"]["cgroupsPath"] = json!(cg);
+    // Host hooks get the state on stdin (docker's network set-up is one).
+    let hook = |name: &str| {
+        let out = env.tmp.join(format!("hook.{name}"));
+        json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", out.display())],
+               "timeout": 30})
+    };
+    s["hooks"] = json!({"prestart": [hook("prestart")], "createRuntime": [hook("createRuntime")],
+                        "poststart": [hook("poststart")], "poststop": [hook("poststop")]});
     let b = env.write_bundle("b-sleep", &s);
+    let hook_state = |name: &str| -> Value {
+        let f = env.tmp.join(format!("hook.{name}"));
+        let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} hook state {text:?}: {e}"))
+    };
     let pid_file = env.tmp.join("sleep.pid");
     let pf = pid_file.to_string_lossy().into_owned();
     let (st, err) = env.detached(&["create", "--bundle", &b, "--pid-file", &pf, "sleep"]);
@@ -214,6 +227,18 @@ fn runc_lifecycle_through_the_microvm() {
         (Some("created"), Some(i64::from(pid)))
     );
     assert_eq!(s["bundle"].as_str(), Some(b.as_str()));
+    for name in ["prestart", "createRuntime"] {
+        let h = hook_state(name);
+        assert_eq!(
+            (h["status"].as_str(), h["pid"].as_i64()),
+            (Some("creating"), Some(i64::from(pid))),
+            "{h}"
+        );
+    }
+    // The spec asks for a network namespace: the sandbox (monitor and VMM)
+    // has a new one, where the prestart hook found it.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"));
     let vmm = env.vmms();
     assert_eq!(vmm.len(), 1, "{vmm:?}");
     for h in ["memory", "pids", "cpu", "unified"] {
@@ -244,6 +269,7 @@ fn runc_lifecycle_through_the_microvm() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(env.state("sleep")["status"], "running");
+    assert_eq!(hook_state("poststart")["status"], "running");
     let o = env.output(&["start", "sleep"]);
     assert!(!o.status.success());
     let o = env.output(&["delete", "sleep"]);
@@ -272,6 +298,7 @@ fn runc_lifecycle_through_the_microvm() {
         "delete: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    assert_eq!(hook_state("poststop")["status"], "stopped");
     // Both levels vessel created are gone, in every hierarchy.
     let top = format!("vessel-test-{}", std::process::id());
     for h in ["memory", "pids", "cpu", "unified", ""] {
