@@ -65,17 +65,14 @@ exit 7"#;
 /// SIGTERM does nothing to it) that answers SIGUSR1.
 const DAEMON: &str = "trap 'echo got-usr1' USR1; echo started; while :; do sleep 1; done";
 
-/// The terminal containers' script: the size (once the engine has set
-/// one: the engine's resize may come after the process starts), a line
-/// read, the size again (once it changed), the line, exit 4.
-const TTY_SCRIPT: &str = r#"s=
-for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    s=$(stty size 2>/dev/null) && [ "$s" != "0 0" ] && break; sleep 1
-done
-echo "size $s"; tty >/dev/null && echo is-tty
+/// The terminal containers' script: says it is ready (and on a tty),
+/// reads a line, waits (at most 20 s) until the terminal is 40x120 (the
+/// test resizes it before typing; engines pass the resize on
+/// asynchronously), prints the size and the line, exits 4.
+const TTY_SCRIPT: &str = r#"tty >/dev/null && echo is-tty; echo ready
 read l
 for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    n=$(stty size 2>/dev/null); [ "$n" != "$s" ] && break; sleep 1
+    n=$(stty size 2>/dev/null); [ "$n" = "40 120" ] && break; sleep 1
 done
 echo "size $n"; echo "got:$l"; exit 4"#;
 
@@ -259,7 +256,7 @@ fn wait_logs(d: &Dockerd, name: &str, needle: &str, secs: u64) -> Result<String,
     .ok_or_else(|| format!("{name}: logs {last:?} lack {needle:?} after {secs} s"))
 }
 
-/// Drives `args` (a `-it` docker command) on a pty: waits for `24 80`,
+/// Drives `args` (a `-it` docker command) on a 24x80 pty: waits for `ready`,
 /// resizes to 40x120, types `hi`, expects the new size and `got:hi`; the
 /// terminal's text (carriage returns dropped) and the exit status.
 fn on_pty(d: &Dockerd, args: &[&str], secs: u64) -> Result<String, String> {
@@ -268,7 +265,7 @@ fn on_pty(d: &Dockerd, args: &[&str], secs: u64) -> Result<String, String> {
         .spawn(&mut d.docker_cmd(args))
         .map_err(|e| format!("spawn docker: {e}"))?;
     let run = || -> Result<String, String> {
-        pty.read_until(Duration::from_secs(secs), |s| s.contains("size 24 80"))?;
+        pty.read_until(Duration::from_secs(secs), |s| s.contains("ready"))?;
         pty.resize(40, 120).map_err(|e| format!("resize: {e}"))?;
         // The client reads the new size on SIGWINCH and sends it on.
         std::thread::sleep(Duration::from_millis(500));
