@@ -485,7 +485,14 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
         &["run", "-t", "--rm"],
         &[IMAGE, &id_it, "sh", "-c", TTY_SCRIPT],
     );
-    out.push(("run -t (pty, resize)", on_pty(c.ctr_cmd(&strs(&args)), 300)));
+    let r = on_pty(c.ctr_cmd(&strs(&args)), 300);
+    if r.is_err() {
+        // The client was killed: --rm did not happen.
+        release_stuck(&c.tag);
+        let _ = c.ctr(&["task", "rm", "-f", &id_it], 30);
+        let _ = c.ctr(&["containers", "rm", &id_it], 30);
+    }
+    out.push(("run -t (pty, resize)", r));
     out
 }
 

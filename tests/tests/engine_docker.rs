@@ -482,24 +482,29 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
     }
 
     // Interactive run on a pty, resized while it runs.
-    out.push((
-        "run -it (pty, resize)",
-        on_pty(
-            d,
-            &[
-                "run",
-                "-it",
-                "--rm",
-                "--runtime",
-                rt,
-                IMAGE,
-                "sh",
-                "-c",
-                TTY_SCRIPT,
-            ],
-            300,
-        ),
-    ));
+    let it = format!("it-{rt}");
+    let r = on_pty(
+        d,
+        &[
+            "run",
+            "-it",
+            "--rm",
+            "--runtime",
+            rt,
+            "--name",
+            &it,
+            IMAGE,
+            "sh",
+            "-c",
+            TTY_SCRIPT,
+        ],
+        300,
+    );
+    if r.is_err() {
+        // The client was killed: --rm did not happen.
+        let _ = d.docker(&["rm", "-f", &it], 60);
+    }
+    out.push(("run -it (pty, resize)", r));
     out
 }
 
