@@ -263,6 +263,10 @@ fn on_pty(mut cmd: Command, secs: u64) -> Result<String, String> {
     let mut child = pty.spawn(&mut cmd).map_err(|e| format!("spawn ctr: {e}"))?;
     let run = || -> Result<String, String> {
         pty.read_until(Duration::from_secs(secs), |s| s.contains("ready"))?;
+        // The client's own first resize (to the terminal's size at start)
+        // can still be on its way: a resize sent before it lands would be
+        // undone (seen with docker 20.10 `exec -it` and runc).
+        std::thread::sleep(Duration::from_secs(2));
         pty.resize(40, 120).map_err(|e| format!("resize: {e}"))?;
         std::thread::sleep(Duration::from_millis(500));
         pty.write("hi\n").map_err(|e| format!("type: {e}"))?;

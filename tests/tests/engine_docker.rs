@@ -266,6 +266,10 @@ fn on_pty(d: &Dockerd, args: &[&str], secs: u64) -> Result<String, String> {
         .map_err(|e| format!("spawn docker: {e}"))?;
     let run = || -> Result<String, String> {
         pty.read_until(Duration::from_secs(secs), |s| s.contains("ready"))?;
+        // The client's own first resize (to the terminal's size at start)
+        // can still be on its way: a resize sent before it lands would be
+        // undone (seen with docker 20.10 `exec -it` and runc).
+        std::thread::sleep(Duration::from_secs(2));
         pty.resize(40, 120).map_err(|e| format!("resize: {e}"))?;
         // The client reads the new size on SIGWINCH and sends it on.
         std::thread::sleep(Duration::from_millis(500));
