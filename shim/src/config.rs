@@ -15,6 +15,7 @@
 //! templates = true
 //! template_dir = "/var/lib/vessel/templates"
 //! balloon = true
+//! run_dir = "/run/vessel-vm"   # sandbox sockets (keep it short: Unix socket paths)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -64,6 +65,7 @@ struct File {
     template_dir: Option<PathBuf>,
     balloon: Option<bool>,
     rootfs_dax_mib: Option<u64>,
+    run_dir: Option<PathBuf>,
 }
 
 /// Largest `rootfs_dax_mib` (the VMM's limit is 8x the guest's memory).
@@ -93,6 +95,8 @@ pub struct Config {
     /// a multiple of 2; 0: none). With a window the guest maps files from
     /// the host's page cache instead of copying them into its own.
     pub rootfs_dax_mib: u64,
+    /// Where sandboxes keep their sockets ([`crate::state::Store::sandbox_dir`]).
+    pub run_dir: PathBuf,
     /// The file these came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -113,6 +117,7 @@ impl Config {
             template_dir: PathBuf::from("/var/lib/vessel/templates"),
             balloon: true,
             rootfs_dax_mib: 0,
+            run_dir: PathBuf::from(crate::state::DEFAULT_RUN_DIR),
             source: None,
         }
     }
@@ -159,6 +164,17 @@ impl Config {
         }
         if let Some(p) = f.template_dir {
             self.template_dir = abs(p);
+        }
+        if let Some(p) = f.run_dir {
+            let p = abs(p);
+            // <run_dir>/<16 hex>/vsock.sock_NNNNN must fit in sun_path (108).
+            if p.as_os_str().len() > 64 {
+                return Err(ConfigError::Invalid(format!(
+                    "run_dir {} is longer than 64 bytes: sandbox socket paths would not fit",
+                    p.display()
+                )));
+            }
+            self.run_dir = p;
         }
         if let Some(m) = f.mem_mib {
             if !(32..=1 << 20).contains(&m) {

@@ -17,15 +17,24 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::layer::SubscriberExt;
 
+use vessel_shim::bundle::Bundle;
 use vessel_shim::config::Config;
+use vessel_shim::runtime::{exec, monitor, CreateOptions, Launcher, Runtime};
 use vessel_shim::sandbox::Templates;
 use vessel_shim::state::Store;
 use vessel_shim::{log, spec};
 
+/// What `vessel -v` prints after the name, shaped like runc's answer
+/// (`runc version X`, then `spec: Y`), which engines show in their info.
+const VERSION: &str = concat!("version ", env!("CARGO_PKG_VERSION"), "\nspec: ", "1.2.0");
+
 /// vessel: OCI containers, each in its own KVM microVM (runc-compatible CLI).
 #[derive(Debug, Parser)]
-#[command(name = "vessel", version)]
+#[command(name = "vessel", version = VERSION, disable_version_flag = true)]
 struct Cli {
+    /// Print the version (runc's `-v`).
+    #[arg(short = 'v', long = "version", action = clap::ArgAction::Version)]
+    version: Option<bool>,
     /// Root directory for container state.
     #[arg(long, global = true, default_value = "/run/vessel")]
     root: PathBuf,
@@ -38,7 +47,7 @@ struct Cli {
     /// Debug logging.
     #[arg(long, global = true)]
     debug: bool,
-    /// Accepted for runc compatibility (cgroups live in the guest).
+    /// Read `linux.cgroupsPath` in systemd's `slice:prefix:name` form.
     #[arg(long, global = true)]
     systemd_cgroup: bool,
     /// Configuration file (default: $VESSEL_CONFIG, then /etc/vessel/config.toml).
@@ -222,14 +231,8 @@ fn init_logging(cli: &Cli) -> Result<()> {
     tracing::subscriber::set_global_default(subscriber).context("cannot set up logging")
 }
 
-fn list(store: &Store, format: &str, quiet: bool) -> Result<()> {
-    let mut states = Vec::new();
-    for id in store.ids()? {
-        match cli::load_effective(store, &id) {
-            Ok(s) => states.push(s),
-            Err(e) => tracing::warn!("skipping {id}: {e}"),
-        }
-    }
+fn list(rt: &Runtime, format: &str, quiet: bool) -> Result<()> {
+    let states = rt.list()?;
     if quiet {
         for s in &states {
             println!("{}", s.id);
@@ -292,54 +295,61 @@ fn monitor_globals(cli: &Cli) -> Result<Vec<OsString>> {
     if cli.debug {
         g.push("--debug".into());
     }
+    if cli.systemd_cgroup {
+        g.push("--systemd-cgroup".into());
+    }
     Ok(g)
 }
 
-fn check_create(a: &CreateArgs) -> Result<()> {
-    if a.preserve_fds > 0 {
-        bail!("--preserve-fds is not supported: host descriptors cannot be passed into the VM");
+impl CreateArgs {
+    /// The runtime's create options (`foreground` as given).
+    fn options(&self, foreground: bool) -> Result<CreateOptions> {
+        if self.preserve_fds > 0 {
+            bail!("--preserve-fds is not supported: host descriptors cannot be passed into the VM");
+        }
+        Ok(CreateOptions {
+            pid_file: self.pid_file.clone(),
+            console_socket: self.console_socket.clone(),
+            foreground,
+        })
     }
-    Ok(())
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let store = Store::new(&cli.root);
+    let cfg = Config::load(cli.config.as_deref())?;
+    let store = Store::with_run_dir(&cli.root, &cfg.run_dir);
+    let launcher = Launcher {
+        exe: std::env::current_exe().context("finding the vessel binary")?,
+        globals: monitor_globals(&cli)?,
+    };
+    let rt = Runtime {
+        store,
+        cfg,
+        launcher,
+        systemd_cgroup: cli.systemd_cgroup,
+    };
     let ok = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match &cli.command {
-        Command::State { id } => ok(cli::state(&store, id)),
-        Command::List { format, quiet } => ok(list(&store, format, *quiet)),
-        Command::Delete { id, force } => ok(cli::delete(&store, id, *force)),
+        Command::State { id } => {
+            let s = rt.state(id)?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { format, quiet } => ok(list(&rt, format, *quiet)),
+        Command::Delete { id, force } => Ok(rt.delete(id, *force).map(|()| ExitCode::SUCCESS)?),
         Command::Spec { bundle, rootless } => ok(spec(bundle, *rootless)),
         Command::Create(a) => {
-            check_create(a)?;
-            let cfg = Config::load(cli.config.as_deref())?;
-            let globals = monitor_globals(&cli)?;
-            cli::create(
-                &store,
-                &cfg,
-                &globals,
-                &a.id,
-                &a.bundle,
-                a.pid_file.as_deref(),
-                a.console_socket.as_deref(),
-                false,
-            )?;
+            let o = a.options(false)?;
+            rt.cfg.check_artifacts()?;
+            let b = Bundle::load(&a.bundle)?;
+            rt.create(&a.id, &b, &o)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { create: a, detach } => {
-            check_create(a)?;
-            let cfg = Config::load(cli.config.as_deref())?;
-            let globals = monitor_globals(&cli)?;
-            cli::run(
-                &store,
-                &cfg,
-                &globals,
-                &a.id,
-                &a.bundle,
-                a.pid_file.as_deref(),
-                a.console_socket.as_deref(),
-                *detach,
-            )
+            let o = a.options(!detach)?;
+            rt.cfg.check_artifacts()?;
+            let b = Bundle::load(&a.bundle)?;
+            Ok(ExitCode::from(rt.run(&a.id, &b, &o, *detach)?))
         }
         Command::Monitor {
             id,
@@ -347,25 +357,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ready_fd,
             console_socket,
         } => {
-            let cfg = Config::load(cli.config.as_deref())?;
             let console = console_socket.as_deref();
-            Ok(cli::monitor(&store, &cfg, id, bundle, console, *ready_fd))
+            Ok(ExitCode::from(monitor::run(
+                &rt, id, bundle, console, *ready_fd,
+            )))
         }
-        Command::ExecMonitor(a) => Ok(cli::exec::exec_monitor(&store, a)),
-        Command::Start { id } => ok(cli::start(&store, id)),
-        Command::Kill { id, signal, all } => ok(cli::kill(&store, id, signal.as_deref(), *all)),
-        Command::Exec(a) => cli::exec::exec(&store, &monitor_globals(&cli)?, a),
+        Command::ExecMonitor(a) => Ok(ExitCode::from(exec::monitor(
+            &rt,
+            &a.id,
+            &a.exec_id,
+            &a.process_file,
+            a.console_socket.as_deref(),
+            a.ready_fd,
+        ))),
+        Command::Start { id } => Ok(rt.start(id).map(|()| ExitCode::SUCCESS)?),
+        Command::Kill { id, signal, all } => {
+            let sig = vessel_shim::signal::parse(signal.as_deref().unwrap_or("SIGTERM"))?;
+            Ok(rt.kill(id, sig, *all).map(|()| ExitCode::SUCCESS)?)
+        }
+        Command::Exec(a) => Ok(ExitCode::from(rt.exec(&a.id, &a.options()?)?)),
         Command::Ps {
             id,
             format,
             ps_args,
-        } => ok(cli::exec::ps(&store, id, format, ps_args)),
-        Command::Pause { id } => ok(cli::resources::pause(&store, id)),
-        Command::Resume { id } => ok(cli::resources::resume(&store, id)),
-        Command::Update(a) => ok(cli::resources::update(&store, a)),
-        Command::Events(a) => ok(cli::events::events(&store, a)),
+        } => ok(cli::exec::ps(&rt, id, format, ps_args)),
+        Command::Pause { id } => Ok(rt.pause(id).map(|()| ExitCode::SUCCESS)?),
+        Command::Resume { id } => Ok(rt.resume(id).map(|()| ExitCode::SUCCESS)?),
+        Command::Update(a) => ok(cli::resources::update(&rt, a)),
+        Command::Events(a) => ok(cli::events::events(&rt, a)),
         Command::Features => ok(cli::features::features()),
-        Command::Template(t) => ok(template(&Config::load(cli.config.as_deref())?, t)),
+        Command::Template(t) => ok(template(&rt.cfg, t)),
     }
 }
 

@@ -103,6 +103,27 @@ fn open(path: &Path) -> Result<OwnedFd, NetnsError> {
     Ok(OwnedFd::from(file))
 }
 
+/// Whether `spec` asks for a network namespace of its own (an entry
+/// without a path).
+pub fn wanted(spec: &Value) -> bool {
+    spec.pointer("/linux/namespaces")
+        .and_then(Value::as_array)
+        .is_some_and(|l| {
+            l.iter()
+                .any(|ns| ns["type"] == "network" && ns["path"].as_str().is_none_or(str::is_empty))
+        })
+}
+
+/// Moves the calling thread (and what it starts later) into a new network
+/// namespace.
+pub fn unshare() -> std::io::Result<()> {
+    // SAFETY: unshare(2) with a flag; no memory is involved.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Joins the network namespace `fd`; for `pre_exec` (one system call).
 pub fn enter(fd: libc::c_int) -> std::io::Result<()> {
     // SAFETY: setns on a descriptor the parent keeps open until exec.

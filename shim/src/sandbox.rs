@@ -135,12 +135,37 @@ pub struct HostSide {
     pub netns: Option<OwnedFd>,
 }
 
-fn vmm_command(cfg: &Config, dir: &Path, host: &HostSide) -> Command {
+/// Where a sandbox keeps its files: logs in `dir` (any length), Unix
+/// sockets in `sockets` (short: see [`crate::state::Store::sandbox_dir`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Dirs<'a> {
+    /// Logs and the serial output.
+    pub dir: &'a Path,
+    /// `vsock.sock` (and its `_PORT` listeners) and `api.sock`.
+    pub sockets: &'a Path,
+}
+
+impl<'a> Dirs<'a> {
+    /// Everything in one directory (tests, templates with short paths).
+    pub fn one(dir: &'a Path) -> Dirs<'a> {
+        Dirs { dir, sockets: dir }
+    }
+
+    fn create(&self) -> Result<(), SandboxError> {
+        for d in [self.dir, self.sockets] {
+            std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+        }
+        Ok(())
+    }
+}
+
+fn vmm_command(cfg: &Config, dirs: Dirs<'_>, host: &HostSide) -> Command {
+    let dir = dirs.dir;
     let mut cmd = Command::new(&cfg.vmm);
     cmd.arg("--vsock-uds")
-        .arg(dir.join("vsock.sock"))
+        .arg(dirs.sockets.join("vsock.sock"))
         .arg("--api-sock")
-        .arg(dir.join("api.sock"))
+        .arg(dirs.sockets.join("api.sock"))
         .arg("--serial-out")
         .arg(dir.join("serial.log"))
         .arg("--log")
@@ -174,12 +199,12 @@ fn vmm_command(cfg: &Config, dir: &Path, host: &HostSide) -> Command {
 }
 
 impl Sandbox {
-    fn new(child: Child, dir: &Path) -> Sandbox {
+    fn new(child: Child, dirs: Dirs<'_>) -> Sandbox {
         Sandbox {
             child,
-            dir: dir.to_path_buf(),
-            uds: dir.join("vsock.sock"),
-            api: dir.join("api.sock"),
+            dir: dirs.dir.to_path_buf(),
+            uds: dirs.sockets.join("vsock.sock"),
+            api: dirs.sockets.join("api.sock"),
         }
     }
 
@@ -188,18 +213,20 @@ impl Sandbox {
     /// namespace, and waits for its agent's ready announcement.
     pub fn boot(
         cfg: &Config,
-        dir: &Path,
+        dirs: Dirs<'_>,
         shares: &[String],
         host: &HostSide,
     ) -> Result<(Sandbox, AgentClient), SandboxError> {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        let ready_path =
-            PathBuf::from(format!("{}_{READY_PORT}", dir.join("vsock.sock").display()));
+        dirs.create()?;
+        let ready_path = PathBuf::from(format!(
+            "{}_{READY_PORT}",
+            dirs.sockets.join("vsock.sock").display()
+        ));
         let _ = std::fs::remove_file(&ready_path);
         let ready = UnixListener::bind(&ready_path)
             .map_err(io(format!("binding {}", ready_path.display())))?;
         ready.set_nonblocking(true).map_err(io("ready socket"))?;
-        let mut cmd = vmm_command(cfg, dir, host);
+        let mut cmd = vmm_command(cfg, dirs, host);
         cmd.arg("--kernel")
             .arg(&cfg.kernel)
             .arg("--initrd")
@@ -217,7 +244,7 @@ impl Sandbox {
         let child = cmd
             .spawn()
             .map_err(io(format!("starting {}", cfg.vmm.display())))?;
-        let mut sb = Sandbox::new(child, dir);
+        let mut sb = Sandbox::new(child, dirs);
         let deadline = Instant::now() + BOOT_TIMEOUT;
         let result = loop {
             match ready.accept() {
@@ -255,19 +282,19 @@ impl Sandbox {
     pub fn restore(
         cfg: &Config,
         template: &Path,
-        dir: &Path,
+        dirs: Dirs<'_>,
         shares: &[String],
         host: &HostSide,
         hostname: Option<String>,
     ) -> Result<(Sandbox, AgentClient), SandboxError> {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        dirs.create()?;
         let mut cid_bytes = [0u8; 4];
         std::fs::File::open("/dev/urandom")
             .and_then(|mut f| f.read_exact(&mut cid_bytes))
             .map_err(io("reading /dev/urandom"))?;
         // Any CID of 3.. works: the vsock device is ours, not the host's.
         let cid = 3 + u32::from_le_bytes(cid_bytes) % (u32::MAX - 4);
-        let mut cmd = vmm_command(cfg, dir, host);
+        let mut cmd = vmm_command(cfg, dirs, host);
         cmd.arg("--restore")
             .arg(template)
             .arg("--vsock-cid")
@@ -278,7 +305,7 @@ impl Sandbox {
         let child = cmd
             .spawn()
             .map_err(io(format!("starting {}", cfg.vmm.display())))?;
-        let mut sb = Sandbox::new(child, dir);
+        let mut sb = Sandbox::new(child, dirs);
         let deadline = Instant::now() + RESTORE_TIMEOUT;
         let mut client = loop {
             if let Some(e) = sb.exited() {
@@ -462,6 +489,15 @@ pub fn settle_for_snapshot(
     Ok(wait_idle(pid, max))
 }
 
+/// Removes a directory tree when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// One template on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateInfo {
@@ -507,22 +543,24 @@ impl<'a> Templates<'a> {
 
     /// Checks a template's state file (magic, format version, build,
     /// checksum, consistency) and that its memory file has the size the
-    /// state describes.
+    /// state describes, by asking the VMM (`--check-snapshot`): the
+    /// snapshot format is the VMM's, and `vessel` does not link it.
     pub fn check(&self, dir: &Path) -> Result<(), SandboxError> {
-        let state = vessel_vmm::snapshot::load_state(dir)
-            .map_err(|e| SandboxError::Template(format!("{}: {e}", dir.display())))?;
-        let (_, mem) = vessel_vmm::snapshot::paths(dir);
-        let len = std::fs::metadata(&mem)
-            .map_err(io(format!("reading {}", mem.display())))?
-            .len();
-        if len != state.mem_mib << 20 {
-            return Err(SandboxError::Template(format!(
-                "{}: memory file has {len} bytes, the state describes {} MiB",
-                dir.display(),
-                state.mem_mib
-            )));
+        let out = Command::new(&self.cfg.vmm)
+            .arg("--check-snapshot")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io(format!(
+                "running {} --check-snapshot",
+                self.cfg.vmm.display()
+            )))?;
+        if out.status.success() {
+            return Ok(());
         }
-        Ok(())
+        let why = String::from_utf8_lossy(&out.stderr);
+        let why = why.trim().trim_start_matches("vessel-vmm: error: ");
+        Err(SandboxError::Template(format!("{}: {why}", dir.display())))
     }
 
     /// Boots a VM and snapshots it into `dir` (atomically: built in a
@@ -539,8 +577,25 @@ impl<'a> Templates<'a> {
                 format!("{ROOTFS_TAG}={}{}", empty.display(), rootfs_dax(self.cfg)),
                 format!("{MOUNTS_TAG}={}", empty.display()),
             ];
-            let (mut sb, client) =
-                Sandbox::boot(self.cfg, &work.join("vm"), &shares, &HostSide::default())?;
+            // The template directory may be long; its sockets go to a
+            // short directory under the run directory.
+            let sockets = self
+                .cfg
+                .run_dir
+                .join(format!("template-build-{}", std::process::id()));
+            let dirs = Dirs {
+                dir: &work.join("vm"),
+                sockets: &sockets,
+            };
+            let booted = Sandbox::boot(self.cfg, dirs, &shares, &HostSide::default());
+            let (mut sb, client) = match booted {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&sockets);
+                    return Err(e);
+                }
+            };
+            let _sockets = RemoveOnDrop(sockets);
             let waited = match settle_for_snapshot(sb.pid(), client, Duration::from_secs(30)) {
                 Ok(w) => w,
                 Err(e) => {

@@ -4,7 +4,14 @@
 //! ```text
 //! <root>/<id>/state.json   what `vessel state` prints, plus our own fields
 //! <root>/<id>/lock         flock(2)ed by every command that changes the container
+//! <run_dir>/<key>/         the sandbox's sockets (vsock.sock, api.sock)
 //! ```
+//!
+//! Unix socket paths are limited to 107 bytes, and engines pick long
+//! roots (dockerd: `/var/run/docker/runtime-runc/moby` and 64-hex ids), so
+//! a sandbox's sockets never live under `--root`: they go to a short
+//! directory under a fixed run directory, named by a hash of the absolute
+//! root and the id ([`Store::sandbox_dir`]), whatever the root's length.
 //!
 //! `state.json` is replaced atomically (write to a temporary file, fsync,
 //! rename), so a reader sees the old or the new state, never a torn one;
@@ -17,9 +24,12 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// The OCI runtime spec version whose state format we print.
 pub const OCI_VERSION: &str = "1.2.0";
+/// Where sandbox sockets live unless configured otherwise (`run_dir`).
+pub const DEFAULT_RUN_DIR: &str = "/run/vessel-vm";
 
 /// Errors of the state store; their messages are what the CLI prints.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +43,10 @@ pub enum StateError {
     /// The id is taken.
     #[error("container with id {0:?} already exists")]
     Exists(String),
+    /// The operation is not allowed in the container's current status
+    /// (runc's messages).
+    #[error("{0}")]
+    InvalidState(String),
     /// The state file does not parse.
     #[error("corrupt state for container {id:?}: {reason}")]
     Corrupt {
@@ -78,7 +92,67 @@ pub enum Status {
     Stopped,
 }
 
+/// What a command wants to do to a container; [`Status::check`] says
+/// whether its current status allows it (the one place that decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `start`.
+    Start,
+    /// `kill`.
+    Kill,
+    /// `exec`.
+    Exec,
+    /// `pause`.
+    Pause,
+    /// `resume`.
+    Resume,
+    /// `update`.
+    Update,
+    /// `ps`, `events`: anything that asks the running guest.
+    Inspect,
+    /// `delete` without `--force`.
+    Delete,
+}
+
 impl Status {
+    /// Whether `op` is allowed in this status; the error carries runc's
+    /// message for the refusal.
+    pub fn check(self, op: Op, id: &str) -> Result<(), StateError> {
+        use Status::*;
+        let ok = match op {
+            Op::Start => self == Created,
+            Op::Kill => matches!(self, Created | Running | Paused),
+            Op::Exec => self == Running,
+            Op::Pause => self == Running,
+            Op::Resume => self == Paused,
+            Op::Update | Op::Inspect => matches!(self, Created | Running | Paused),
+            Op::Delete => matches!(self, Created | Stopped | Creating),
+        };
+        if ok {
+            return Ok(());
+        }
+        let msg = match (op, self) {
+            (Op::Start, Stopped) => "cannot start a container that has stopped".to_string(),
+            (Op::Start, Running) => "cannot start an already running container".to_string(),
+            (Op::Start, s) => format!("cannot start a container in the {} state", s.as_str()),
+            (Op::Kill, _) => "container not running".to_string(),
+            (Op::Exec, Stopped) => "cannot exec in a stopped container".to_string(),
+            (Op::Exec, Paused) => "cannot exec in a paused container".to_string(),
+            (Op::Exec, _) => "cannot exec in a container that has not been started".to_string(),
+            (Op::Pause, Paused) => format!("container {id} is already paused"),
+            (Op::Pause, s) => format!("container {id} is not running: {}", s.as_str()),
+            (Op::Resume, s) => format!("container {id} is not paused: {}", s.as_str()),
+            (Op::Update | Op::Inspect, s) => {
+                format!("container {id} is not running: {}", s.as_str())
+            }
+            (Op::Delete, s) => format!(
+                "cannot delete container {id} that is not stopped: {}",
+                s.as_str()
+            ),
+        };
+        Err(StateError::InvalidState(msg))
+    }
+
     /// The lowercase name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -117,6 +191,38 @@ pub struct ContainerState {
     /// vessel: the container init's exit status once stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// vessel: the start time of `pid` (field 22 of `/proc/PID/stat`), so
+    /// a recycled pid is never taken for the container's monitor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
+    /// vessel: the host cgroup the sandbox runs in (what vessel created,
+    /// so `delete` removes exactly that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<crate::cgroup::HostCgroupState>,
+    /// vessel: the spec's `hooks`, for `poststart` and `poststop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<serde_json::Value>,
+}
+
+/// The start time (clock ticks since boot) of a live, non-zombie process.
+pub fn process_start(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces and parentheses):
+    // field 3 (state) is the first, field 22 (starttime) the 20th.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut f = rest.split_whitespace();
+    if matches!(f.next(), None | Some("Z") | Some("X")) {
+        return None;
+    }
+    f.nth(18)?.parse().ok()
+}
+
+/// Whether process `pid` is alive and is the one that started at `start`.
+pub fn same_process(pid: i32, start: u64) -> bool {
+    process_start(pid) == Some(start)
 }
 
 /// Checks a container id the way runc does.
@@ -135,10 +241,11 @@ pub fn validate_id(id: &str) -> Result<(), StateError> {
     }
 }
 
-/// The state directory (`--root`).
+/// The state directory (`--root`) and the run directory of sockets.
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    run_dir: PathBuf,
 }
 
 /// An exclusive lock on one container, held until dropped.
@@ -147,9 +254,51 @@ pub struct Lock {
 }
 
 impl Store {
-    /// A store at `root` (created with mode 0711 when first written to).
+    /// A store at `root` (created with mode 0711 when first written to),
+    /// its sockets under [`DEFAULT_RUN_DIR`].
     pub fn new(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        Store::with_run_dir(root, DEFAULT_RUN_DIR)
+    }
+
+    /// A store at `root` whose sandboxes keep their sockets under `run_dir`.
+    pub fn with_run_dir(root: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Store {
+        let root = root.into();
+        let root = std::path::absolute(&root).unwrap_or(root);
+        Store {
+            root,
+            run_dir: run_dir.into(),
+        }
+    }
+
+    /// The short directory of container `id`'s sandbox sockets:
+    /// `<run_dir>/<16 hex digits of SHA-256(root, id)>`, so its length does
+    /// not depend on the root's or the id's.
+    pub fn sandbox_dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        validate_id(id)?;
+        let mut h = Sha256::new();
+        h.update(self.root.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        h.update(id.as_bytes());
+        let key: String = h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(self.run_dir.join(key))
+    }
+
+    /// Creates the sandbox directory of `id` (mode 0700) and returns it.
+    pub fn create_sandbox_dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        let dir = self.sandbox_dir(id)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.run_dir)
+            .map_err(io("creating", &self.run_dir))?;
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(dir),
+            Err(e) => Err(io("creating", &dir)(e)),
+        }
     }
 
     /// The store's directory.
@@ -254,8 +403,15 @@ impl Store {
         Ok(())
     }
 
-    /// Removes the directory of `id` and everything in it.
+    /// Removes the directory of `id` and everything in it, and its
+    /// sandbox directory.
     pub fn remove(&self, id: &str, _lock: Lock) -> Result<(), StateError> {
+        let sb = self.sandbox_dir(id)?;
+        match fs::remove_dir_all(&sb) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("removing", &sb)(e)),
+        }
         let dir = self.dir(id)?;
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -315,7 +471,7 @@ mod tests {
     fn store(name: &str) -> Store {
         let root = std::env::temp_dir().join(format!("vessel-store-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
-        Store::new(root)
+        Store::with_run_dir(&root, root.join("run"))
     }
 
     fn state(id: &str) -> ContainerState {
@@ -330,7 +486,52 @@ mod tests {
             owner: String::new(),
             annotations: Default::default(),
             exit_status: None,
+            pid_start: None,
+            host_cgroup: None,
+            hooks: None,
         }
+    }
+
+    #[test]
+    fn sandbox_dirs_are_short_and_distinct() {
+        let long = "/var/run/docker/runtime-runc/moby".to_string();
+        let id = "a".repeat(64);
+        let s = Store::with_run_dir(&long, DEFAULT_RUN_DIR);
+        let d = s.sandbox_dir(&id).unwrap();
+        assert!(d.join("vsock.sock_1025").as_os_str().len() < 60, "{d:?}");
+        assert_ne!(
+            d,
+            Store::with_run_dir("/other", DEFAULT_RUN_DIR)
+                .sandbox_dir(&id)
+                .unwrap()
+        );
+        assert_ne!(d, s.sandbox_dir("b").unwrap());
+        assert!(s.sandbox_dir("../x").is_err());
+    }
+
+    #[test]
+    fn status_checks_follow_runc() {
+        use Status::*;
+        Created.check(Op::Start, "c").unwrap();
+        assert!(Running.check(Op::Start, "c").is_err());
+        assert!(Stopped.check(Op::Kill, "c").is_err());
+        Created.check(Op::Kill, "c").unwrap();
+        Running.check(Op::Exec, "c").unwrap();
+        assert!(Paused.check(Op::Exec, "c").is_err());
+        Running.check(Op::Pause, "c").unwrap();
+        Paused.check(Op::Resume, "c").unwrap();
+        assert!(Running.check(Op::Delete, "c").is_err());
+        Stopped.check(Op::Delete, "c").unwrap();
+        Created.check(Op::Delete, "c").unwrap();
+    }
+
+    #[test]
+    fn process_start_identifies_live_processes() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let t = process_start(me).unwrap();
+        assert!(same_process(me, t));
+        assert!(!same_process(me, t + 1));
+        assert_eq!(process_start(0), None);
     }
 
     #[test]

@@ -65,12 +65,21 @@ impl CliEnv {
         fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
         let templates = crate::workspace_root().join("target/vessel/test-templates");
         let config = tmp.join("config.toml");
-        fs::write(&config, art.vessel_config(&templates, extra_config))
+        // Sandbox sockets in the environment's own run directory, so a
+        // test can check that nothing is left there either.
+        let extra_config = if extra_config.contains("run_dir =") {
+            extra_config.to_string()
+        } else {
+            format!("{extra_config}\nrun_dir = {:?}\n", tmp.join("run"))
+        };
+        fs::write(&config, art.vessel_config(&templates, &extra_config))
             .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
         CliEnv {
             bin,
             config,
-            root: tmp.join("root"),
+            // As long as dockerd's default (`/var/run/docker/runtime-runc/moby`
+            // + 64-hex ids): socket paths must not depend on it.
+            root: tmp.join("root/var/run/docker/runtime-runc/moby"),
             tmp,
             art,
         }
@@ -165,6 +174,17 @@ impl CliEnv {
     /// Names under `--root` (containers; nothing else lives there).
     pub fn root_entries(&self) -> Vec<String> {
         fs::read_dir(&self.root)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sandbox socket directories left in the environment's run directory.
+    pub fn run_entries(&self) -> Vec<String> {
+        fs::read_dir(self.tmp.join("run"))
             .map(|d| {
                 d.filter_map(Result::ok)
                     .map(|e| e.file_name().to_string_lossy().into_owned())

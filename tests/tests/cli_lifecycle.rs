@@ -86,11 +86,19 @@ fn runc_lifecycle_through_the_microvm() {
     );
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi\n");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 
     let b = bundle(&env, "b-true", &["true"]);
     let t = Instant::now();
     // --no-new-keyring is accepted (the guest kernel has no keyrings).
-    let o = env.output(&["run", "--no-new-keyring", "--bundle", &b, "true"]);
+    // A 64-hex id under a root as long as dockerd's: the socket paths
+    // must still fit.
+    let long_id = "0123456789abcdef".repeat(4);
+    let o = env.output(&["run", "--no-new-keyring", "--bundle", &b, &long_id]);
     let took = t.elapsed();
     assert!(
         o.status.success(),
@@ -144,9 +152,18 @@ fn runc_lifecycle_through_the_microvm() {
         "host mounts left behind: {mountinfo}"
     );
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 
-    // create, state, start, kill -> stopped, 137.
-    let b = bundle(&env, "b-sleep", &["sleep", "1000"]);
+    // create, state, start, kill -> stopped, 137; the sandbox runs in the
+    // host cgroup `linux.cgroupsPath` names, removed on delete.
+    let cg = format!("/vessel-test-{}/sleep", std::process::id());
+    let mut s = spec(&env.tmp.join("rootfs"), &["sleep", "1000"]);
+    s["linux"]["cgroupsPath"] = json!(cg);
+    let b = env.write_bundle("b-sleep", &s);
     let pid_file = env.tmp.join("sleep.pid");
     let pf = pid_file.to_string_lossy().into_owned();
     let (st, err) = env.detached(&["create", "--bundle", &b, "--pid-file", &pf, "sleep"]);
@@ -158,6 +175,26 @@ fn runc_lifecycle_through_the_microvm() {
         (Some("created"), Some(i64::from(pid)))
     );
     assert_eq!(s["bundle"].as_str(), Some(b.as_str()));
+    let vmm = env.vmms();
+    assert_eq!(vmm.len(), 1, "{vmm:?}");
+    for h in ["memory", "pids", "cpu", "unified"] {
+        let procs = Path::new("/sys/fs/cgroup")
+            .join(h)
+            .join(&cg[1..])
+            .join("cgroup.procs");
+        if !Path::new("/sys/fs/cgroup").join(h).is_dir() {
+            continue; // not this host's layout (pure v2 has no `memory` dir)
+        }
+        let list =
+            std::fs::read_to_string(&procs).unwrap_or_else(|e| panic!("{}: {e}", procs.display()));
+        for p in [pid, vmm[0]] {
+            assert!(
+                list.lines().any(|l| l.trim() == p.to_string()),
+                "pid {p} not in {}: {list}",
+                procs.display()
+            );
+        }
+    }
     // A duplicate id is refused and leaves the first container alone.
     let (st, err) = env.detached(&["create", "--bundle", &b, "sleep"]);
     assert!(!st.success() && err.contains("already exists"), "{err}");
@@ -196,6 +233,12 @@ fn runc_lifecycle_through_the_microvm() {
         "delete: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // Both levels vessel created are gone, in every hierarchy.
+    let top = format!("vessel-test-{}", std::process::id());
+    for h in ["memory", "pids", "cpu", "unified", ""] {
+        let dir = Path::new("/sys/fs/cgroup").join(h).join(&top);
+        assert!(!dir.exists(), "host cgroup left: {}", dir.display());
+    }
 
     // run --detach, then delete --force of the running container.
     let pf = env.tmp.join("force.pid").to_string_lossy().into_owned();
@@ -245,6 +288,11 @@ fn runc_lifecycle_through_the_microvm() {
 
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 }
 
 /// A child process killed and reaped when the test ends, even by a panic.
@@ -446,6 +494,11 @@ fn user_namespace_maps_ids() {
 
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 }
 
 /// With `rootfs_dax_mib`, the root file system share has a DAX window (in
@@ -488,4 +541,31 @@ fn rootfs_through_a_dax_window() {
     env.ok(&["delete", "--force", "dax"]);
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
+}
+
+/// `-v`/`--version` and `-h`/`--help` answer everywhere, as runc's do
+/// (engines run `RUNTIME --version` to show it in their info).
+#[test]
+fn version_and_help_flags_answer_like_runc() {
+    let env = CliEnv::new("cli-flags", "");
+    for args in [&["-v"][..], &["--version"]] {
+        let (out, _) = env.ok(args);
+        assert!(out.starts_with("vessel version "), "{args:?}: {out}");
+        assert!(out.contains("\nspec: "), "{args:?}: {out}");
+    }
+    for args in [
+        &["-h"][..],
+        &["--help"],
+        &["create", "-h"],
+        &["exec", "--help"],
+        &["delete", "-h"],
+    ] {
+        let (out, _) = env.ok(args);
+        assert!(out.contains("Usage: vessel"), "{args:?}: {out}");
+    }
 }

@@ -351,16 +351,37 @@ fn exec_ps_and_terminals() {
     let sock = env.tmp.join("console.sock");
     let l = UnixListener::bind(&sock).unwrap();
     let pf = env.tmp.join("tty.pid");
-    let (st, err) = env.detached(&[
-        "create",
-        "--bundle",
-        &b,
-        "--console-socket",
-        &sock.to_string_lossy(),
-        "--pid-file",
-        &pf.to_string_lossy(),
-        "tty1",
-    ]);
+    // Like `out=$(vessel create ...)`, dockerd and containerd's shim: the
+    // caller reads create's stdout and stderr to EOF, which must come when
+    // create exits (runc leaves nothing of them to a terminal container).
+    let mut child = env
+        .cmd(&[
+            "create",
+            "--bundle",
+            &b,
+            "--console-socket",
+            &sock.to_string_lossy(),
+            "--pid-file",
+            &pf.to_string_lossy(),
+            "tty1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut out, mut errp) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut o, mut e) = (String::new(), String::new());
+        let _ = out.read_to_string(&mut o);
+        let _ = errp.read_to_string(&mut e);
+        let _ = tx.send(e);
+    });
+    let st = child.wait().unwrap();
+    let err = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("create's stdout/stderr stay open after it exited: the monitor holds them");
     assert!(st.success(), "create --console-socket: {err}");
     let master = receive_master(&l);
     drop(l);
@@ -414,4 +435,9 @@ fn exec_ps_and_terminals() {
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.monitors().is_empty(), "monitors left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 }

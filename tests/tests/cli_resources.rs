@@ -339,4 +339,9 @@ fn pause_resume_update_events_features() {
 
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
+    assert!(
+        env.run_entries().is_empty(),
+        "sockets left: {:?}",
+        env.run_entries()
+    );
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use vessel_proto::ReadFileRequest;
 use vessel_shim::config::Config;
-use vessel_shim::sandbox::{HostSide, Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
+use vessel_shim::sandbox::{Dirs, HostSide, Sandbox, Templates, MOUNTS_TAG, ROOTFS_TAG};
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
 fn vessel(bin: &Path, config: &Path, args: &[&str]) -> Output {
@@ -88,7 +88,7 @@ fn template_build_list_rebuild_rm_and_restore() {
     let (sb, mut c) = Sandbox::restore(
         &cfg,
         &tpl,
-        &tmp.0.join("sb1"),
+        Dirs::one(&tmp.0.join("sb1")),
         &[
             format!("{ROOTFS_TAG}={},ro", rootfs.display()),
             format!("{MOUNTS_TAG}={},ro", rootfs.display()),

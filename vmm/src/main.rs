@@ -36,8 +36,13 @@ enum HostKindArg {
 #[command(name = "vessel-vmm", version)]
 struct Args {
     /// Uncompressed ELF guest kernel (vmlinux).
-    #[arg(long, required_unless_present = "restore")]
+    #[arg(long, required_unless_present_any = ["restore", "check_snapshot"])]
     kernel: Option<PathBuf>,
+    /// Check the snapshot in this directory (state file format, version,
+    /// checksum, consistency, memory file size) and exit: 0 if it can be
+    /// restored, 1 with the reason on stderr. Starts no VM.
+    #[arg(long, exclusive = true)]
+    check_snapshot: Option<PathBuf>,
     /// Restore from this snapshot directory instead of booting a kernel
     /// (kernel, initrd, cmdline, memory and vCPU options come from the snapshot).
     #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "mem_mib", "vcpus", "balloon"])]
@@ -131,6 +136,10 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 }
 
 fn run(args: Args) -> anyhow::Result<i32> {
+    if let Some(dir) = &args.check_snapshot {
+        vessel_vmm::snapshot::check_dir(dir)?;
+        return Ok(0);
+    }
     init_logging(&args)?;
     // Parsed here rather than by clap so that errors are one line like the others.
     let shares = args

@@ -15,9 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use vessel_shim::state::{Status, Store};
-
-use super::{connect, effective};
+use vessel_shim::runtime::Runtime;
 
 /// How often the OOM count is checked between stats lines.
 const OOM_POLL: Duration = Duration::from_secs(1);
@@ -83,59 +81,43 @@ fn print_line(v: &serde_json::Value) -> Result<()> {
         .context("writing to stdout")
 }
 
-/// Whether container `id` still runs (its state exists and is not stopped).
-fn still_running(store: &Store, id: &str) -> bool {
-    store
-        .load(id)
-        .map(|s| effective(s).status != Status::Stopped)
-        .unwrap_or(false)
-}
-
 /// `vessel events`.
-pub fn events(store: &Store, a: &EventsArgs) -> Result<()> {
+pub fn events(rt: &Runtime, a: &EventsArgs) -> Result<()> {
     let id = a.id.as_str();
     let interval = parse_duration(&a.interval)?;
     if interval.is_zero() {
         bail!("--interval must be greater than 0");
     }
-    let s = effective(store.load(id)?);
-    if s.status == Status::Stopped {
-        bail!("container {id} is not running");
-    }
-    let mut c = connect(store, id)?;
+    let mut c = rt.inspect(id)?;
     let stats_line =
         |st: &vessel_proto::resources::Stats| json!({"type": "stats", "id": id, "data": st});
     if a.stats {
-        let st = c
-            .container_stats(id)
-            .with_context(|| format!("reading the statistics of container {id}"))?;
-        return print_line(&stats_line(&st.stats));
+        let (st, _) = rt.stats(&mut c, id)?;
+        return print_line(&stats_line(&st));
     }
     let mut last_oom: Option<u64> = None;
     let mut next_stats = Instant::now();
     loop {
-        let st = match c.container_stats(id) {
+        let (st, oom_kills) = match rt.stats(&mut c, id) {
             Ok(st) => st,
             // The sandbox went away with the container: the stream ends.
-            Err(_) if !still_running(store, id) => return Ok(()),
-            Err(e) => {
-                return Err(e).with_context(|| format!("reading the statistics of container {id}"))
-            }
+            Err(_) if !rt.still_running(id) => return Ok(()),
+            Err(e) => return Err(e.into()),
         };
-        if oom_grew(last_oom, st.oom_kills) {
+        if oom_grew(last_oom, oom_kills) {
             print_line(&json!({"type": "oom", "id": id}))?;
         }
-        last_oom = Some(st.oom_kills);
+        last_oom = Some(oom_kills);
         let now = Instant::now();
         if now >= next_stats {
-            print_line(&stats_line(&st.stats))?;
+            print_line(&stats_line(&st))?;
             next_stats = now + interval;
         }
         let wait = next_stats
             .saturating_duration_since(Instant::now())
             .min(OOM_POLL);
         std::thread::sleep(wait);
-        if !still_running(store, id) {
+        if !rt.still_running(id) {
             return Ok(());
         }
     }

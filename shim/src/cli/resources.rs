@@ -1,8 +1,6 @@
-//! `vessel pause`, `resume` and `update` (runc's flags and messages).
-//!
-//! The work happens in the guest (`PauseContainer`, `ResumeContainer`,
-//! `UpdateContainer`, see `agent/CONTAINERS.md`); here the state file is
-//! checked and updated under the container's lock.
+//! `vessel update`'s flags (runc's), turned into a resources update for
+//! the runtime, which applies it in the guest (`UpdateContainer`, see
+//! `agent/CONTAINERS.md`).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -13,9 +11,7 @@ use vessel_proto::resources::{
     BlockIoUpdate, CpuUpdate, MemoryUpdate, PidsUpdate, ResourcesUpdate,
 };
 
-use vessel_shim::state::{Status, Store};
-
-use super::{connect, effective, AGENT_TIMEOUT};
+use vessel_shim::runtime::Runtime;
 
 /// `vessel update` arguments (runc's).
 #[derive(Debug, Args)]
@@ -129,54 +125,10 @@ fn requested(a: &UpdateArgs) -> Result<ResourcesUpdate> {
     })
 }
 
-/// `vessel pause`.
-pub fn pause(store: &Store, id: &str) -> Result<()> {
-    let lock = store.lock(id)?;
-    let mut s = effective(store.load(id)?);
-    match s.status {
-        Status::Running => {}
-        Status::Paused => bail!("container {id} is already paused"),
-        _ => bail!("container {id} is not running"),
-    }
-    let mut c = connect(store, id)?;
-    c.set_timeout(Some(AGENT_TIMEOUT))?;
-    c.pause_container(id)
-        .with_context(|| format!("pausing container {id}"))?;
-    s.status = Status::Paused;
-    store.save(&s, &lock)?;
-    Ok(())
-}
-
-/// `vessel resume`.
-pub fn resume(store: &Store, id: &str) -> Result<()> {
-    let lock = store.lock(id)?;
-    let mut s = effective(store.load(id)?);
-    if s.status != Status::Paused {
-        bail!("container {id} is not paused");
-    }
-    let mut c = connect(store, id)?;
-    c.set_timeout(Some(AGENT_TIMEOUT))?;
-    c.resume_container(id)
-        .with_context(|| format!("resuming container {id}"))?;
-    s.status = Status::Running;
-    store.save(&s, &lock)?;
-    Ok(())
-}
-
 /// `vessel update`.
-pub fn update(store: &Store, a: &UpdateArgs) -> Result<()> {
-    let id = a.id.as_str();
+pub fn update(rt: &Runtime, a: &UpdateArgs) -> Result<()> {
     let resources = requested(a)?;
-    let _lock = store.lock(id)?;
-    let s = effective(store.load(id)?);
-    if s.status == Status::Stopped {
-        bail!("cannot update container {id}: it is stopped");
-    }
-    let mut c = connect(store, id)?;
-    c.set_timeout(Some(AGENT_TIMEOUT))?;
-    c.update_container(id, resources)
-        .with_context(|| format!("updating container {id}"))?;
-    Ok(())
+    Ok(rt.update(&a.id, resources)?)
 }
 
 #[cfg(test)]

@@ -161,6 +161,24 @@ pub fn load_state(dir: &Path) -> Result<MicrovmState, SnapshotError> {
     Ok(state)
 }
 
+/// Checks that snapshot `dir` can be restored, without KVM: its state
+/// (see [`load_state`]) and that its memory file has the size the state
+/// describes.
+pub fn check_dir(dir: &Path) -> Result<(), SnapshotError> {
+    let state = load_state(dir)?;
+    let (_, mem) = paths(dir);
+    let len = std::fs::metadata(&mem)
+        .map_err(|e| SnapshotError::Mismatch(format!("memory file {}: {e}", mem.display())))?
+        .len();
+    if len != state.mem_mib << 20 {
+        return Err(SnapshotError::Mismatch(format!(
+            "memory file has {len} bytes, the state describes {} MiB",
+            state.mem_mib
+        )));
+    }
+    Ok(())
+}
+
 impl MicrovmState {
     /// Consistency checks that do not need KVM.
     pub fn check(&self) -> Result<(), SnapshotError> {

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use super::{Context, Result};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
 
@@ -46,7 +46,7 @@ pub enum HostEnd {
 fn cloexec(fd: &OwnedFd) -> Result<()> {
     // SAFETY: fcntl(F_SETFD) on a descriptor we own; no memory involved.
     if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("fcntl(FD_CLOEXEC)");
+        return Err(std::io::Error::last_os_error()).ctx("fcntl(FD_CLOEXEC)");
     }
     Ok(())
 }
@@ -61,14 +61,14 @@ pub fn send_console(socket: &Path, size: Option<(u16, u16)>) -> Result<OwnedFd> 
         ws_xpixel: 0,
         ws_ypixel: 0,
     });
-    let pty = nix::pty::openpty(ws.as_ref(), None::<&Termios>).context("opening a pty")?;
+    let pty = nix::pty::openpty(ws.as_ref(), None::<&Termios>).ctx("opening a pty")?;
     cloexec(&pty.master)?;
     cloexec(&pty.slave)?;
-    let mut t = tcgetattr(&pty.slave).context("tcgetattr on the pty")?;
+    let mut t = tcgetattr(&pty.slave).ctx("tcgetattr on the pty")?;
     cfmakeraw(&mut t);
-    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).context("setting the pty to raw mode")?;
+    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).ctx("setting the pty to raw mode")?;
     let conn = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to the console socket {}", socket.display()))?;
+        .with_ctx(|| format!("connecting to the console socket {}", socket.display()))?;
     let name = b"/dev/ptmx";
     let fds = [pty.master.as_raw_fd()];
     sendmsg::<UnixAddr>(
@@ -78,7 +78,7 @@ pub fn send_console(socket: &Path, size: Option<(u16, u16)>) -> Result<OwnedFd> 
         MsgFlags::empty(),
         None,
     )
-    .with_context(|| format!("sending the pty master to {}", socket.display()))?;
+    .with_ctx(|| format!("sending the pty master to {}", socket.display()))?;
     // The master is the engine's now; ours closes here.
     drop(pty.master);
     Ok(pty.slave)
@@ -143,22 +143,29 @@ pub fn relay(
 ) -> Result<std::sync::mpsc::Receiver<()>> {
     let (input, output, size_fd): (File, File, OwnedFd) = match end {
         HostEnd::Console(slave) => (
-            File::from(slave.try_clone()?),
-            File::from(slave.try_clone()?),
+            File::from(slave.try_clone().ctx("duplicating the pty")?),
+            File::from(slave.try_clone().ctx("duplicating the pty")?),
             slave,
         ),
         HostEnd::Caller => {
-            let i = std::io::stdin().as_fd().try_clone_to_owned()?;
-            let o = std::io::stdout().as_fd().try_clone_to_owned()?;
+            let i = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .ctx("duplicating stdin")?;
+            let o = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .ctx("duplicating stdout")?;
             let s = if winsize(i.as_fd()).is_some() {
-                i.try_clone()?
+                i.try_clone()
             } else {
-                o.try_clone()?
-            };
+                o.try_clone()
+            }
+            .ctx("duplicating the terminal")?;
             (File::from(i), File::from(o), s)
         }
     };
-    let to_guest = conn.try_clone()?;
+    let to_guest = conn.try_clone().ctx("duplicating the terminal stream")?;
     let done = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     {

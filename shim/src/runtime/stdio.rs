@@ -1,5 +1,5 @@
 //! A process's stdio on the host: the vsock streams attached for it before
-//! it is created (see `agent/proto/README.md`, "Stdio streams"), and the
+//! it is created (see `proto/README.md`, "Stdio streams"), and the
 //! threads that relay them to our stdio or to a terminal.
 
 use std::os::fd::AsFd;
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use super::{Context, Result};
 use vessel_proto::client::AgentClient;
 use vessel_proto::container::{ResizeTerminalRequest, StdioSpec, StdioStream};
 use vessel_proto::AGENT_PORT;
@@ -54,9 +54,11 @@ impl Relays {
 fn attach_one(uds: &Path, id: &str, exec_id: Option<&str>, s: StdioStream) -> Result<UnixStream> {
     let stream = AgentClient::connect(uds, AGENT_PORT, Duration::from_secs(10))
         .and_then(|c| c.attach_stdio(id, exec_id, s))
-        .with_context(|| format!("attaching {s:?}"))?;
-    stream.set_read_timeout(None)?;
-    stream.set_write_timeout(None)?;
+        .with_ctx(|| format!("attaching {s:?}"))?;
+    stream
+        .set_read_timeout(None)
+        .and_then(|()| stream.set_write_timeout(None))
+        .ctx("setting up a stdio stream")?;
     Ok(stream)
 }
 
@@ -115,8 +117,18 @@ impl Attached {
             }
             Attached::Pipes { out, err, input } => {
                 let (tx, rx) = mpsc::channel();
-                let stdout = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
-                let stderr = std::fs::File::from(std::io::stderr().as_fd().try_clone_to_owned()?);
+                let stdout = std::fs::File::from(
+                    std::io::stdout()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .ctx("duplicating stdout")?,
+                );
+                let stderr = std::fs::File::from(
+                    std::io::stderr()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .ctx("duplicating stderr")?,
+                );
                 for (src, dst) in [(out, stdout), (err, stderr)] {
                     let tx = tx.clone();
                     std::thread::spawn(move || {
@@ -125,7 +137,12 @@ impl Attached {
                     });
                 }
                 if let Some(input) = input {
-                    let stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+                    let stdin = std::fs::File::from(
+                        std::io::stdin()
+                            .as_fd()
+                            .try_clone_to_owned()
+                            .ctx("duplicating stdin")?,
+                    );
                     // Dropping the stream at EOF closes the process's stdin.
                     std::thread::spawn(move || relay(stdin, input));
                 }

@@ -1,0 +1,212 @@
+//! The monitor: the process that owns one container's sandbox for its
+//! whole life (started by [`super::Runtime::create`], see the module
+//! documentation there).
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vessel_proto::client::AgentClient;
+use vessel_proto::container::{CreateContainerRequest, RootfsSource};
+
+use super::{stdio, tty, write_vmm_pid, Context, Result, Runtime, VMM_PID_FILE};
+use super::{AGENT_TIMEOUT, MOUNTS_TAG, ROOTFS_TAG};
+use crate::binds;
+use crate::bundle::Bundle;
+use crate::sandbox::{Dirs, HostSide, Sandbox, Templates};
+use crate::state::Status;
+
+/// Where the agent mounts the rootfs share in the guest.
+const GUEST_ROOTFS: &str = "/run/vessel/rootfs";
+/// Where the agent mounts the share of host bind mount sources.
+const GUEST_MOUNTS: &str = "/run/vessel/mounts";
+
+/// The pieces of a created container the monitor keeps.
+struct Monitored {
+    sb: Sandbox,
+    client: AgentClient,
+    relays: stdio::Relays,
+}
+
+fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Result<Monitored> {
+    let (store, cfg) = (&rt.store, &rt.cfg);
+    let b = Bundle::load(bundle)?;
+    let dir = store.dir(id)?;
+    let sockets = store.create_sandbox_dir(id)?;
+    let dirs = Dirs {
+        dir: &dir,
+        sockets: &sockets,
+    };
+    let mut spec = b.spec.clone();
+    if b.readonly {
+        // The guest cannot write a read-only share: make the mount points
+        // here, as runc does before its read-only remount.
+        binds::make_mount_points(&spec, &b.dir, &b.rootfs)?;
+    }
+    let stage = dir.join("mounts");
+    let _ = std::fs::remove_dir_all(&stage);
+    std::fs::create_dir_all(&stage).with_ctx(|| format!("creating {}", stage.display()))?;
+    // The sandbox's network namespace is the monitor's own (the VMM
+    // inherits it): the engine's, given by path (podman, CNI), or a new one
+    // when the spec asks for a network namespace (docker fills it from a
+    // prestart hook that finds it at /proc/<monitor>/ns/net).
+    match crate::netns::take(&mut spec)? {
+        Some(fd) => crate::netns::enter(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .ctx("joining the engine's network namespace")?,
+        None if crate::netns::wanted(&spec) => {
+            crate::netns::unshare().ctx("creating the sandbox's network namespace")?
+        }
+        None => {}
+    }
+    let hook_state = super::hook_state(id, &b, "creating", std::process::id());
+    for kind in ["prestart", "createRuntime"] {
+        crate::hooks::run(kind, &crate::hooks::of_kind(&b.spec, kind)?, &hook_state)?;
+    }
+    let host = HostSide {
+        stage: Some(
+            std::ffi::CString::new(stage.as_os_str().as_encoded_bytes()).map_err(|_| {
+                super::RuntimeError::Invalid("the state directory's path contains NUL".into())
+            })?,
+        ),
+        binds: binds::plan(&mut spec, &b.dir, &stage, GUEST_MOUNTS)?,
+        netns: None,
+    };
+    let shares = [
+        format!(
+            "{ROOTFS_TAG}={}{}{}",
+            b.rootfs.display(),
+            if b.readonly { ",ro" } else { "" },
+            crate::sandbox::rootfs_dax(cfg)
+        ),
+        format!("{MOUNTS_TAG}={}", stage.display()),
+    ];
+    let t0 = Instant::now();
+    let (mut sb, mut client) = if cfg.templates {
+        let (tpl, _) = Templates::new(cfg).ensure(false)?;
+        Sandbox::restore(cfg, &tpl, dirs, &shares, &host, b.hostname.clone())?
+    } else {
+        Sandbox::boot(cfg, dirs, &shares, &host)?
+    };
+    tracing::debug!("{id}: sandbox ready after {:?}", t0.elapsed());
+    let created = (|| -> Result<stdio::Relays> {
+        write_vmm_pid(&dir, sb.pid())?;
+        if !host.binds.is_empty() {
+            client
+                .set_timeout(Some(AGENT_TIMEOUT))
+                .and_then(|()| client.mount(MOUNTS_TAG, GUEST_MOUNTS, false))
+                .ctx("mounting the bind mount share in the guest")?;
+        }
+        let (mut end, mut size) = (None, None);
+        if b.terminal {
+            let given = spec["process"]["consoleSize"]
+                .as_object()
+                .and_then(|s| Some((s.get("height")?.as_u64()?, s.get("width")?.as_u64()?)))
+                .and_then(|(h, w)| Some((u16::try_from(h).ok()?, u16::try_from(w).ok()?)));
+            match console {
+                Some(sock) => {
+                    size = given;
+                    end = Some(tty::HostEnd::Console(tty::send_console(sock, size)?));
+                }
+                None => {
+                    size = tty::caller_winsize().or(given);
+                    end = Some(tty::HostEnd::Caller);
+                }
+            }
+            if let Some((rows, cols)) = size {
+                spec["process"]["consoleSize"] = serde_json::json!({"height": rows, "width": cols});
+            }
+        }
+        let attached = stdio::Attached::attach(&sb.uds, id, None, b.terminal)?;
+        client
+            .set_timeout(Some(AGENT_TIMEOUT))
+            .ctx("setting the agent timeout")?;
+        let c = client
+            .create_container(CreateContainerRequest {
+                id: id.into(),
+                rootfs: RootfsSource {
+                    tag: Some(ROOTFS_TAG.into()),
+                    path: GUEST_ROOTFS.into(),
+                },
+                spec,
+                stdio: attached.spec(),
+            })
+            .ctx("creating the container")?;
+        tracing::debug!(
+            "{id}: container created after {:?} (in the guest: {} ms)",
+            t0.elapsed(),
+            c.elapsed_us / 1000
+        );
+        if !c.ignored.is_empty() {
+            tracing::info!("{id}: not applied in the guest: {}", c.ignored.join(", "));
+        }
+        attached.relay(end, size, stdio::Resizer::new(&sb.uds, id, None))
+    })();
+    match created {
+        Ok(relays) => Ok(Monitored { sb, client, relays }),
+        Err(e) => {
+            sb.kill();
+            let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
+            Err(e)
+        }
+    }
+}
+
+/// The hidden `vessel monitor` command (see the module documentation):
+/// creates the container, reports on `ready_fd`, waits for it, and
+/// returns its exit code (the monitor's own).
+pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_fd: RawFd) -> u8 {
+    let store = &rt.store;
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
+    if ready_fd < 3 || unsafe { libc::fcntl(ready_fd, libc::F_GETFD) } < 0 {
+        tracing::error!("monitor: --ready-fd {ready_fd} is not an open descriptor");
+        return 1;
+    }
+    // SAFETY: the descriptor is open (checked above) and is the pipe's
+    // write end `vessel create` left to us alone; we take ownership once.
+    let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
+    let mut m = match setup(rt, id, bundle, console) {
+        Ok(m) => m,
+        Err(e) => {
+            let msg = super::error_chain(&e).replace('\n', " ");
+            let _ = writeln!(ready, "error {msg}");
+            return 1;
+        }
+    };
+    let _ = writeln!(ready, "ok");
+    drop(ready);
+
+    let status = match m
+        .client
+        .set_timeout(None)
+        .and_then(|()| m.client.wait_process(id, None))
+    {
+        Ok(exit) => exit.status,
+        Err(e) => {
+            tracing::error!("{id}: waiting for the container: {e}");
+            255
+        }
+    };
+    tracing::debug!("{id}: exited with {status}");
+    // Let the last output through (a child holding the stream open past
+    // init's exit must not keep us here).
+    m.relays.drain(stdio::DRAIN_TIMEOUT);
+    if let Err(e) = m.sb.shutdown(&mut m.client, Duration::from_secs(30)) {
+        tracing::warn!("{id}: stopping the sandbox: {e}");
+    }
+    tracing::debug!("{id}: sandbox stopped");
+    if let Ok(dir) = store.dir(id) {
+        let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
+    }
+    if let Ok(lock) = store.lock(id) {
+        if let Ok(mut s) = store.load(id) {
+            s.status = Status::Stopped;
+            s.pid = 0;
+            s.exit_status = Some(status);
+            if let Err(e) = store.save(&s, &lock) {
+                tracing::warn!("{id}: recording the exit: {e}");
+            }
+        }
+    }
+    u8::try_from(status).unwrap_or(255)
+}
