@@ -2,278 +2,39 @@
 //! behaviour of issue 14 is run with runc and with vessel by the same
 //! podman, and the two are compared (stdout, exit code, state).
 //!
-//! The engine is the test's own: podman's storage (`--root`, `--runroot`,
-//! overlay driver), its `containers.conf` (`CONTAINERS_CONF`: cgroupfs, a
-//! file events log, a private tmp dir and network config dir, and
-//! `[engine.runtimes] vessel = [<wrapper>]`) and both runtimes' state live in
-//! a temporary directory; every podman command runs inside a network
-//! namespace the test created, so netavark's bridge and firewall rules stay
-//! there. runc is selected with `--runtime <path>`, vessel with
-//! `--runtime vessel` (the name `containers.conf` defines): the two ways a
-//! user configures podman. Each runtime is reached through a wrapper script
-//! that logs every call's argv (printed at the end: the engine calls vessel
-//! must answer) and gives the runtime a private `--root` (podman passes
-//! none) and, for vessel, `--config`.
+//! The engine is the test's own ([`vessel_tests::podman::Podman`]: private
+//! storage, containers.conf, runtime state and network namespace; runc by
+//! path, vessel by its containers.conf name; every runtime call logged with
+//! its time and exit code, printed at the end). The image is a local busybox
+//! image (`podman import` of a tar of Debian's static busybox).
 //!
-//! The image is a local busybox image (`podman import` of a tar of Debian's
-//! static busybox). The one host quirk handled for both runtimes alike: the
-//! root shell here lacks CAP_SYS_RESOURCE and its hard nofile limit is 20000,
-//! so `containers.conf` sets `default_ulimits` below it.
-//!
-//! Containers per runtime (a vessel container costs 5-15 s to start here):
-//! `run --rm` of `echo; exit 3`; `run --rm` of a shell printing many facts
-//! (`--read-only --user --cap-drop --cap-add --memory --pids-limit -v --tmpfs
-//! -e -w --hostname --init`); `create` + `start` of a long-running container
-//! used for `exec`, `exec -it`, default capabilities and seccomp, `pause`,
-//! `unpause`, `stats`, `inspect`, `logs` and `stop -t 2` (SIGTERM ignored by
-//! a pid 1 without a handler, then SIGKILL: 137); a container that traps
-//! USR1 for `kill -s USR1`, then `kill` (SIGKILL: 137); one for `rm -f` of a
-//! stuck container; `run -it` driven through a pty, with a resize. At the
-//! end: podman's `ps -a` is empty and nothing is left (no tagged process,
-//! `vessel-vmm`, mount, socket or state entry).
+//! Containers per runtime (a vessel container costs 5-30 s to start here):
+//! one `run --rm` of a shell printing many facts, writing to stderr and
+//! exiting 3 (`--read-only --user --cap-drop --cap-add --memory --pids-limit
+//! -v --tmpfs -e -w --hostname --init`); `create` + `start` of a
+//! long-running container used for `exec`, `exec -it`, default capabilities
+//! and seccomp, `pause`, `unpause`, `stats`, `inspect`, `logs` and `stop -t
+//! 2` (SIGTERM ignored by a pid 1 without a handler, then SIGKILL: 137); a
+//! container that traps USR1 for `kill -s USR1`, then `kill` (SIGKILL: 137);
+//! one for `rm -f` of a stuck container; `run -it` driven through a pty,
+//! with a resize. At the end: podman's `ps -a` is empty and nothing is left
+//! (no tagged process, `vessel-vmm`, mount, socket or state entry), and
+//! podman called vessel with the same verbs as runc.
 //!
 //! Needs podman, conmon, netavark, catatonit, runc (Debian packages, `.ci/run`
 //! installs them) and /dev/kvm.
 
 use std::fmt::Debug;
 use std::fs;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vessel_tests::engines::{
-    leaks, output_within, poll_until, require_tools, same, wait_within, Checks, Netns, Pty,
-    RuntimeWrapper, Timed,
-};
+use vessel_tests::engines::{leaks, poll_until, require_tools, same, wait_within, Checks, Pty};
+use vessel_tests::podman::{Podman, Rt, IMAGE, SHORT, START};
 use vessel_tests::{kvm_available_or_skip, Artifacts};
 
 /// Checks that fail with vessel today and are reported, not asserted (see
 /// /work/notes/engine-findings.md for each). Keep this empty when possible.
 const KNOWN_FAILING: &[&str] = &[];
-
-const IMAGE: &str = "localhost/busybox:test";
-
-/// Bound for a command that starts a container (a vessel container may
-/// build the template on its first start: about a minute here).
-const START: Duration = Duration::from_secs(240);
-/// Bound for any other podman command.
-const SHORT: Duration = Duration::from_secs(90);
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Rt {
-    Runc,
-    Vessel,
-}
-
-impl Rt {
-    fn name(self) -> &'static str {
-        match self {
-            Rt::Runc => "runc",
-            Rt::Vessel => "vessel",
-        }
-    }
-}
-
-/// The test's podman: its directories, config, runtimes and netns.
-struct Podman {
-    tmp: PathBuf,
-    root: PathBuf,
-    runroot: PathBuf,
-    conf: PathBuf,
-    tag: String,
-    vessel_bin: PathBuf,
-    vessel_config: PathBuf,
-    vessel_state: PathBuf,
-    runc_state: PathBuf,
-    runc: RuntimeWrapper,
-    vessel: RuntimeWrapper,
-    // Dropped after `Drop::drop` cleaned up inside it.
-    netns: Netns,
-}
-
-impl Podman {
-    fn new(art: &Artifacts) -> Podman {
-        let tmp = std::env::temp_dir().join(format!("vessel-podman-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
-        let tag = format!("podman-{}", std::process::id());
-        let vessel_bin = art.vmm.with_file_name("vessel");
-        assert!(
-            vessel_bin.is_file(),
-            "{} missing (cargo xtask build)",
-            vessel_bin.display()
-        );
-        let templates = vessel_tests::workspace_root().join("target/vessel/test-templates");
-        let vessel_config = tmp.join("vessel.toml");
-        fs::write(&vessel_config, art.vessel_config(&templates, "")).expect("write vessel config");
-        let vessel_state = tmp.join("vessel-state");
-        let runc_state = tmp.join("runc-state");
-        let runc_bin = vessel_tests::engines::which("runc").expect("runc");
-        let runc = RuntimeWrapper::write(
-            &tmp.join("runc-wrapper"),
-            &runc_bin,
-            &["--root", &runc_state.to_string_lossy()],
-            &tmp.join("runc-argv.log"),
-            &tmp.join("runc-specs"),
-            &tag,
-        );
-        let vessel = RuntimeWrapper::write(
-            &tmp.join("vessel-wrapper"),
-            &vessel_bin,
-            &[
-                "--root",
-                &vessel_state.to_string_lossy(),
-                "--config",
-                &vessel_config.to_string_lossy(),
-            ],
-            &tmp.join("vessel-argv.log"),
-            &tmp.join("vessel-specs"),
-            &tag,
-        );
-        let conf = tmp.join("containers.conf");
-        fs::create_dir_all(tmp.join("networks")).expect("networks dir");
-        fs::write(
-            &conf,
-            format!(
-                r#"[containers]
-# This host's root shell lacks CAP_SYS_RESOURCE and has a hard nofile limit
-# of 20000: the same for both runtimes.
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-
-[engine]
-# No systemd on these hosts.
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-events_logfile_path = "{events}"
-tmp_dir = "{libpod_tmp}"
-
-[engine.runtimes]
-vessel = ["{vessel}"]
-
-[network]
-network_config_dir = "{networks}"
-"#,
-                events = tmp.join("events.log").display(),
-                libpod_tmp = tmp.join("libpod-tmp").display(),
-                vessel = vessel.path.display(),
-                networks = tmp.join("networks").display(),
-            ),
-        )
-        .expect("write containers.conf");
-        let netns = Netns::new("podman");
-        Podman {
-            root: tmp.join("storage"),
-            runroot: tmp.join("runroot"),
-            tmp,
-            conf,
-            tag,
-            vessel_bin,
-            vessel_config,
-            vessel_state,
-            runc_state,
-            runc,
-            vessel,
-            netns,
-        }
-    }
-
-    /// `podman --root R --runroot RR --storage-driver overlay args...` in
-    /// the netns, with this test's containers.conf.
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = self.netns.command("podman");
-        c.arg("--root")
-            .arg(&self.root)
-            .arg("--runroot")
-            .arg(&self.runroot)
-            .args(["--storage-driver", "overlay"])
-            .args(args)
-            .env("CONTAINERS_CONF", &self.conf);
-        c
-    }
-
-    /// `podman args...` within `timeout`.
-    fn podman(&self, args: &[&str], timeout: Duration) -> Timed {
-        output_within(&mut self.cmd(args), timeout)
-    }
-
-    /// `podman --runtime X args...` within `timeout`.
-    fn with(&self, rt: Rt, args: &[&str], timeout: Duration) -> Timed {
-        let runtime = match rt {
-            Rt::Runc => self.runc.path.to_string_lossy().into_owned(),
-            Rt::Vessel => "vessel".to_string(),
-        };
-        let mut all = vec!["--runtime", runtime.as_str()];
-        all.extend_from_slice(args);
-        self.podman(&all, timeout)
-    }
-
-    /// `podman inspect -f FORMAT NAME`, trimmed.
-    fn inspect(&self, name: &str, format: &str) -> Result<String, String> {
-        let t = self.podman(&["inspect", "-f", format, name], SHORT);
-        t.ok(&format!("inspect {name}"))?;
-        Ok(t.stdout.trim().to_string())
-    }
-
-    /// Polls `inspect` until the status is `want` (bounded).
-    fn wait_status(&self, name: &str, want: &str, timeout: Duration) -> Result<(), String> {
-        let mut last = String::new();
-        let got = poll_until(timeout, || {
-            last = self
-                .inspect(name, "{{.State.Status}}")
-                .unwrap_or_else(|e| e);
-            (last == want).then_some(())
-        });
-        got.ok_or_else(|| format!("{name}: status {last:?}, not {want:?} after {timeout:?}"))
-    }
-
-    fn wrapper(&self, rt: Rt) -> &RuntimeWrapper {
-        match rt {
-            Rt::Runc => &self.runc,
-            Rt::Vessel => &self.vessel,
-        }
-    }
-}
-
-impl Drop for Podman {
-    fn drop(&mut self) {
-        // podman first (it knows its containers), then whatever is left.
-        let t = self.podman(&["rm", "-af", "-t", "0"], Duration::from_secs(120));
-        if !t.status.is_some_and(|s| s.success()) {
-            eprintln!("cleanup: {}", t.describe("podman rm -af"));
-        }
-        for id in leaks::entries(&self.vessel_state) {
-            let _ = output_within(
-                Command::new(&self.vessel_bin)
-                    .arg("--root")
-                    .arg(&self.vessel_state)
-                    .arg("--config")
-                    .arg(&self.vessel_config)
-                    .args(["delete", "--force", &id]),
-                Duration::from_secs(60),
-            );
-        }
-        let killed = leaks::kill_tagged(&self.tag);
-        // conmon processes name the storage directories.
-        let me = std::process::id() as i32;
-        let stray: Vec<i32> =
-            vessel_tests::cli::processes_mentioning(&self.tmp.to_string_lossy(), "")
-                .into_iter()
-                .filter(|&p| p != me)
-                .collect();
-        for &pid in &stray {
-            // SAFETY: kill with a pid and a signal number only.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = self.podman(&["system", "reset", "-f"], Duration::from_secs(60));
-        let unmounted = leaks::unmount_under(&self.tmp);
-        if !killed.is_empty() || !stray.is_empty() {
-            eprintln!(
-                "cleanup: killed tagged {killed:?}, killed {stray:?}; unmounted {unmounted:?}"
-            );
-        }
-        let _ = fs::remove_dir_all(&self.tmp);
-    }
-}
 
 /// The lines of two outputs that differ, as `runc X / vessel Y`.
 fn differing_lines(runc: &str, vessel: &str) -> Vec<String> {
@@ -318,6 +79,7 @@ echo tmp > /t/f && echo t-write=ok
 while read -r k v; do
   case $k in CapInh:|CapPrm:|CapEff:|CapBnd:|CapAmb:|NoNewPrivs:|Seccomp:) echo $k $v ;; esac
 done < /proc/self/status
+m=; n=
 { read m < /sys/fs/cgroup/memory.max || read m < /sys/fs/cgroup/memory/memory.limit_in_bytes; } 2>/dev/null
 { read n < /sys/fs/cgroup/pids.max || read n < /sys/fs/cgroup/pids/pids.max; } 2>/dev/null
 echo memory.max=$m pids.max=$n
@@ -350,10 +112,8 @@ fn podman_runs_vessel_like_runc() {
     ]);
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
     let t0 = Instant::now();
-    let p = Podman::new(&art);
-    let tar = vessel_tests::engines::busybox_image_tar(&p.tmp);
-    let t = p.podman(&["import", &tar.to_string_lossy(), IMAGE], SHORT);
-    t.ok("podman import").unwrap_or_else(|e| panic!("{e}"));
+    let p = Podman::new(&art, "podman");
+    p.import_busybox().unwrap_or_else(|e| panic!("{e}"));
     let hostdir = p.tmp.join("hostdir");
     fs::create_dir_all(&hostdir).expect("hostdir");
     // `--user 1000` writes there.
@@ -423,9 +183,31 @@ fn podman_runs_vessel_like_runc() {
         }
         Ok(())
     });
+    // The container's own cgroup limits, as the container sees them in
+    // /sys/fs/cgroup (a check of its own: the rest of the facts must not
+    // hide behind it).
+    let is_limits = |l: &&str| l.starts_with("memory.max=");
+    checks.run("cgroup-limits-visible", || {
+        let lines: Vec<Vec<&str>> = facts
+            .iter()
+            .map(|(t, _)| t.stdout.lines().filter(is_limits).collect())
+            .collect();
+        expect(
+            "runc",
+            vec!["memory.max=67108864 pids.max=50"],
+            lines[0].clone(),
+        )?;
+        same("limits seen inside", &lines[0], &lines[1])
+    });
     checks.run("run-rm-options", || {
         let (r, v) = (&facts[0], &facts[1]);
-        let mut diff = differing_lines(&r.0.stdout, &v.0.stdout);
+        let keep = |out: &str| -> String {
+            out.lines()
+                .filter(|l| !is_limits(l))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        let mut diff = differing_lines(&keep(&r.0.stdout), &keep(&v.0.stdout));
         if r.1 != v.1 {
             diff.push(format!(
                 "host file written through -v: runc {:?}, vessel {:?}",
@@ -512,10 +294,7 @@ fn podman_runs_vessel_like_runc() {
         both("exec -it", |rt| {
             let pty = Pty::open(25, 90).map_err(|e| e.to_string())?;
             let name = long(rt);
-            let runtime = match rt {
-                Rt::Runc => p.runc.path.to_string_lossy().into_owned(),
-                Rt::Vessel => "vessel".into(),
-            };
+            let runtime = p.runtime_arg(rt);
             let mut child = pty
                 .spawn(&mut p.cmd(&["--runtime", &runtime, "exec", "-it", &name, "sh"]))
                 .map_err(|e| e.to_string())?;
@@ -675,10 +454,7 @@ fn podman_runs_vessel_like_runc() {
     checks.run("run-it-resize", || {
         both("run -it", |rt| {
             let pty = Pty::open(30, 100).map_err(|e| e.to_string())?;
-            let runtime = match rt {
-                Rt::Runc => p.runc.path.to_string_lossy().into_owned(),
-                Rt::Vessel => "vessel".into(),
-            };
+            let runtime = p.runtime_arg(rt);
             let mut child = pty
                 .spawn(&mut p.cmd(&["--runtime", &runtime, "run", "-it", "--rm", IMAGE, "sh"]))
                 .map_err(|e| e.to_string())?;
