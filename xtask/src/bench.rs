@@ -55,9 +55,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             crate::bench_fs::run(root, mib)
         }
+        Some("podman") => {
+            let runs = match args.get(1) {
+                Some(n) => n.parse().context("number of runs")?,
+                None => 5,
+            };
+            crate::bench_podman::run(root, runs)
+        }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs)"
+                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, podman)"
             )
         }
     }

@@ -15,10 +15,12 @@
 //! cargo xtask bench density [N]          N idle sandboxes: memory, idle CPU, start slowdown
 //! cargo xtask bench run [N]              `vessel run true` vs `runc run`, and 10 concurrent
 //! cargo xtask bench fs [MiB]             file read throughput: guest DAX, guest no DAX, host
+//! cargo xtask bench podman [N]           `podman run --rm IMG true`, vessel vs runc, same podman
 //! ```
 
 mod bench;
 mod bench_fs;
+mod bench_podman;
 mod bench_run;
 mod build;
 mod demo;
@@ -30,7 +32,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|podman]>";
 
 fn main() {
     if let Err(e) = run() {
