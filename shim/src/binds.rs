@@ -423,6 +423,32 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// runtime-tools' propagation mounts: a bind is recognised by its
+    /// options whatever the type ("" or "none"); a tmpfs with a
+    /// propagation is not a bind.
+    #[test]
+    fn binds_without_a_type_are_planned() {
+        let d = tmp("untyped");
+        let src = d.join("src");
+        let stage = d.join("stage");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&stage).unwrap();
+        let mut spec = json!({"mounts": [
+            {"destination": "/a", "type": "", "source": &src,
+             "options": ["nosuid", "strictatime", "mode=755", "size=1k", "bind", "shared"]},
+            {"destination": "/b", "type": "none", "source": &src,
+             "options": ["rbind", "rshared"]},
+            {"destination": "/c", "type": "tmpfs", "source": "tmpfs", "options": ["shared"]},
+        ]});
+        let binds = plan(&mut spec, &d, &stage, "/g").unwrap();
+        assert_eq!(binds.len(), 2);
+        assert!(!binds[0].recursive && binds[1].recursive);
+        assert_eq!(spec["mounts"][0]["source"], "/g/0");
+        assert_eq!(spec["mounts"][1]["source"], "/g/1");
+        assert_eq!(spec["mounts"][2]["source"], "tmpfs");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[test]
     fn mount_points_stay_inside_the_root() {
         let d = tmp("points");

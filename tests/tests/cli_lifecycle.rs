@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use vessel_tests::cli::{busybox_rootfs, read_pid, reap, text, CliEnv};
 use vessel_tests::kvm_available_or_skip;
 
-const APPLETS: [&str; 5] = ["sh", "echo", "true", "sleep", "cat"];
+const APPLETS: [&str; 6] = ["sh", "echo", "true", "sleep", "cat", "awk"];
 
 /// A runc-like `config.json` (no terminal, read-only root) running `args`
 /// in the busybox root filesystem at `rootfs`.
@@ -108,18 +108,30 @@ fn runc_lifecycle_through_the_microvm() {
     eprintln!("vessel run true (restored from the template): {took:?}");
 
     // Host bind mounts (a read-write directory, a read-only directory, a
-    // read-only file), masked paths and the pids limit, in one container.
+    // read-only file, and binds with a propagation and no type, as in
+    // runtime-tools' validation, under a shared rootfsPropagation), masked
+    // paths, sysctls (podman's and docker's defaults, an IPC one,
+    // kernel.domainname) with a read-only root and /proc/sys, and the pids
+    // limit, in one container.
     let rw = env.tmp.join("host-rw");
     let ro = env.tmp.join("host-ro");
+    let prop = env.tmp.join("host-prop");
     std::fs::create_dir_all(&rw).unwrap();
     std::fs::create_dir_all(&ro).unwrap();
+    std::fs::create_dir_all(&prop).unwrap();
     std::fs::write(ro.join("in"), "from the host\n").unwrap();
+    std::fs::write(prop.join("f"), "propagated\n").unwrap();
     let greeting = env.tmp.join("greeting");
     std::fs::write(&greeting, "hello file\n").unwrap();
     let script = "echo written > /data/out && echo rw-ok; \
                   (echo x > /ro/new) 2>/dev/null && echo ro-WRITABLE || echo ro-refused; \
-                  cat /ro/in /etc/greeting; \
+                  cat /ro/in /etc/greeting /mnt/shared/f /mnt/rshared/f; \
+                  awk '$5 ~ /^\\/mnt\\// { sub(/:[0-9]+$/, \"\", $7); print $5, $7 }' /proc/self/mountinfo; \
+                  cd /proc/sys; echo $(cat net/ipv4/ping_group_range net/ipv4/ip_unprivileged_port_start \
+                    kernel/shm_rmid_forced kernel/domainname); cd /; \
+                  (echo 0 > /proc/sys/kernel/shm_rmid_forced) 2>/dev/null && echo sys-WRITABLE || echo sys-ro; \
                   [ -s /proc/kcore ] && echo kcore-visible || echo kcore-masked; \
+                  cat /sys/fs/cgroup/pids.max; \
                   for i in 1 2 3 4 5 6; do sleep 1 & done; wait; echo no-pids-limit";
     let mut s = spec(&env.tmp.join("rootfs"), &["sh", "-c", script]);
     let mounts = s["mounts"].as_array_mut().unwrap();
@@ -129,14 +141,41 @@ fn runc_lifecycle_through_the_microvm() {
                        "options": ["bind", "ro"]}));
     mounts.push(json!({"destination": "/etc/greeting", "source": greeting,
                        "options": ["bind", "ro", "nosuid"]}));
+    // No cgroup namespace asked for (podman, docker on v1 hosts): the
+    // cgroup mount still shows the container's own limits.
+    mounts.push(
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                       "options": ["nosuid", "noexec", "nodev", "ro"]}),
+    );
+    let tmpfs_like = ["nosuid", "strictatime", "mode=755", "size=1k"];
+    for (dest, typ, opts) in [
+        ("/mnt/shared", "", ["bind", "shared"]),
+        ("/mnt/rshared", "none", ["rbind", "rshared"]),
+        ("/mnt/private", "", ["bind", "private"]),
+    ] {
+        let options: Vec<&str> = tmpfs_like.iter().chain(&opts).copied().collect();
+        mounts.push(json!({"destination": dest, "type": typ, "source": &prop,
+                           "options": options}));
+    }
+    // What docker asks for when a volume is shared.
+    s["linux"]["rootfsPropagation"] = json!("rshared");
     s["linux"]["resources"] = json!({"pids": {"limit": 4}});
+    s["linux"]["sysctl"] = json!({
+        "net.ipv4.ping_group_range": "0 2147483647",
+        "net.ipv4.ip_unprivileged_port_start": "0",
+        "kernel.shm_rmid_forced": "1",
+        "kernel.domainname": "vessel.test",
+    });
     let b = env.write_bundle("b-binds", &s);
     let t = Instant::now();
     let o = env.output(&["run", "--bundle", &b, "binds"]);
-    eprintln!("vessel run with 3 bind mounts: {:?}", t.elapsed());
+    eprintln!("vessel run with 6 bind mounts: {:?}", t.elapsed());
     let (out, err) = (text(&o.stdout), text(&o.stderr));
     assert_eq!(
-        out, "rw-ok\nro-refused\nfrom the host\nhello file\nkcore-masked\n",
+        out,
+        "rw-ok\nro-refused\nfrom the host\nhello file\npropagated\npropagated\n\
+         /mnt/shared shared\n/mnt/rshared shared\n/mnt/private -\n\
+         0 2147483647 0 1 vessel.test\nsys-ro\nkcore-masked\n4\n",
         "stderr: {err}"
     );
     // busybox sh gives up when fork fails (the 4th process of the cgroup).
@@ -163,7 +202,20 @@ fn runc_lifecycle_through_the_microvm() {
     let cg = format!("/vessel-test-{}/sleep", std::process::id());
     let mut s = spec(&env.tmp.join("rootfs"), &["sleep", "1000"]);
     s["linux"]["cgroupsPath"] = json!(cg);
+    // Host hooks get the state on stdin (docker's network set-up is one).
+    let hook = |name: &str| {
+        let out = env.tmp.join(format!("hook.{name}"));
+        json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}", out.display())],
+               "timeout": 30})
+    };
+    s["hooks"] = json!({"prestart": [hook("prestart")], "createRuntime": [hook("createRuntime")],
+                        "poststart": [hook("poststart")], "poststop": [hook("poststop")]});
     let b = env.write_bundle("b-sleep", &s);
+    let hook_state = |name: &str| -> Value {
+        let f = env.tmp.join(format!("hook.{name}"));
+        let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} hook state {text:?}: {e}"))
+    };
     let pid_file = env.tmp.join("sleep.pid");
     let pf = pid_file.to_string_lossy().into_owned();
     let (st, err) = env.detached(&["create", "--bundle", &b, "--pid-file", &pf, "sleep"]);
@@ -175,6 +227,18 @@ fn runc_lifecycle_through_the_microvm() {
         (Some("created"), Some(i64::from(pid)))
     );
     assert_eq!(s["bundle"].as_str(), Some(b.as_str()));
+    for name in ["prestart", "createRuntime"] {
+        let h = hook_state(name);
+        assert_eq!(
+            (h["status"].as_str(), h["pid"].as_i64()),
+            (Some("creating"), Some(i64::from(pid))),
+            "{h}"
+        );
+    }
+    // The spec asks for a network namespace: the sandbox (monitor and VMM)
+    // has a new one, where the prestart hook found it.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"));
     let vmm = env.vmms();
     assert_eq!(vmm.len(), 1, "{vmm:?}");
     for h in ["memory", "pids", "cpu", "unified"] {
@@ -205,6 +269,7 @@ fn runc_lifecycle_through_the_microvm() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(env.state("sleep")["status"], "running");
+    assert_eq!(hook_state("poststart")["status"], "running");
     let o = env.output(&["start", "sleep"]);
     assert!(!o.status.success());
     let o = env.output(&["delete", "sleep"]);
@@ -233,6 +298,7 @@ fn runc_lifecycle_through_the_microvm() {
         "delete: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    assert_eq!(hook_state("poststop")["status"], "stopped");
     // Both levels vessel created are gone, in every hierarchy.
     let top = format!("vessel-test-{}", std::process::id());
     for h in ["memory", "pids", "cpu", "unified", ""] {
@@ -327,8 +393,13 @@ fn chown_tree(dir: &Path, id: u32) {
 /// every capability there, yet it cannot write the host root's file, cannot
 /// make device nodes, and what it creates belongs to the mapped id on the
 /// host; sysfs (the VM's network namespace is not the container's) comes
-/// from a bind of the guest's. An exec joins the same user namespace and
-/// runs as its uid 0 too, not as the guest's root.
+/// from a bind of the guest's. Its sysctls apply: the IPC one in its own
+/// IPC namespace, `kernel.domainname` as `setdomainname`, the `net.*` one
+/// in the VM's network namespace (written by the agent, the container's
+/// root could not; its gids are the container's, as with runc, so
+/// `0 10` is written as the guest's `100000 100010` and read back inside
+/// as `0 10`). An exec joins the same user namespace and runs as its
+/// uid 0 too, not as the guest's root.
 ///
 /// The second container also names a network namespace by path (as podman
 /// and CNI do): its VMM runs in that namespace. A host cgroup namespace
@@ -360,6 +431,8 @@ fn user_namespace_maps_ids() {
                   mknod /tmp/mem c 1 1 2>/dev/null && echo mknod-ALLOWED || echo mknod-refused; \
                   echo x > /dev/null && echo dev-null-ok; \
                   ls /sys/kernel > /dev/null && echo sysfs-ok; \
+                  cd /proc/sys; echo $(cat net/ipv4/ping_group_range kernel/shm_rmid_forced \
+                    kernel/domainname); cd /; \
                   [ -s /proc/kcore ] && echo kcore-visible || echo kcore-masked";
     let caps = json!([
         "CAP_CHOWN",
@@ -402,7 +475,10 @@ fn user_namespace_maps_ids() {
                 "uidMappings": map,
                 "gidMappings": map,
                 "maskedPaths": ["/proc/kcore"],
-                "readonlyPaths": ["/proc/sys"]
+                "readonlyPaths": ["/proc/sys"],
+                "sysctl": {"net.ipv4.ping_group_range": "0 10",
+                           "kernel.shm_rmid_forced": "1",
+                           "kernel.domainname": "userns.test"}
             }
         })
     };
@@ -418,7 +494,7 @@ fn user_namespace_maps_ids() {
         format!(
             "uid_map 0 {USERNS_BASE} 65536\ngid_map 0 {USERNS_BASE} 65536\nid 0 0\nuserns\n\
              create-ok\nowner 65534:65534\nhost-root-refused\nmknod-refused\ndev-null-ok\n\
-             sysfs-ok\nkcore-masked\n"
+             sysfs-ok\n0 10 1 userns.test\nkcore-masked\n"
         ),
         "stderr: {err}"
     );

@@ -14,7 +14,7 @@
 use std::ffi::CStr;
 use std::os::fd::RawFd;
 
-use super::spec::{CapSets, InitPlan, MountOp, ProcessPlan, CAP_LAST};
+use super::spec::{CapSets, Finish, InitPlan, MountOp, ProcessPlan, AFTER_PIVOT, CAP_LAST};
 
 /// `CLONE_INTO_CGROUP` (Linux 5.7).
 pub const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
@@ -456,6 +456,40 @@ fn do_mount(m: &MountOp, userns: bool) -> Result<(), (Step, i32)> {
     Ok(())
 }
 
+/// Makes the mount that holds `path` private (not recursively): `path`
+/// itself if it is a mount point, else its nearest ancestor that is (the
+/// kernel answers EINVAL for a directory that is not one). No allocation.
+fn make_holder_private(path: &CStr) -> Result<(), i32> {
+    let bytes = path.to_bytes();
+    let mut buf = [0u8; 4096];
+    if bytes.len() >= buf.len() {
+        return Err(libc::ENAMETOOLONG);
+    }
+    buf[..bytes.len()].copy_from_slice(bytes);
+    let mut len = bytes.len();
+    loop {
+        buf[len] = 0;
+        let p = buf.as_ptr().cast::<libc::c_char>();
+        let r = mount(
+            std::ptr::null(),
+            p,
+            std::ptr::null(),
+            libc::MS_PRIVATE,
+            std::ptr::null(),
+        );
+        match r {
+            Err(libc::EINVAL) if len > 1 => {
+                // Up one component; "/" last.
+                len = buf[..len].iter().rposition(|&b| b == b'/').unwrap_or(0);
+                if len == 0 {
+                    len = 1;
+                }
+            }
+            r => return r,
+        }
+    }
+}
+
 fn is_dir(path: &CStr) -> bool {
     // SAFETY: an all-zero stat is a valid value for the kernel to fill.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -626,6 +660,16 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     ) {
         fail(st, Step::RootPropagation, 0, e);
     }
+    let shared = plan.rootfs_propagation & libc::MS_SHARED != 0;
+    if shared {
+        // A shared rootfsPropagation (docker asks for one when a volume is
+        // shared): as runc, the mount holding the root file system becomes
+        // private again, or pivot_root refuses (EINVAL: a shared parent)
+        // and the bind below would propagate.
+        if let Err(e) = make_holder_private(root) {
+            fail(st, Step::RootPropagation, 1, e);
+        }
+    }
     if let Err(e) = mount(
         root.as_ptr(),
         root.as_ptr(),
@@ -680,10 +724,37 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     // directory for the old root is needed (runc's way).
     // SAFETY: system calls on NUL-terminated literals and plan strings.
     unsafe {
+        // With shared mounts, the old root is reached through a descriptor
+        // (mount(2) of "." would act on the new root below it).
+        let old_root = if shared {
+            libc::open(
+                c"/".as_ptr(),
+                libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        } else {
+            -1
+        };
+        if shared && old_root < 0 {
+            fail(st, Step::PivotRoot, 5, errno());
+        }
         check(st, Step::PivotRoot, 0, libc::chdir(root.as_ptr()));
         let r = libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr());
         if r != 0 {
             fail(st, Step::PivotRoot, 1, errno());
+        }
+        if shared {
+            check(st, Step::PivotRoot, 6, libc::fchdir(old_root));
+            libc::close(old_root);
+            // The old root's unmount must not propagate to its peers.
+            if let Err(e) = mount(
+                std::ptr::null(),
+                c".".as_ptr(),
+                std::ptr::null(),
+                libc::MS_SLAVE | libc::MS_REC,
+                std::ptr::null(),
+            ) {
+                fail(st, Step::PivotRoot, 4, e);
+            }
         }
         check(
             st,
@@ -693,29 +764,47 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
         );
         check(st, Step::PivotRoot, 3, libc::chdir(c"/".as_ptr()));
     }
-    for (i, p) in plan.masked_paths.iter().enumerate() {
-        match mount(
-            c"/dev/null".as_ptr(),
-            p.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ) {
-            Ok(()) | Err(libc::ENOENT) => {}
-            Err(libc::ENOTDIR) => {
-                if let Err(e) = mount(
-                    c"tmpfs".as_ptr(),
-                    p.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    libc::MS_RDONLY,
-                    std::ptr::null(),
-                ) {
-                    fail(st, Step::MaskedPath, i, e);
-                }
+    for step in AFTER_PIVOT {
+        match step {
+            Finish::Hostname => set_name(st, Step::Hostname, plan.hostname.as_deref(), false),
+            Finish::Domainname => {
+                set_name(st, Step::Domainname, plan.domainname.as_deref(), true);
             }
-            Err(e) => fail(st, Step::MaskedPath, i, e),
+            Finish::Sysctls => write_sysctls(st, plan),
+            Finish::ReadonlyPaths => readonly_paths(st, plan),
+            Finish::MaskedPaths => mask_paths(st, plan),
+            Finish::ReadonlyRoot => readonly_root(st, plan),
         }
     }
+    // In a new user namespace the agent has set the limits.
+    run_process(&plan.process, fds, ptrs, fds.userns_sync.is_none())
+}
+
+/// `sethostname` or (`domain`) `setdomainname` of `name`, if any.
+fn set_name(st: RawFd, step: Step, name: Option<&CStr>, domain: bool) {
+    let Some(n) = name else { return };
+    // SAFETY: pointer and length of a plan string.
+    let r = unsafe {
+        if domain {
+            libc::setdomainname(n.as_ptr(), n.to_bytes().len())
+        } else {
+            libc::sethostname(n.as_ptr(), n.to_bytes().len())
+        }
+    };
+    check(st, step, 0, r);
+}
+
+/// The plan's sysctls, through the container's `/proc/sys`.
+fn write_sysctls(st: RawFd, plan: &InitPlan) {
+    for (i, (path, value)) in plan.sysctls.iter().enumerate() {
+        if let Err(e) = write_file(path, value.as_bytes()) {
+            fail(st, Step::Sysctl, i, e);
+        }
+    }
+}
+
+/// Read-only binds of the plan's read-only paths (missing ones skipped).
+fn readonly_paths(st: RawFd, plan: &InitPlan) {
     for (i, p) in plan.readonly_paths.iter().enumerate() {
         match mount(
             p.as_ptr(),
@@ -744,6 +833,38 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             Err(e) => fail(st, Step::ReadonlyPath, i, e),
         }
     }
+}
+
+/// Hides the plan's masked paths: /dev/null over a file, an empty
+/// read-only tmpfs over a directory (missing ones skipped).
+fn mask_paths(st: RawFd, plan: &InitPlan) {
+    for (i, p) in plan.masked_paths.iter().enumerate() {
+        match mount(
+            c"/dev/null".as_ptr(),
+            p.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) {
+            Ok(()) | Err(libc::ENOENT) => {}
+            Err(libc::ENOTDIR) => {
+                if let Err(e) = mount(
+                    c"tmpfs".as_ptr(),
+                    p.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY,
+                    std::ptr::null(),
+                ) {
+                    fail(st, Step::MaskedPath, i, e);
+                }
+            }
+            Err(e) => fail(st, Step::MaskedPath, i, e),
+        }
+    }
+}
+
+/// Remounts `/` read-only if the plan says so.
+fn readonly_root(st: RawFd, plan: &InitPlan) {
     if plan.readonly_root {
         if let Err(e) = mount(
             c"/".as_ptr(),
@@ -755,32 +876,6 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             fail(st, Step::ReadonlyRoot, 0, e);
         }
     }
-    // SAFETY: lengths and pointers of plan strings.
-    unsafe {
-        if let Some(h) = &plan.hostname {
-            check(
-                st,
-                Step::Hostname,
-                0,
-                libc::sethostname(h.as_ptr(), h.as_bytes().len()),
-            );
-        }
-        if let Some(d) = &plan.domainname {
-            check(
-                st,
-                Step::Domainname,
-                0,
-                libc::setdomainname(d.as_ptr(), d.as_bytes().len()),
-            );
-        }
-    }
-    for (i, (path, value)) in plan.sysctls.iter().enumerate() {
-        if let Err(e) = write_file(path, value.as_bytes()) {
-            fail(st, Step::Sysctl, i, e);
-        }
-    }
-    // In a new user namespace the agent has set the limits.
-    run_process(&plan.process, fds, ptrs, fds.userns_sync.is_none())
 }
 
 /// An exec: join the container's namespaces, then the process part.

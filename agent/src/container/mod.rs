@@ -352,6 +352,7 @@ impl Containers {
         let spec = spec::parse_spec(req.spec).map_err(from_spec)?;
         let plan = spec::init_plan(&spec, &req.rootfs.path).map_err(from_spec)?;
         drop(spec);
+        write_vm_sysctls(&plan)?;
         let taken = self
             .stdio
             .take(&id, None, req.stdio, plan.process.terminal)
@@ -891,6 +892,20 @@ fn spawn_init(
         start_w,
         OwnedFd::from(status),
     ))
+}
+
+/// The `net.*` sysctls of a network namespace the container shares with
+/// the VM: the agent's own namespace, written here before the container's
+/// process exists (a process in a user namespace could not write them).
+fn write_vm_sysctls(plan: &InitPlan) -> Result<(), ErrorReply> {
+    for (path, value) in &plan.vm_sysctls {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(value.as_bytes()))
+            .map_err(|e| internal(format!("cannot write sysctl {path}: {e}")))?;
+    }
+    Ok(())
 }
 
 /// What the agent does for an init in a new user namespace before letting

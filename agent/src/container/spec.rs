@@ -185,14 +185,168 @@ pub struct InitPlan {
     pub hostname: Option<CString>,
     /// Domain name (UTS namespace).
     pub domainname: Option<CString>,
-    /// (/proc/sys path, value).
+    /// Sysctls the child writes, in the container's own namespaces, after
+    /// its `/proc` is mounted and before anything is made read-only (see
+    /// [`AFTER_PIVOT`]): (/proc/sys path, value).
     pub sysctls: Vec<(CString, CString)>,
+    /// `net.*` sysctls of a network namespace shared with the VM, which the
+    /// agent writes itself before the child exists (a child in a user
+    /// namespace may not write the VM's): (/proc/sys path, value).
+    pub vm_sysctls: Vec<(String, String)>,
     /// cgroup v2 files to write: (file name, value).
     pub cgroup_writes: Vec<(String, String)>,
     /// The process.
     pub process: ProcessPlan,
     /// Present but not applied (reported to the host).
     pub ignored: Vec<String>,
+}
+
+/// What the child does after `pivot_root`, in runc's order: the host and
+/// domain names, then the sysctls (the container's `/proc` is mounted and
+/// `/proc/sys` still writable), then the read-only paths (which usually
+/// include `/proc/sys`), the masked paths, and last the read-only root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// `sethostname`.
+    Hostname,
+    /// `setdomainname`.
+    Domainname,
+    /// [`InitPlan::sysctls`].
+    Sysctls,
+    /// [`InitPlan::readonly_paths`].
+    ReadonlyPaths,
+    /// [`InitPlan::masked_paths`].
+    MaskedPaths,
+    /// [`InitPlan::readonly_root`].
+    ReadonlyRoot,
+}
+
+/// The order of [`Finish`] steps the child follows.
+pub const AFTER_PIVOT: [Finish; 6] = [
+    Finish::Hostname,
+    Finish::Domainname,
+    Finish::Sysctls,
+    Finish::ReadonlyPaths,
+    Finish::MaskedPaths,
+    Finish::ReadonlyRoot,
+];
+
+/// IPC namespace sysctls besides `fs.mqueue.*` (runc's list).
+const IPC_SYSCTLS: [&str; 8] = [
+    "kernel.msgmax",
+    "kernel.msgmnb",
+    "kernel.msgmni",
+    "kernel.sem",
+    "kernel.shmall",
+    "kernel.shmmax",
+    "kernel.shmmni",
+    "kernel.shm_rmid_forced",
+];
+
+/// Where a sysctl of the spec is applied.
+#[derive(Debug, PartialEq, Eq)]
+enum SysctlTarget {
+    /// Written by the child in its own namespace.
+    Child,
+    /// Written by the agent: the VM's network namespace.
+    Vm,
+    /// `kernel.domainname`: `setdomainname` (the same value, and allowed in
+    /// a user namespace, where the UTS sysctl files are not writable).
+    Domainname,
+}
+
+/// A sysctl name in dotted form (`sysctl.d(5)`: a name whose first
+/// separator is `/` uses `/` between components and may hold dots inside
+/// one, as in `net/ipv4/conf/eth0.100/rp_filter`), and its path under
+/// `/proc/sys`.
+fn sysctl_names(key: &str) -> (String, String) {
+    let slash_form = key
+        .find(['.', '/'])
+        .is_some_and(|i| key.as_bytes()[i] == b'/');
+    let swap = |s: &str| {
+        s.chars()
+            .map(|c| match c {
+                '.' => '/',
+                '/' => '.',
+                c => c,
+            })
+            .collect::<String>()
+    };
+    if slash_form {
+        (swap(key), format!("/proc/sys/{key}"))
+    } else {
+        (key.to_string(), format!("/proc/sys/{}", swap(key)))
+    }
+}
+
+/// Checks a sysctl the way runc does (only sysctls of a namespace the
+/// container has), and says who applies it. Unlike runc, `net.*` is
+/// allowed without a network namespace of the container's own: the
+/// container then shares the VM's, which serves this container alone.
+fn sysctl_target(
+    name: &str,
+    clone_flags: u64,
+    private_netns: bool,
+) -> Result<SysctlTarget, SpecError> {
+    let has = |flag: libc::c_int| clone_flags & u64::try_from(flag).unwrap_or(0) != 0;
+    if IPC_SYSCTLS.contains(&name) || name.starts_with("fs.mqueue.") {
+        return if has(libc::CLONE_NEWIPC) {
+            Ok(SysctlTarget::Child)
+        } else {
+            Err(invalid(format!(
+                "sysctl {name:?} needs an ipc namespace in linux.namespaces"
+            )))
+        };
+    }
+    if name.starts_with("net.") {
+        return Ok(if private_netns {
+            SysctlTarget::Child
+        } else {
+            SysctlTarget::Vm
+        });
+    }
+    if has(libc::CLONE_NEWUTS) {
+        match name {
+            "kernel.domainname" => return Ok(SysctlTarget::Domainname),
+            "kernel.hostname" => {
+                return Err(invalid(
+                    "sysctl \"kernel.hostname\" conflicts with the hostname field",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Err(invalid(format!(
+        "sysctl {name:?} is not in a separate kernel namespace"
+    )))
+}
+
+/// `net.ipv4.ping_group_range` of a container in a user namespace, whose
+/// gids are the container's (runc's child writes it from inside, and the
+/// kernel reads the gids in the writer's namespace), as the guest's gids
+/// the agent writes; a gid outside `linux.gidMappings` is refused, as the
+/// kernel refuses it (EINVAL).
+fn guest_gid_range(value: &str, maps: &[IdMapping]) -> Result<String, SpecError> {
+    let bad = || invalid(format!("sysctl net.ipv4.ping_group_range {value:?}"));
+    let mut out = Vec::new();
+    for g in value.split_whitespace() {
+        let g: u32 = g.parse().map_err(|_| bad())?;
+        let m = maps
+            .iter()
+            .find(|m| {
+                g >= m.container_id && u64::from(g) < u64::from(m.container_id) + u64::from(m.size)
+            })
+            .ok_or_else(|| {
+                invalid(format!(
+                    "sysctl net.ipv4.ping_group_range: gid {g} is not in linux.gidMappings"
+                ))
+            })?;
+        out.push((g - m.container_id + m.host_id).to_string());
+    }
+    if out.len() != 2 {
+        return Err(bad());
+    }
+    Ok(out.join(" "))
 }
 
 /// Most lines a kernel's `uid_map` takes (Linux 4.15 and later).
@@ -852,6 +1006,14 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
             // Only the unified hierarchy exists in the guest.
             typ = "cgroup2".into();
         }
+        if typ == "cgroup2" {
+            // The container must find its own cgroup (memory.max,
+            // pids.max) at the mount point, as runc arranges by binding its
+            // cgroup directory there: a cgroup namespace rooted at the
+            // container's cgroup gives exactly that, and hides the VM's
+            // other cgroups.
+            cgroup_ns = true;
+        }
         if dest == Path::new("/dev") && typ == "tmpfs" {
             dev_is_tmpfs = true;
         }
@@ -941,16 +1103,42 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
             .collect()
     };
     let mut sysctls = Vec::new();
+    let mut vm_sysctls = Vec::new();
+    let mut domainname = domainname.map(str::to_string);
     if let Some(s) = &linux.sysctl {
         let mut keys: Vec<_> = s.iter().collect();
         keys.sort();
         for (k, v) in keys {
-            let path = format!("/proc/sys/{}", k.replace('.', "/"));
-            in_root("/", Path::new(&path)).map_err(|_| invalid(format!("sysctl {k:?}")))?;
-            if k.is_empty() || k.starts_with('.') {
+            let (name, path) = sysctl_names(k);
+            let normal = Path::new(&path)
+                .components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+            if name.split('.').any(str::is_empty) || !normal {
                 return Err(invalid(format!("sysctl {k:?}")));
             }
-            sysctls.push((cstring("sysctl", &path)?, cstring("sysctl value", v)?));
+            if v.contains('\0') {
+                return Err(invalid(format!(
+                    "sysctl {k:?}: the value contains a NUL byte"
+                )));
+            }
+            match sysctl_target(&name, clone_flags, private_netns)? {
+                SysctlTarget::Child => {
+                    sysctls.push((cstring("sysctl", &path)?, cstring("sysctl value", v)?));
+                }
+                SysctlTarget::Vm if userns.is_some() && name == "net.ipv4.ping_group_range" => {
+                    let gids = linux.gid_mappings.as_deref().unwrap_or_default();
+                    vm_sysctls.push((path, guest_gid_range(v, gids)?));
+                }
+                SysctlTarget::Vm => vm_sysctls.push((path, v.clone())),
+                SysctlTarget::Domainname => {
+                    // What the kernel keeps of a write: up to a newline.
+                    let d = v.split('\n').next().unwrap_or_default();
+                    if d.len() > 64 {
+                        return Err(invalid("sysctl kernel.domainname is longer than 64 bytes"));
+                    }
+                    domainname = Some(d.to_string());
+                }
+            }
         }
     }
     let cgroup_writes = match &linux.resources {
@@ -1002,8 +1190,9 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         masked_paths: paths(&linux.masked_paths)?,
         readonly_paths: paths(&linux.readonly_paths)?,
         hostname: hostname.map(|h| cstring("hostname", h)).transpose()?,
-        domainname: domainname.map(|h| cstring("domainname", h)).transpose()?,
+        domainname: domainname.map(|h| cstring("domainname", &h)).transpose()?,
         sysctls,
+        vm_sysctls,
         cgroup_writes,
         process,
         ignored,
@@ -1129,6 +1318,18 @@ mod tests {
     }
 
     /// A patch with a user namespace, `uid_map` as given and a wide gid map.
+    #[test]
+    fn a_cgroup_mount_shows_the_container_its_own_cgroup() {
+        // podman and docker on cgroup v1 hosts ask for no cgroup namespace
+        // but mount cgroup at /sys/fs/cgroup: the container still gets one,
+        // so memory.max and pids.max are its own.
+        let mut v = base();
+        v["linux"]["namespaces"] = json!([{"type": "pid"}, {"type": "mount"}, {"type": "uts"}]);
+        assert!(plan(v.clone()).unwrap().cgroup_ns);
+        v["mounts"].as_array_mut().unwrap().pop();
+        assert!(!plan(v).unwrap().cgroup_ns);
+    }
+
     fn userns(uid_map: serde_json::Value) -> serde_json::Value {
         json!({"linux": {
             "namespaces": [{"type": "mount"}, {"type": "user"}, {"type": "uts"}],
@@ -1164,6 +1365,28 @@ mod tests {
             .iter()
             .all(|d| d.guest_path.to_bytes().starts_with(b"/dev/")));
         assert!(plan(base()).unwrap().userns.is_none());
+        // ping_group_range names the container's gids: the agent writes
+        // the guest's.
+        let mut v = base();
+        merge(
+            &mut v,
+            &userns(json!([{"containerID": 0, "hostID": 100000, "size": 65536}])),
+        );
+        v["process"]["user"] = json!({"uid": 0, "gid": 0});
+        v["linux"]["sysctl"] = json!({"net.ipv4.ping_group_range": "0\t10"});
+        assert_eq!(
+            plan(v.clone()).unwrap().vm_sysctls,
+            vec![(
+                "/proc/sys/net/ipv4/ping_group_range".to_string(),
+                "100000 100010".to_string()
+            )]
+        );
+        v["linux"]["sysctl"] = json!({"net.ipv4.ping_group_range": "0 2147483647"});
+        let e = plan(v).unwrap_err().to_string();
+        assert!(
+            e.contains("gid 2147483647 is not in linux.gidMappings"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1256,6 +1479,41 @@ mod tests {
                 json!({"linux": {"resources": {"memory": {"limit": 100, "swap": 50}}}}),
             ),
             (
+                "\"kernel.sem\" needs an ipc namespace",
+                json!({"linux": {"namespaces": [{"type": "mount"}, {"type": "uts"}],
+                    "sysctl": {"kernel.sem": "250 32000 32 128"}}}),
+            ),
+            (
+                "\"kernel.domainname\" is not in a separate kernel namespace",
+                json!({"hostname": "", "linux": {"namespaces": [{"type": "mount"}],
+                    "sysctl": {"kernel.domainname": "x"}}}),
+            ),
+            (
+                "conflicts with the hostname field",
+                json!({"linux": {"sysctl": {"kernel.hostname": "x"}}}),
+            ),
+            (
+                "\"vm.overcommit_memory\" is not in a separate",
+                json!({"linux": {"sysctl": {"vm.overcommit_memory": "1"}}}),
+            ),
+            (
+                "\"kernel.core_pattern\" is not in a separate",
+                json!({"linux": {"sysctl": {"kernel/core_pattern": "|/x"}}}),
+            ),
+            // Named net.*, but a path out of /proc/sys/net.
+            (
+                "sysctl \"net/../kernel/core_pattern\"",
+                json!({"linux": {"sysctl": {"net/../kernel/core_pattern": "|/x"}}}),
+            ),
+            (
+                "sysctl \"net.//.kernel.core_pattern\"",
+                json!({"linux": {"sysctl": {"net.//.kernel.core_pattern": "|/x"}}}),
+            ),
+            (
+                "sysctl \"net..x\"",
+                json!({"linux": {"sysctl": {"net..x": "1"}}}),
+            ),
+            (
                 "unknown capability CAP_NOPE",
                 json!({"process": {"args": ["a"], "cwd": "/", "capabilities": {"bounding": ["CAP_NOPE"]}}}),
             ),
@@ -1308,6 +1566,115 @@ mod tests {
         assert_eq!(o(&["rslave"]).1, libc::MS_SLAVE | libc::MS_REC);
         assert_eq!(o(&["mode=1777", "size=1m"]).2, vec!["mode=1777", "size=1m"]);
         assert_eq!(o(&["tmpcopyup"]).3, vec!["tmpcopyup"]);
+    }
+
+    /// The default sysctls of podman (`ping_group_range`) and docker
+    /// (`ip_unprivileged_port_start`) and the IPC and UTS ones: who writes
+    /// each, where, and before what.
+    #[test]
+    fn sysctls_are_written_before_anything_is_read_only() {
+        let at = |f: Finish| AFTER_PIVOT.iter().position(|x| *x == f).unwrap();
+        for later in [
+            Finish::ReadonlyPaths,
+            Finish::MaskedPaths,
+            Finish::ReadonlyRoot,
+        ] {
+            assert!(at(Finish::Sysctls) < at(later), "{later:?}");
+        }
+        // runc: a kernel.domainname sysctl overrides the domainname field.
+        assert!(at(Finish::Domainname) < at(Finish::Sysctls));
+        assert_eq!(at(Finish::ReadonlyRoot), AFTER_PIVOT.len() - 1);
+
+        let mut v = base();
+        v["domainname"] = json!("field.example");
+        v["linux"]["sysctl"] = json!({
+            "net.ipv4.ping_group_range": "0 2147483647",
+            "net.ipv4.ip_unprivileged_port_start": "0",
+            "net/ipv4/conf/eth0.100/rp_filter": "1",
+            "kernel.shm_rmid_forced": "1",
+            "fs.mqueue.msg_max": "20",
+            "kernel.domainname": "sysctl.example\n",
+        });
+        let p = plan(v.clone()).unwrap();
+        assert_eq!(
+            p.sysctls,
+            vec![
+                (c"/proc/sys/fs/mqueue/msg_max".to_owned(), c"20".to_owned()),
+                (
+                    c"/proc/sys/kernel/shm_rmid_forced".to_owned(),
+                    c"1".to_owned()
+                ),
+            ]
+        );
+        let vm = |p: &str, v: &str| (p.to_string(), v.to_string());
+        assert_eq!(
+            p.vm_sysctls,
+            vec![
+                vm("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0"),
+                vm("/proc/sys/net/ipv4/ping_group_range", "0 2147483647"),
+                vm("/proc/sys/net/ipv4/conf/eth0.100/rp_filter", "1"),
+            ]
+        );
+        assert_eq!(p.domainname.as_deref(), Some(c"sysctl.example"));
+        // A network namespace of the container's own: the child writes
+        // net.* there.
+        v["annotations"] = json!({NETNS_ANNOTATION: "private"});
+        let p = plan(v).unwrap();
+        assert!(p.vm_sysctls.is_empty());
+        assert_eq!(p.sysctls.len(), 5);
+        assert_eq!(
+            p.sysctls[2],
+            (
+                c"/proc/sys/net/ipv4/ip_unprivileged_port_start".to_owned(),
+                c"0".to_owned()
+            )
+        );
+        // Without a network namespace in the spec (host network): the VM's.
+        let mut v = base();
+        v["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "uts"}]);
+        v["linux"]["sysctl"] = json!({"net.ipv4.ping_group_range": "0 0"});
+        assert_eq!(plan(v).unwrap().vm_sysctls.len(), 1);
+    }
+
+    /// runtime-tools' propagation mounts: no type (or "none") and bind or
+    /// rbind in the options is a bind mount; tmpfs options are dropped and
+    /// the propagation is applied after the remount with the flags.
+    #[test]
+    fn binds_without_a_type_keep_their_propagation() {
+        let mut v = base();
+        v["mounts"] = json!([
+            {"destination": "/mnt/etc-shared", "type": "", "source": "/g/0",
+             "options": ["nosuid", "strictatime", "mode=755", "size=1k", "bind", "shared"]},
+            {"destination": "/mnt/etc-rslave", "type": "none", "source": "/g/1",
+             "options": ["rbind", "rslave"]},
+            {"destination": "/mnt/etc-private", "source": "/g/2",
+             "options": ["bind", "private"]},
+        ]);
+        v["linux"]["rootfsPropagation"] = json!("rshared");
+        let p = plan(v).unwrap();
+        assert_eq!(p.rootfs_propagation, libc::MS_SHARED | libc::MS_REC);
+        let [shared, rslave, private] = &p.mounts[..] else {
+            panic!("{:?}", p.mounts)
+        };
+        assert_eq!(shared.fstype, None);
+        assert_eq!(shared.source.as_c_str(), c"/g/0");
+        assert_eq!(shared.flags, libc::MS_BIND);
+        assert_eq!(shared.data, None);
+        assert_eq!(
+            shared.remount_flags,
+            Some(libc::MS_NOSUID | libc::MS_STRICTATIME | libc::MS_BIND | libc::MS_REMOUNT)
+        );
+        assert_eq!(shared.propagation, libc::MS_SHARED);
+        assert_eq!(rslave.fstype, None);
+        assert_eq!(rslave.flags, libc::MS_BIND | libc::MS_REC);
+        assert_eq!(rslave.remount_flags, None);
+        assert_eq!(rslave.propagation, libc::MS_SLAVE | libc::MS_REC);
+        assert_eq!(private.propagation, libc::MS_PRIVATE);
+        assert!(
+            p.ignored.iter().all(|i| !i.contains("mount")),
+            "{:?}",
+            p.ignored
+        );
     }
 
     #[test]

@@ -99,9 +99,9 @@ pub fn document() -> Value {
     json!({
         "ociVersionMin": OCI_VERSION_MIN,
         "ociVersionMax": vessel_shim::state::OCI_VERSION,
-        // Hooks are recognized but not run (reported as ignored): none
-        // listed, so an engine does not count on them.
-        "hooks": [],
+        // Run on the host (see shim/src/hooks.rs); createContainer and
+        // startContainer would run inside the VM and are not.
+        "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
         "mountOptions": &MOUNT_OPTIONS[..],
         "linux": {
             // time namespaces are refused.

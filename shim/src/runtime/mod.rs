@@ -60,6 +60,9 @@ pub use crate::sandbox::{MOUNTS_TAG, ROOTFS_TAG};
 
 /// The VMM's pid and start time, written by the monitor.
 const VMM_PID_FILE: &str = "vmm.pid";
+/// Left by `kill ID KILL` before it ends the VM: the monitor then reports
+/// the container as killed by SIGKILL (137).
+const KILLED_FILE: &str = "killed";
 /// How long the agent may take for create/start (guest kernels are slow
 /// where ring 0 is emulated).
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -472,6 +475,13 @@ impl Runtime {
     pub fn kill(&self, id: &str, signal: i32, all: bool) -> Result<()> {
         let s = self.state(id)?;
         s.status.check(Op::Kill, id)?;
+        if signal == libc::SIGKILL {
+            // Every process of the container lives in its VM: ending the
+            // VM kills them all at once, with no guest kernel work (which
+            // is slow where it is emulated; engines wait only a few
+            // seconds for the pid in --pid-file to die).
+            return self.kill_sandbox(id);
+        }
         match self.signal(id, None, signal, all) {
             // The init exited and the monitor has not recorded it yet:
             // runc's words, which engines match ("container not running").
@@ -483,6 +493,16 @@ impl Runtime {
             }
             other => other,
         }
+    }
+
+    /// Ends container `id`'s VM (SIGKILL to its VMM); its monitor then
+    /// exits with 137.
+    fn kill_sandbox(&self, id: &str) -> Result<()> {
+        let dir = self.store.dir(id)?;
+        std::fs::write(dir.join(KILLED_FILE), b"")
+            .with_ctx(|| format!("writing {}", dir.join(KILLED_FILE).display()))?;
+        kill_vmm(&dir);
+        Ok(())
     }
 
     /// Sends `signal` to process `exec_id` (None: init) of `id`.
@@ -511,16 +531,8 @@ impl Runtime {
         let dir = self.store.dir(id)?;
         if let Some(s) = s.filter(|s| s.status != Status::Stopped) {
             let alive = || monitor_alive(&s);
-            if let Ok(mut c) = self.connect(id) {
-                let killed = c.signal_process(SignalProcessRequest {
-                    id: id.into(),
-                    exec_id: None,
-                    signal: libc::SIGKILL,
-                    all: true,
-                });
-                if killed.is_err() {
-                    let _ = c.delete_container(id, true);
-                }
+            if let Err(e) = self.kill_sandbox(id) {
+                tracing::warn!("{id}: {}", error_chain(&e));
             }
             if !wait_until(STOP_TIMEOUT, || !alive()) {
                 tracing::warn!("the monitor of {id} did not stop; killing it");

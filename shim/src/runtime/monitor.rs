@@ -84,7 +84,10 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
     let t0 = Instant::now();
     let (mut sb, mut client) = if cfg.templates {
         let (tpl, _) = Templates::new(cfg).ensure(false)?;
-        Sandbox::restore(cfg, &tpl, dirs, &shares, &host, b.hostname.clone())?
+        // Without a `hostname`, a new UTS namespace keeps its parent's name:
+        // the host's, as with runc.
+        let hostname = b.hostname.clone().or_else(host_name);
+        Sandbox::restore(cfg, &tpl, dirs, &shares, &host, hostname)?
     } else {
         Sandbox::boot(cfg, dirs, &shares, &host)?
     };
@@ -182,6 +185,14 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
         .and_then(|()| m.client.wait_process(id, None))
     {
         Ok(exit) => exit.status,
+        // `kill ID KILL` ended the whole VM (see `Runtime::kill`).
+        Err(_)
+            if store
+                .dir(id)
+                .is_ok_and(|d| d.join(super::KILLED_FILE).exists()) =>
+        {
+            128 + libc::SIGKILL
+        }
         Err(e) => {
             tracing::error!("{id}: waiting for the container: {e}");
             255
@@ -209,4 +220,10 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
         }
     }
     u8::try_from(status).unwrap_or(255)
+}
+
+/// This host's name (`uname -n`), if it has one.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_string()).filter(|n| !n.is_empty())
 }
