@@ -18,7 +18,8 @@
 //! container that traps USR1 for `kill -s USR1`, then `kill` (SIGKILL: 137);
 //! one for `rm -f` of a stuck container; `run -it` driven through a pty,
 //! with a resize. At the end: podman's `ps -a` is empty and nothing is left
-//! (no tagged process, `vessel-vmm`, mount, socket or state entry), and
+//! (no tagged process, `vessel-vmm`, mount, socket, state entry or podman
+//! network namespace), and
 //! podman called vessel with the same verbs as runc.
 //!
 //! Needs podman, conmon, netavark, catatonit, runc (Debian packages, `.ci/run`
@@ -124,6 +125,16 @@ fn podman_runs_vessel_like_runc() {
     .expect("chmod hostdir");
     fs::write(hostdir.join("marker"), "from-host\n").expect("marker");
 
+    // podman 4 names each container's network namespace
+    // /run/netns/netns-<uuid> (the host's /run: only the network namespace
+    // is the test's): none of ours may be left.
+    let netns_files = || -> Vec<String> {
+        leaks::entries(std::path::Path::new("/run/netns"))
+            .into_iter()
+            .filter(|n| n.starts_with("netns-"))
+            .collect()
+    };
+    let netns_before = netns_files();
     let mut checks = Checks::new();
 
     // run --rm: output, stderr, exit code.
@@ -486,6 +497,12 @@ fn podman_runs_vessel_like_runc() {
             .lines()
             .map(|l| format!("podman ps -a: {l}"))
             .collect();
+        left.extend(
+            netns_files()
+                .into_iter()
+                .filter(|n| !netns_before.contains(n))
+                .map(|n| format!("network namespace /run/netns/{n}")),
+        );
         left.extend(leaks::find(
             &p.tag,
             &[&p.vessel_state, &p.runc_state],
