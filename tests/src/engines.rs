@@ -9,7 +9,7 @@
 //!   busybox image (Debian's static busybox with every applet linked) and
 //!   its tar, for `podman import`, `docker import` or umoci.
 //! - [`RuntimeWrapper`]: a shell script between the engine and the runtime
-//!   that logs every call's argv (the issue asks for it: that is how engine
+//!   that logs every call's argv (and, when it ends, its time and exit code) (the issue asks for it: that is how engine
 //!   calls vessel does not handle are found), keeps a copy of each bundle's
 //!   `config.json`, tags the runtime's processes with an environment
 //!   variable (see [`TAG_VAR`]) and passes fixed leading arguments
@@ -193,7 +193,9 @@ pub fn busybox_image_tar(work: &Path) -> PathBuf {
 pub struct RuntimeWrapper {
     /// The script.
     pub path: PathBuf,
-    /// One line per call: the arguments the engine passed, space-joined.
+    /// One line per call: the arguments the engine passed, space-joined,
+    /// written when the call starts. `<log>.times` gets a line per call
+    /// when it ends: `<ms> ms, exit <code>: <arguments>`.
     pub log: PathBuf,
     /// Copies of each bundle's `config.json`, named `<last argument>.json`
     /// (the container id for `create`/`run`).
@@ -207,7 +209,9 @@ fn shell_quote(s: &str) -> String {
 impl RuntimeWrapper {
     /// Writes the script at `path`: it appends its arguments to `log`,
     /// copies `<--bundle>/config.json` into `specs` when there is a bundle,
-    /// exports [`TAG_VAR`]`=tag` and runs `target leading... "$@"`.
+    /// exports [`TAG_VAR`]`=tag`, runs `target leading... "$@"` (as a child,
+    /// not with `exec`, to time it), logs the time and exit code and exits
+    /// with that code.
     pub fn write(
         path: &Path,
         target: &Path,
@@ -232,9 +236,15 @@ if [ -n "$b" ] && [ -f "$b/config.json" ]; then
     cp "$b/config.json" {specs}/"$last".json 2>/dev/null
 fi
 export {TAG_VAR}={tag}
-exec {target} {lead} "$@"
+start=$(date +%s%N)
+{target} {lead} "$@"
+rc=$?
+end=$(date +%s%N)
+printf '%s ms, exit %s: %s\n' $(( (end - start) / 1000000 )) $rc "$*" >> {times}
+exit $rc
 "#,
             log = shell_quote(&log.to_string_lossy()),
+            times = shell_quote(&format!("{}.times", log.to_string_lossy())),
             specs = shell_quote(&specs.to_string_lossy()),
             tag = shell_quote(tag),
             target = shell_quote(&target.to_string_lossy()),
@@ -247,6 +257,15 @@ exec {target} {lead} "$@"
             log: log.to_path_buf(),
             specs: specs.to_path_buf(),
         }
+    }
+
+    /// The calls that ended so far, with their time and exit code.
+    pub fn timed_calls(&self) -> Vec<String> {
+        fs::read_to_string(format!("{}.times", self.log.display()))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// The calls logged so far.
@@ -859,6 +878,11 @@ mod tests {
             vec![format!("create --bundle {} id1", bundle.display())]
         );
         assert_eq!(w.verbs(), vec!["create".to_string()]);
+        let timed = w.timed_calls();
+        assert!(
+            timed.len() == 1 && timed[0].contains(" ms, exit 0: create --bundle"),
+            "{timed:?}"
+        );
         assert!(w.specs.join("id1.json").exists());
     }
 

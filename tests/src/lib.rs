@@ -17,6 +17,7 @@ pub mod cli;
 pub mod engines;
 pub mod fsread;
 pub mod guest;
+pub mod podman;
 
 /// How long a cold boot may take on the slowest hosts we support.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(480);

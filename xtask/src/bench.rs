@@ -62,9 +62,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             crate::bench_engines::run(root, runs)
         }
+        Some("podman") => {
+            let runs = match args.get(1) {
+                Some(n) => n.parse().context("number of runs")?,
+                None => 5,
+            };
+            crate::bench_podman::run(root, runs)
+        }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, engines)"
+                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, podman, engines)"
             )
         }
     }

@@ -15,12 +15,14 @@
 //! cargo xtask bench density [N]          N idle sandboxes: memory, idle CPU, start slowdown
 //! cargo xtask bench run [N]              `vessel run true` vs `runc run`, and 10 concurrent
 //! cargo xtask bench fs [MiB]             file read throughput: guest DAX, guest no DAX, host
+//! cargo xtask bench podman [N]           `podman run --rm IMG true`, vessel vs runc, same podman
 //! cargo xtask bench engines [N]          docker and ctr `run --rm true`: vessel vs runc, medians of N
 //! ```
 
 mod bench;
 mod bench_engines;
 mod bench_fs;
+mod bench_podman;
 mod bench_run;
 mod build;
 mod demo;
@@ -32,7 +34,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|engines]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|podman|engines]>";
 
 fn main() {
     if let Err(e) = run() {
