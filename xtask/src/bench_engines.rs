@@ -1,7 +1,11 @@
-//! `cargo xtask bench engines [N]`: `docker run --rm IMG true` and
-//! `ctr run --rm true` with vessel against runc, through the engines
-//! themselves.
+//! `cargo xtask bench engines [N]`: `podman run --rm IMG true`, `docker
+//! run --rm IMG true` and `ctr run --rm true` with vessel against runc,
+//! through the engines themselves, in one invocation.
 //!
+//! Podman is the engine tests' ([`vessel_tests::podman::Podman`]: podman
+//! 4.3 through conmon, private storage and containers.conf, its own
+//! network namespace, vessel by its `[engine.runtimes]` name, runc by
+//! path).
 //! Method: a private dockerd 20.10 (`--add-runtime` for both runtimes,
 //! each a wrapper script that passes vessel its config) and a private
 //! containerd 1.6, each in a network namespace of its own made for the
@@ -22,6 +26,8 @@ use anyhow::{bail, Context, Result};
 use vessel_tests::engines::{
     busybox_image_tar, leaks, output_within, poll_until, wait_within, Netns, RuntimeWrapper,
 };
+
+use vessel_tests::podman::{Podman, Rt, IMAGE as PODMAN_IMAGE, START as PODMAN_START};
 
 use crate::bench::median;
 use crate::build;
@@ -228,7 +234,24 @@ fn bench(
         ])
     };
 
+    let pod = Podman::new(art, "bench-engines-podman");
+    pod.import_busybox()
+        .map_err(anyhow::Error::msg)
+        .context("importing the busybox image into podman")?;
+    let podman_run = |rt: Rt| -> Result<f64> {
+        let t = pod.with(rt, &["run", "--rm", PODMAN_IMAGE, "true"], PODMAN_START);
+        if !t.status.is_some_and(|s| s.success()) {
+            bail!(
+                "{}",
+                t.describe(&format!("podman {} run --rm true", rt.name()))
+            );
+        }
+        Ok(t.took.as_secs_f64())
+    };
+
     let t = Instant::now();
+    podman_run(Rt::Runc).context("podman run runc (warm-up)")?;
+    podman_run(Rt::Vessel).context("podman run vessel (warm-up)")?;
     timed(docker_run("runcw"), "docker run runc (warm-up)")?;
     timed(docker_run("vessel"), "docker run vessel (warm-up)")?;
     timed(ctr_run(&w_runc.path), "ctr run runc (warm-up)")?;
@@ -238,34 +261,52 @@ fn bench(
         t.elapsed()
     );
     let (mut dr, mut dv, mut cr, mut cv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut pr, mut pv) = (Vec::new(), Vec::new());
     for i in 0..rounds {
+        pr.push(podman_run(Rt::Runc).context("podman run runc")?);
+        pv.push(podman_run(Rt::Vessel).context("podman run vessel")?);
         dr.push(timed(docker_run("runcw"), "docker run runc")?);
         dv.push(timed(docker_run("vessel"), "docker run vessel")?);
         cr.push(timed(ctr_run(&w_runc.path), "ctr run runc")?);
         cv.push(timed(ctr_run(&w_vessel.path), "ctr run vessel")?);
         println!(
-            "round {}: docker runc {:.3} s, vessel {:.3} s; ctr runc {:.3} s, vessel {:.3} s",
+            "round {}: podman runc {:.3} s, vessel {:.3} s; docker runc {:.3} s, vessel {:.3} s; ctr runc {:.3} s, vessel {:.3} s",
             i + 1,
+            pr[i],
+            pv[i],
             dr[i],
             dv[i],
             cr[i],
             cv[i]
         );
     }
-    println!("\nmedian of {rounds} rounds, client spawn to exit, `run --rm ... true`:");
-    println!("{:<28} {:>10} {:>10}", "engine", "runc", "vessel");
+    println!("\nmedian of {rounds} alternating rounds, client spawn to exit, `run --rm ... true`:");
     println!(
-        "{:<28} {:>9.3}s {:>9.3}s",
-        "docker 20.10 (dockerd)",
-        median(dr),
-        median(dv)
+        "{:<28} {:>10} {:>10} {:>10}",
+        "engine", "runc", "vessel", "ratio"
     );
-    println!(
-        "{:<28} {:>9.3}s {:>9.3}s",
-        "containerd 1.6 (ctr)",
-        median(cr),
-        median(cv)
-    );
+    let mut json = serde_json::Map::new();
+    for (name, key, r, v) in [
+        ("podman 4.3 (conmon)", "podman", pr, pv),
+        ("docker 20.10 (dockerd)", "docker", dr, dv),
+        ("containerd 1.6 (ctr)", "ctr", cr, cv),
+    ] {
+        let (mr, mv) = (median(r.clone()), median(v.clone()));
+        println!("{name:<28} {mr:>9.3}s {mv:>9.3}s {:>9.1}x", mv / mr);
+        json.insert(
+            key.to_string(),
+            serde_json::json!({"runc_s": r, "vessel_s": v, "runc_median_s": mr,
+                               "vessel_median_s": mv, "ratio": mv / mr}),
+        );
+    }
+    let out = root.join("target/vessel/bench-engines.json");
+    fs::write(
+        &out,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
+    )
+    .with_context(|| format!("writing {}", out.display()))?;
+    println!("(also written to {})", out.display());
+    drop(pod);
     drop(ctr_d);
     drop(docker_d);
     Ok(())

@@ -16,7 +16,7 @@
 //! cargo xtask bench run [N]              `vessel run true` vs `runc run`, and 10 concurrent
 //! cargo xtask bench fs [MiB]             file read throughput: guest DAX, guest no DAX, host
 //! cargo xtask bench podman [N]           `podman run --rm IMG true`, vessel vs runc, same podman
-//! cargo xtask bench engines [N]          docker and ctr `run --rm true`: vessel vs runc, medians of N
+//! cargo xtask bench engines [N]          podman, docker and ctr `run --rm true`: vessel vs runc, one run
 //! ```
 
 mod bench;
