@@ -307,6 +307,69 @@ exit $rc
     }
 }
 
+/// The two runtimes an engine test compares, each behind an argv-logging
+/// [`RuntimeWrapper`] in `dir`: runc as installed, and this build's vessel
+/// with a config file of its own (templates in the directory all tests
+/// share), so the engine's default configuration calls them as it calls
+/// runc.
+pub struct RuntimePair {
+    /// The runc wrapper (`dir/runc-wrapper`, calls in `dir/runc-argv.log`).
+    pub runc: RuntimeWrapper,
+    /// The vessel wrapper (`dir/vessel-wrapper`, calls in `dir/vessel-argv.log`).
+    pub vessel: RuntimeWrapper,
+    /// vessel's config file.
+    pub config: PathBuf,
+}
+
+impl RuntimePair {
+    /// Writes both wrappers and vessel's config into `dir`; `runc_lead` and
+    /// `vessel_lead` are extra leading arguments (e.g. a private `--root`).
+    /// Panics when runc or this build's `vessel` is missing.
+    pub fn write(
+        art: &crate::Artifacts,
+        dir: &Path,
+        tag: &str,
+        runc_lead: &[&str],
+        vessel_lead: &[&str],
+    ) -> RuntimePair {
+        let vessel_bin = art.vmm.with_file_name("vessel");
+        assert!(
+            vessel_bin.is_file(),
+            "{} missing (cargo xtask build)",
+            vessel_bin.display()
+        );
+        let runc_bin = which("runc").expect("runc is missing: apt-get install runc");
+        let templates = crate::workspace_root().join("target/vessel/test-templates");
+        let config = dir.join("vessel.toml");
+        fs::write(&config, art.vessel_config(&templates, ""))
+            .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
+        let runc = RuntimeWrapper::write(
+            &dir.join("runc-wrapper"),
+            &runc_bin,
+            runc_lead,
+            &dir.join("runc-argv.log"),
+            &dir.join("runc-specs"),
+            tag,
+        );
+        let cfg = config.to_string_lossy().into_owned();
+        let mut lead: Vec<&str> = vessel_lead.to_vec();
+        lead.extend(["--config", cfg.as_str()]);
+        let vessel = RuntimeWrapper::write(
+            &dir.join("vessel-wrapper"),
+            &vessel_bin,
+            &lead,
+            &dir.join("vessel-argv.log"),
+            &dir.join("vessel-specs"),
+            tag,
+        );
+        RuntimePair {
+            runc,
+            vessel,
+            config,
+        }
+    }
+}
+
 /// Named checks: each runs even when an earlier one failed; panics are
 /// caught and count as failures. [`Checks::finish`] fails the test with
 /// every failure, except those named in its `known_failing` list, which

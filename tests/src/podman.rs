@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::engines::{leaks, output_within, poll_until, which, Netns, RuntimeWrapper, Timed};
+use crate::engines::{leaks, output_within, poll_until, Netns, RuntimePair, RuntimeWrapper, Timed};
 use crate::Artifacts;
 
 /// The local busybox image [`Podman::import_busybox`] makes.
@@ -91,39 +91,18 @@ impl Podman {
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
         let tag = format!("{name}-{}", std::process::id());
-        let vessel_bin = art.vmm.with_file_name("vessel");
-        assert!(
-            vessel_bin.is_file(),
-            "{} missing (cargo xtask build)",
-            vessel_bin.display()
-        );
-        let templates = crate::workspace_root().join("target/vessel/test-templates");
-        let vessel_config = tmp.join("vessel.toml");
-        fs::write(&vessel_config, art.vessel_config(&templates, "")).expect("write vessel config");
         let vessel_state = tmp.join("vessel-state");
         let runc_state = tmp.join("runc-state");
-        let runc_bin = which("runc").expect("runc");
-        let runc = RuntimeWrapper::write(
-            &tmp.join("runc-wrapper"),
-            &runc_bin,
+        let pair = RuntimePair::write(
+            art,
+            &tmp,
+            &tag,
             &["--root", &runc_state.to_string_lossy()],
-            &tmp.join("runc-argv.log"),
-            &tmp.join("runc-specs"),
-            &tag,
+            &["--root", &vessel_state.to_string_lossy()],
         );
-        let vessel = RuntimeWrapper::write(
-            &tmp.join("vessel-wrapper"),
-            &vessel_bin,
-            &[
-                "--root",
-                &vessel_state.to_string_lossy(),
-                "--config",
-                &vessel_config.to_string_lossy(),
-            ],
-            &tmp.join("vessel-argv.log"),
-            &tmp.join("vessel-specs"),
-            &tag,
-        );
+        let (runc, vessel) = (pair.runc, pair.vessel);
+        let vessel_config = pair.config;
+        let vessel_bin = art.vmm.with_file_name("vessel");
         let conf = tmp.join("containers.conf");
         fs::create_dir_all(tmp.join("networks")).expect("networks dir");
         fs::write(

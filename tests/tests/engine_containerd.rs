@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use vessel_tests::engines::{
     busybox_image_rootfs, leaks, output_within, poll_until, require_tools, wait_within, Checks,
-    Netns, Pty, RuntimeWrapper, Timed,
+    Netns, Pty, RuntimePair, Timed,
 };
-use vessel_tests::{kvm_available_or_skip, workspace_root, Artifacts, TempDir};
+use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
 /// The image `ctr images import` makes of the umoci layout.
 const IMAGE: &str = "docker.io/library/vessel-busybox:1";
@@ -585,38 +585,10 @@ fn containerd_runs_vessel_like_runc() {
         ("ip", "iproute2"),
     ]);
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
-    let vessel = art.vmm.with_file_name("vessel");
-    assert!(
-        vessel.is_file(),
-        "{} missing (cargo xtask build)",
-        vessel.display()
-    );
-    let runc = vessel_tests::engines::which("runc").expect("runc");
-
     let tmp = TempDir::new("engine-containerd");
     let tag = format!("containerd-{}", std::process::id());
-    let config = tmp.0.join("vessel.toml");
-    let templates = workspace_root().join("target/vessel/test-templates");
-    fs::write(&config, art.vessel_config(&templates, "")).expect("write vessel.toml");
-    let cfg = config.to_string_lossy().into_owned();
-    let logs = tmp.0.join("argv");
-    fs::create_dir_all(&logs).expect("mkdir argv");
-    let w_runc = RuntimeWrapper::write(
-        &tmp.0.join("runc-wrapper"),
-        &runc,
-        &[],
-        &logs.join("runc.log"),
-        &logs.join("runc-specs"),
-        &tag,
-    );
-    let w_vessel = RuntimeWrapper::write(
-        &tmp.0.join("vessel-wrapper"),
-        &vessel,
-        &["--config", &cfg],
-        &logs.join("vessel.log"),
-        &logs.join("vessel-specs"),
-        &tag,
-    );
+    let pair = RuntimePair::write(&art, &tmp.0, &tag, &[], &[]);
+    let (w_runc, w_vessel) = (&pair.runc, &pair.vessel);
     let hostdir = tmp.0.join("hostdir");
     fs::create_dir_all(&hostdir).expect("mkdir hostdir");
     fs::write(hostdir.join("f"), "from-host").expect("write hostdir/f");

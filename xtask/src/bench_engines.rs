@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use vessel_tests::engines::{
-    busybox_image_tar, leaks, output_within, poll_until, wait_within, Netns, RuntimeWrapper,
+    busybox_image_tar, leaks, output_within, poll_until, wait_within, Netns, RuntimePair,
 };
 
 use vessel_tests::podman::{Podman, Rt, IMAGE as PODMAN_IMAGE, START as PODMAN_START};
@@ -83,47 +83,19 @@ pub fn run(root: &Path, rounds: usize) -> Result<()> {
         bail!("bench engines needs at least one round");
     }
     let art = build::all(root)?;
-    let vessel = art.vmm.with_file_name("vessel");
     let scratch = std::env::temp_dir().join(format!("vessel-bench-engines-{}", std::process::id()));
     let _ = fs::remove_dir_all(&scratch);
     fs::create_dir_all(&scratch)?;
-    let result = bench(root, &art, &vessel, &scratch, rounds);
+    let result = bench(root, &art, &scratch, rounds);
     let _ = fs::remove_dir_all(&scratch);
     result
 }
 
-fn bench(
-    root: &Path,
-    art: &vessel_tests::Artifacts,
-    vessel: &Path,
-    dir: &Path,
-    rounds: usize,
-) -> Result<()> {
+fn bench(root: &Path, art: &vessel_tests::Artifacts, dir: &Path, rounds: usize) -> Result<()> {
     let tag = format!("bench-engines-{}", std::process::id());
-    let config = dir.join("vessel.toml");
-    fs::write(
-        &config,
-        art.vessel_config(&root.join("target/vessel/test-templates"), ""),
-    )?;
-    let cfg = config.to_string_lossy().into_owned();
-    let runc =
-        vessel_tests::engines::which("runc").context("runc missing (apt-get install runc)")?;
-    let w_runc = RuntimeWrapper::write(
-        &dir.join("runc-wrapper"),
-        &runc,
-        &[],
-        &dir.join("runc.log"),
-        &dir.join("specs"),
-        &tag,
-    );
-    let w_vessel = RuntimeWrapper::write(
-        &dir.join("vessel-wrapper"),
-        vessel,
-        &["--config", &cfg],
-        &dir.join("vessel.log"),
-        &dir.join("specs"),
-        &tag,
-    );
+    vessel_tests::engines::which("runc").context("runc missing (apt-get install runc)")?;
+    let pair = RuntimePair::write(art, dir, &tag, &[], &[]);
+    let (w_runc, w_vessel) = (&pair.runc, &pair.vessel);
     let tar = busybox_image_tar(dir);
     let rootfs = dir.join("busybox-rootfs");
 
