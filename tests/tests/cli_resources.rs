@@ -31,9 +31,11 @@ use vessel_tests::kvm_available_or_skip;
 const APPLETS: [&str; 4] = ["sh", "mkfifo", "sleep", "cat"];
 
 /// The counter loop: no fork per iteration (a fifo opened read-write never
-/// blocks the open, and `read -t 1` on it waits one second).
+/// blocks the open, and `read -t 1` on it waits one second). `1<>` writes
+/// over the old number without truncating first (numbers only grow), so a
+/// pause can never freeze the file empty between a truncation and a write.
 const COUNTER: &str = "mkfifo /tmp/tick; i=0; while true; do i=$((i+1)); \
-                       echo $i > /count; read -t 1 x <> /tmp/tick; done";
+                       echo $i 1<> /count; read -t 1 x <> /tmp/tick; done";
 
 /// A small `config.json` (pid + mount namespaces, writable root) running
 /// `args` in the busybox root file system at `rootfs`.
