@@ -102,7 +102,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         bail!("/dev/kvm is missing: the end-to-end tests boot real microVMs (set VESSEL_SKIP_KVM=1 to skip them explicitly)");
     }
     let mut cmd = cargo();
-    cmd.current_dir(root).args(["test", "--workspace"]);
+    // Every test file runs even after one fails, so a failure does not
+    // hide the others' results.
+    cmd.current_dir(root)
+        .args(["test", "--workspace", "--no-fail-fast"]);
     if !selects_targets(extra) {
         cmd.arg("--all-targets");
     }
