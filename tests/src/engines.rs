@@ -463,6 +463,48 @@ pub fn same<T: PartialEq + std::fmt::Debug>(what: &str, runc: T, vessel: T) -> R
     }
 }
 
+/// What one runtime did in each behaviour of an engine test: (check
+/// name, observed facts or what went wrong).
+pub type Observed = Vec<(&'static str, Result<String, String>)>;
+
+/// A behaviour passes when runc's run passed and vessel's shows the same.
+pub fn compare(
+    runc: &Result<String, String>,
+    vessel: &Result<String, String>,
+) -> Result<(), String> {
+    match (runc, vessel) {
+        (Err(e), _) => Err(format!("runc itself failed: {e}")),
+        (Ok(_), Err(e)) => Err(format!("vessel: {e}")),
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        (Ok(a), Ok(b)) => Err(format!("runc showed {a:?}, vessel {b:?}")),
+    }
+}
+
+/// Fails unless `t` exited with `code` in time; its stdout.
+pub fn exits(t: &Timed, what: &str, code: i32) -> Result<String, String> {
+    if t.code() == code {
+        Ok(t.stdout.clone())
+    } else {
+        Err(format!("expected exit {code}; {}", t.describe(what)))
+    }
+}
+
+/// The `run -d` container of the docker and containerd tests: pid 1 is a
+/// shell without a SIGTERM handler that answers SIGUSR1.
+pub const DAEMON_SCRIPT: &str =
+    "trap 'echo got-usr1' USR1; echo started; while :; do sleep 1; done";
+
+/// The terminal containers' script: says it is ready (and on a tty),
+/// reads a line, waits (at most 20 s) until the terminal is 40x120 (the
+/// test resizes it before typing; engines pass the resize on
+/// asynchronously), prints the size and the line, exits 4.
+pub const TTY_SCRIPT: &str = r#"tty >/dev/null && echo is-tty; echo ready
+read l
+for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    n=$(stty size 2>/dev/null); [ "$n" = "40 120" ] && break; sleep 1
+done
+echo "size $n"; echo "got:$l"; exit 4"#;
+
 /// Output of a command run within a time bound.
 #[derive(Debug)]
 pub struct Timed {
@@ -647,6 +689,59 @@ pub mod leaks {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         pids
+    }
+
+    /// After a pty check failed: SIGKILLs the runtime's exec-monitors
+    /// (tagged `tag`), which may hold the engine shim's pipe and with it
+    /// every later call on the container, so the remaining checks still
+    /// run; what it killed.
+    pub fn release_stuck(tag: &str) -> Vec<i32> {
+        let stuck: Vec<i32> = tagged_processes(tag)
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("exec-monitor"))
+            .map(|(p, _)| p)
+            .collect();
+        for &p in &stuck {
+            // SAFETY: kill with a pid and a signal number only.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        if !stuck.is_empty() {
+            eprintln!("!!! killed exec-monitors {stuck:?} left after a failed pty check");
+        }
+        stuck
+    }
+
+    /// The end of an engine daemon's guard, once the engine removed what
+    /// it could: SIGTERM to the daemon `child` (`what`; SIGKILL after 30 s),
+    /// SIGKILL to the runtime's processes (tagged `tag`) and to any process
+    /// still mentioning the test's directory `dir`, then unmounts what is
+    /// left under `dir`. What it killed.
+    pub fn stop_daemon(child: Option<Child>, what: &str, tag: &str, dir: &Path) -> Vec<i32> {
+        if let Some(mut child) = child {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill with a pid and a signal number only.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            if wait_within(&mut child, Duration::from_secs(30)).is_none() {
+                eprintln!("{what} did not stop on SIGTERM within 30 s: killed");
+            }
+        }
+        let mut killed = kill_tagged(tag);
+        let needle = dir.to_string_lossy().into_owned();
+        let me = std::process::id() as i32;
+        for p in crate::cli::processes_mentioning(&needle, "") {
+            if p != me {
+                // SAFETY: kill with a pid and a signal number only.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+                killed.push(p);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mounts = unmount_under(dir);
+        if !mounts.is_empty() {
+            eprintln!("cleanup: unmounted {mounts:?}");
+        }
+        killed
     }
 
     /// Mount points in this process's mount namespace that lie under any

@@ -34,8 +34,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vessel_tests::engines::{
-    busybox_image_rootfs, leaks, output_within, poll_until, require_tools, wait_within, Checks,
-    Netns, Pty, RuntimePair, Timed,
+    busybox_image_rootfs, compare, exits, leaks, output_within, poll_until, require_tools,
+    wait_within, Checks, Netns, Observed, Pty, RuntimePair, Timed, DAEMON_SCRIPT, TTY_SCRIPT,
 };
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
@@ -55,21 +55,6 @@ grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status
 echo "mem=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes)"
 grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status
 exit 7"#;
-
-/// The `run -d` task: pid 1 is a shell without a SIGTERM handler that
-/// answers SIGUSR1.
-const DAEMON: &str = "trap 'echo got-usr1' USR1; echo started; while :; do sleep 1; done";
-
-/// The terminal containers' script: says it is ready (and on a tty),
-/// reads a line, waits (at most 20 s) until the terminal is 40x120 (the
-/// test resizes it before typing; engines pass the resize on
-/// asynchronously), prints the size and the line, exits 4.
-const TTY_SCRIPT: &str = r#"tty >/dev/null && echo is-tty; echo ready
-read l
-for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    n=$(stty size 2>/dev/null); [ "$n" = "40 120" ] && break; sleep 1
-done
-echo "size $n"; echo "got:$l"; exit 4"#;
 
 /// A containerd of this test: its netns, directories and process; stopped,
 /// with everything it left, on drop.
@@ -177,47 +162,19 @@ impl Drop for Containerd {
         for c in &containers {
             let _ = self.ctr(&["containers", "rm", c], 30);
         }
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill with a pid and a signal number only.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if wait_within(&mut child, Duration::from_secs(30)).is_none() {
-                eprintln!("containerd did not stop on SIGTERM within 30 s: killed");
-            }
-        }
         let mut killed = killed;
-        killed.extend(leaks::kill_tagged(&self.tag));
-        let dir = self.tmp.0.to_string_lossy().into_owned();
-        let me = std::process::id() as i32;
-        let stray: Vec<i32> = vessel_tests::cli::processes_mentioning(&dir, "")
-            .into_iter()
-            .filter(|&p| p != me)
-            .collect();
-        for &p in &stray {
-            // SAFETY: kill with a pid and a signal number only.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
-        if !tasks.is_empty() || !containers.is_empty() || !killed.is_empty() || !stray.is_empty() {
+        killed.extend(leaks::stop_daemon(
+            self.child.take(),
+            "containerd",
+            &self.tag,
+            &self.tmp.0,
+        ));
+        if !tasks.is_empty() || !containers.is_empty() || !killed.is_empty() {
             eprintln!(
-                "cleanup: removed tasks {tasks:?}, containers {containers:?}, killed {killed:?} and {stray:?}"
+                "cleanup: removed tasks {tasks:?}, containers {containers:?}, killed {killed:?}"
             );
         }
-        std::thread::sleep(Duration::from_millis(300));
-        let mounts = leaks::unmount_under(&self.tmp.0);
-        if !mounts.is_empty() {
-            eprintln!("cleanup: unmounted {mounts:?}");
-        }
         self.ns.take();
-    }
-}
-
-/// What one runtime did in each behaviour.
-type Observed = Vec<(&'static str, Result<String, String>)>;
-
-fn exits(t: &Timed, what: &str, code: i32) -> Result<String, String> {
-    if t.code() == code {
-        Ok(t.stdout.clone())
-    } else {
-        Err(format!("expected exit {code}; {}", t.describe(what)))
     }
 }
 
@@ -351,7 +308,7 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
     let log_uri = format!("file://{}", log.display());
     let args = with(
         &["run", "-d", "--log-uri", &log_uri],
-        &[IMAGE, n, "sh", "-c", DAEMON],
+        &[IMAGE, n, "sh", "-c", DAEMON_SCRIPT],
     );
     let t = c.ctr(&strs(&args), 300);
     eprintln!("[{rt}] run -d took {:.1?}", t.took);
@@ -409,7 +366,7 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
             120,
         );
         if exec_t.is_err() {
-            release_stuck(&c.tag);
+            leaks::release_stuck(&c.tag);
         }
         out.push(("task exec -t", exec_t));
         let usr1 = run_cmd(
@@ -492,41 +449,12 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
     let r = on_pty(c.ctr_cmd(&strs(&args)), 300);
     if r.is_err() {
         // The client was killed: --rm did not happen.
-        release_stuck(&c.tag);
+        leaks::release_stuck(&c.tag);
         let _ = c.ctr(&["task", "rm", "-f", &id_it], 30);
         let _ = c.ctr(&["containers", "rm", &id_it], 30);
     }
     out.push(("run -t (pty, resize)", r));
     out
-}
-
-/// After a pty check failed: SIGKILLs the runtime's exec-monitors (tagged
-/// `tag`), which may hold the shim's pipe and with it every later call on
-/// the container, so the remaining checks still run; what it killed.
-fn release_stuck(tag: &str) -> Vec<i32> {
-    let stuck: Vec<i32> = leaks::tagged_processes(tag)
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("exec-monitor"))
-        .map(|(p, _)| p)
-        .collect();
-    for &p in &stuck {
-        // SAFETY: kill with a pid and a signal number only.
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-    if !stuck.is_empty() {
-        eprintln!("!!! killed exec-monitors {stuck:?} left after a failed pty check");
-    }
-    stuck
-}
-
-/// A behaviour passes when runc's run passed and vessel's shows the same.
-fn compare(runc: &Result<String, String>, vessel: &Result<String, String>) -> Result<(), String> {
-    match (runc, vessel) {
-        (Err(e), _) => Err(format!("runc itself failed: {e}")),
-        (Ok(_), Err(e)) => Err(format!("vessel: {e}")),
-        (Ok(a), Ok(b)) if a == b => Ok(()),
-        (Ok(a), Ok(b)) => Err(format!("runc showed {a:?}, vessel {b:?}")),
-    }
 }
 
 /// The busybox image as an OCI layout tar (umoci), imported into `c`.

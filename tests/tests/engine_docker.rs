@@ -34,8 +34,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vessel_tests::engines::{
-    busybox_image_tar, leaks, output_within, poll_until, require_tools, wait_within, Checks, Netns,
-    Pty, RuntimePair, Timed,
+    busybox_image_tar, compare, exits, leaks, output_within, poll_until, require_tools,
+    wait_within, Checks, Netns, Observed, Pty, RuntimePair, Timed, DAEMON_SCRIPT, TTY_SCRIPT,
 };
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
@@ -60,21 +60,6 @@ echo "pids=$(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/
 grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status
 echo "pid1=$(tr '\0' ' ' </proc/1/cmdline)"
 exit 7"#;
-
-/// The `run -d` container: pid 1 is a shell without a SIGTERM handler (so
-/// SIGTERM does nothing to it) that answers SIGUSR1.
-const DAEMON: &str = "trap 'echo got-usr1' USR1; echo started; while :; do sleep 1; done";
-
-/// The terminal containers' script: says it is ready (and on a tty),
-/// reads a line, waits (at most 20 s) until the terminal is 40x120 (the
-/// test resizes it before typing; engines pass the resize on
-/// asynchronously), prints the size and the line, exits 4.
-const TTY_SCRIPT: &str = r#"tty >/dev/null && echo is-tty; echo ready
-read l
-for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-    n=$(stty size 2>/dev/null); [ "$n" = "40 120" ] && break; sleep 1
-done
-echo "size $n"; echo "got:$l"; exit 4"#;
 
 /// A dockerd of this test: its netns, directories and process; stopped,
 /// with everything it left, on drop.
@@ -189,47 +174,17 @@ impl Drop for Dockerd {
             args.extend(left.iter().map(String::as_str));
             let _ = self.docker(&args, 60);
         }
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill with a pid and a signal number only.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if wait_within(&mut child, Duration::from_secs(30)).is_none() {
-                eprintln!("dockerd did not stop on SIGTERM within 30 s: killed");
-            }
-        }
         let mut killed = killed;
-        killed.extend(leaks::kill_tagged(&self.tag));
-        let dir = self.tmp.0.to_string_lossy().into_owned();
-        let me = std::process::id() as i32;
-        let stray: Vec<i32> = vessel_tests::cli::processes_mentioning(&dir, "")
-            .into_iter()
-            .filter(|&p| p != me)
-            .collect();
-        for &p in &stray {
-            // SAFETY: kill with a pid and a signal number only.
-            unsafe { libc::kill(p, libc::SIGKILL) };
-        }
-        if !left.is_empty() || !killed.is_empty() || !stray.is_empty() {
-            eprintln!("cleanup: removed containers {left:?}, killed {killed:?} and {stray:?}");
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        let mounts = leaks::unmount_under(&self.tmp.0);
-        if !mounts.is_empty() {
-            eprintln!("cleanup: unmounted {mounts:?}");
+        killed.extend(leaks::stop_daemon(
+            self.child.take(),
+            "dockerd",
+            &self.tag,
+            &self.tmp.0,
+        ));
+        if !left.is_empty() || !killed.is_empty() {
+            eprintln!("cleanup: removed containers {left:?}, killed {killed:?}");
         }
         self.ns.take();
-    }
-}
-
-/// What one runtime did in each behaviour: (check name, observed facts or
-/// what went wrong).
-type Observed = Vec<(&'static str, Result<String, String>)>;
-
-/// Fails unless `t` exited with `code` in time; its stdout.
-fn exits(t: &Timed, what: &str, code: i32) -> Result<String, String> {
-    if t.code() == code {
-        Ok(t.stdout.clone())
-    } else {
-        Err(format!("expected exit {code}; {}", t.describe(what)))
     }
 }
 
@@ -284,25 +239,6 @@ fn on_pty(d: &Dockerd, args: &[&str], secs: u64) -> Result<String, String> {
     // Echo of the typed line aside, what the container printed.
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     Ok(format!("{} exit={code}", lines.join("|")))
-}
-
-/// After a pty check failed: SIGKILLs the runtime's exec-monitors (tagged
-/// `tag`), which may hold the shim's pipe and with it every later call on
-/// the container, so the remaining checks still run; what it killed.
-fn release_stuck(tag: &str) -> Vec<i32> {
-    let stuck: Vec<i32> = leaks::tagged_processes(tag)
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("exec-monitor"))
-        .map(|(p, _)| p)
-        .collect();
-    for &p in &stuck {
-        // SAFETY: kill with a pid and a signal number only.
-        unsafe { libc::kill(p, libc::SIGKILL) };
-    }
-    if !stuck.is_empty() {
-        eprintln!("!!! killed exec-monitors {stuck:?} left after a failed pty check");
-    }
-    stuck
 }
 
 /// Every behaviour with runtime `rt`.
@@ -361,7 +297,7 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
             IMAGE,
             "sh",
             "-c",
-            DAEMON,
+            DAEMON_SCRIPT,
         ],
         300,
     );
@@ -412,7 +348,7 @@ fn behaviours(d: &Dockerd, rt: &str, hostdir: &Path) -> Observed {
         ));
         let exec_it = on_pty(d, &["exec", "-it", n, "sh", "-c", TTY_SCRIPT], 120);
         if exec_it.is_err() {
-            release_stuck(&d.tag);
+            leaks::release_stuck(&d.tag);
         }
         out.push(("exec -it", exec_it));
         let killed = d
@@ -599,14 +535,4 @@ fn docker_runs_vessel_like_runc() {
         m.is_empty().then_some(()).ok_or(format!("{m:?}"))
     });
     checks.finish(KNOWN_FAILING);
-}
-
-/// A behaviour passes when runc's run passed and vessel's shows the same.
-fn compare(runc: &Result<String, String>, vessel: &Result<String, String>) -> Result<(), String> {
-    match (runc, vessel) {
-        (Err(e), _) => Err(format!("runc itself failed: {e}")),
-        (Ok(_), Err(e)) => Err(format!("vessel: {e}")),
-        (Ok(a), Ok(b)) if a == b => Ok(()),
-        (Ok(a), Ok(b)) => Err(format!("runc showed {a:?}, vessel {b:?}")),
-    }
 }
