@@ -4,9 +4,11 @@
 //! cannot enter. One of them has a meaning for a VM all the same: podman,
 //! CNI and Kubernetes hand the runtime a network namespace they have set up
 //! (`/run/netns/...`) and expect the container's traffic to go through it.
-//! As in Kata, the VM is the container's network sandbox: the VMM process
-//! itself joins that network namespace (between fork and exec), so the
-//! host side of the VM's networking lives where the engine set things up,
+//! As in Kata, the VM is the container's network sandbox: the sandbox's
+//! monitor joins that network namespace and its VMM inherits it (a spec
+//! that asks for a network namespace without a path gets a new one
+//! instead, [`unshare`]), so the host side of the VM's networking lives
+//! where the engine set things up (and where hooks find it),
 //! and the spec the agent sees asks for the VM's network namespace (no
 //! path). Every other type given with a path is refused with a reason
 //! before anything starts: a pid, ipc, uts, mount or user namespace of the
@@ -124,7 +126,8 @@ pub fn unshare() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Joins the network namespace `fd`; for `pre_exec` (one system call).
+/// Moves the calling thread (and what it starts later) into the network
+/// namespace `fd` (one system call).
 pub fn enter(fd: libc::c_int) -> std::io::Result<()> {
     // SAFETY: setns on a descriptor the parent keeps open until exec.
     if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {

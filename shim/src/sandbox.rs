@@ -16,7 +16,6 @@
 
 use std::ffi::CString;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -130,9 +129,6 @@ pub struct HostSide {
     /// Host bind mounts, in a mount namespace of the VMM's own
     /// ([`crate::binds`]).
     pub binds: Vec<HostBind>,
-    /// A network namespace the engine set up, which the VMM joins
-    /// ([`crate::netns`]).
-    pub netns: Option<OwnedFd>,
 }
 
 /// Where a sandbox keeps its files: logs in `dir` (any length), Unix
@@ -177,10 +173,8 @@ fn vmm_command(cfg: &Config, dirs: Dirs<'_>, host: &HostSide) -> Command {
         .stderr(Stdio::piped());
     let binds = host.binds.clone();
     let stage = host.stage.clone();
-    // Stays open in `host` until the spawn; close-on-exec in the VMM.
-    let netns = host.netns.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes system calls (prctl, setns, unshare, mount), which are
+    // makes system calls (prctl, unshare, mount), which are
     // async-signal-safe; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
@@ -188,9 +182,6 @@ fn vmm_command(cfg: &Config, dirs: Dirs<'_>, host: &HostSide) -> Command {
             // test), so a crashed owner leaves no VM behind.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
-            }
-            if let Some(fd) = netns {
-                crate::netns::enter(fd)?;
             }
             HostBind::apply(stage.as_deref(), &binds)
         });

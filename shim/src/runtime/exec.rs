@@ -16,10 +16,9 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
@@ -28,8 +27,7 @@ use vessel_proto::container::ExecProcessRequest;
 use super::stdio::{Attached, Resizer, DRAIN_TIMEOUT};
 use super::tty::{self, HostEnd, RawMode};
 use super::{
-    forward_signals, invalid, write_pid_file, Context, Launcher, Result, Runtime, RuntimeError,
-    AGENT_TIMEOUT,
+    forward_signals, invalid, write_pid_file, Context, Result, Runtime, RuntimeError, AGENT_TIMEOUT,
 };
 use crate::bundle::Bundle;
 use crate::state::Op;
@@ -319,8 +317,7 @@ impl Runtime {
             .and_then(|mut f| f.write_all(process.to_string().as_bytes()));
         written.with_ctx(|| format!("writing {}", file.display()))?;
         let result = (|| -> Result<u32> {
-            let (reader, writer) = std::io::pipe().ctx("creating a pipe")?;
-            let mut args: Vec<OsString> = vec![
+            let args: Vec<OsString> = vec![
                 "exec-monitor".into(),
                 id.into(),
                 "--exec-id".into(),
@@ -328,27 +325,11 @@ impl Runtime {
                 "--process-file".into(),
                 file.clone().into(),
             ];
-            if let Some(s) = &a.console_socket {
-                args.push("--console-socket".into());
-                args.push(
-                    std::path::absolute(s)
-                        .ctx("resolving the console socket path")?
-                        .into(),
-                );
-            }
             // The exec-monitor stays in our cgroup: it only relays.
-            let mut cmd = self.launcher.command(&args, writer.as_raw_fd(), Vec::new());
-            if a.console_socket.is_some() {
-                // The process's stdio is the pty: keep nothing of the
-                // caller's (see `Runtime::create`).
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-            }
-            let (child, _) = Launcher::spawn_and_wait_ready(
-                cmd,
-                reader,
-                writer,
+            let child = self.launcher.start(
+                &args,
+                a.console_socket.as_deref(),
+                Vec::new(),
                 "exec monitor",
                 "the exec monitor exited before the process started",
             )?;

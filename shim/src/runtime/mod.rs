@@ -33,7 +33,7 @@ pub mod tty;
 
 use std::ffi::{CStr, CString, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -191,18 +191,40 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    /// A command running `exe globals... args...` in a session of its
-    /// own, with `ready` (a pipe's write end) left open for it, that
-    /// joins the cgroups whose `cgroup.procs` files are `procs` before it
-    /// runs (so everything it starts is accounted there).
-    fn command(&self, args: &[OsString], ready: RawFd, procs: Vec<CString>) -> Command {
+    /// Starts `exe globals... args... [--console-socket S] --ready-fd N`
+    /// in a session of its own, in the cgroups whose `cgroup.procs` files
+    /// are `procs` (so everything it starts is accounted there), and waits
+    /// until it says `ok` on the ready pipe. Its error message (or `gone`
+    /// if it says nothing) otherwise, with the child killed and reaped.
+    ///
+    /// With a console socket the process's stdio is a pty: like runc, it
+    /// keeps nothing of the caller's stdio, or a caller reading our output
+    /// until EOF (`out=$(vessel create ...)`, dockerd, containerd's shim)
+    /// would wait as long as the process lives.
+    fn start(
+        &self,
+        args: &[OsString],
+        console_socket: Option<&Path>,
+        procs: Vec<CString>,
+        what: &str,
+        gone: &str,
+    ) -> Result<Child> {
+        let (reader, writer) = std::io::pipe().ctx("creating a pipe")?;
+        let ready = writer.as_raw_fd();
         let mut cmd = Command::new(&self.exe);
-        cmd.args(&self.globals)
-            .args(args)
-            .arg("--ready-fd")
-            .arg(ready.to_string());
-        // SAFETY: runs in the child between fork and exec; setsid(2) and
-        // fcntl(2) are async-signal-safe and touch no memory of ours.
+        cmd.args(&self.globals).args(args);
+        if let Some(s) = console_socket {
+            let s = std::path::absolute(s).ctx("resolving the console socket path")?;
+            cmd.arg("--console-socket")
+                .arg(s)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
+        cmd.arg("--ready-fd").arg(ready.to_string());
+        // SAFETY: runs in the child between fork and exec; setsid(2),
+        // fcntl(2) and `join_cgroup`'s calls are async-signal-safe and
+        // allocate nothing.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setsid() < 0 || libc::fcntl(ready, libc::F_SETFD, 0) < 0 {
@@ -214,35 +236,19 @@ impl Launcher {
                 Ok(())
             });
         }
-        cmd
-    }
-
-    /// Spawns `cmd` (from [`Launcher::command`] with `writer`'s fd) and
-    /// reads its first line from `reader`: the text after `ok` on
-    /// success; its error message (or `gone`) otherwise, with the child
-    /// killed and reaped.
-    fn spawn_and_wait_ready(
-        mut cmd: Command,
-        reader: std::io::PipeReader,
-        writer: std::io::PipeWriter,
-        what: &str,
-        gone: &str,
-    ) -> Result<(Child, String)> {
         let mut child = cmd.spawn().with_ctx(|| format!("starting the {what}"))?;
         drop(writer);
         let mut line = String::new();
         let read = BufReader::new(reader).read_line(&mut line);
         let line = line.trim_end();
-        match line.strip_prefix("ok") {
-            Some(rest) if read.is_ok() => Ok((child, rest.trim().to_string())),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(RuntimeError::Monitor(
-                    line.strip_prefix("error ").unwrap_or(gone).to_string(),
-                ))
-            }
+        if read.is_ok() && line.starts_with("ok") {
+            return Ok(child);
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(RuntimeError::Monitor(
+            line.strip_prefix("error ").unwrap_or(gone).to_string(),
+        ))
     }
 }
 
@@ -338,12 +344,6 @@ impl Runtime {
         if !b.terminal && o.console_socket.is_some() {
             return invalid("cannot use console socket if vessel will not detach or allocate tty");
         }
-        let console_socket = o
-            .console_socket
-            .as_deref()
-            .map(std::path::absolute)
-            .transpose()
-            .ctx("resolving the console socket path")?;
         let (dir, lock) = self.store.create(id)?;
         let mut child: Option<Child> = None;
         let mut cgroup: Option<HostCgroup> = None;
@@ -356,31 +356,16 @@ impl Runtime {
                 .map(|d| CString::new(d.leaf.join("cgroup.procs").into_os_string().into_vec()))
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|_| RuntimeError::Invalid("a cgroup path contains NUL".into()))?;
-            let (reader, writer) = std::io::pipe().ctx("creating a pipe")?;
-            let mut args: Vec<OsString> = vec![
+            let args: Vec<OsString> = vec![
                 "monitor".into(),
                 id.into(),
                 "--bundle".into(),
                 b.dir.clone().into(),
             ];
-            if let Some(s) = &console_socket {
-                args.push("--console-socket".into());
-                args.push(s.clone().into());
-            }
-            let mut cmd = self.launcher.command(&args, writer.as_raw_fd(), procs);
-            if console_socket.is_some() {
-                // The container's stdio is the pty: like runc, keep nothing
-                // of the caller's stdio, or a caller reading our output
-                // until EOF (`out=$(vessel create ...)`, dockerd,
-                // containerd's shim) waits as long as the container lives.
-                cmd.stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-            }
-            let (c, _) = Launcher::spawn_and_wait_ready(
-                cmd,
-                reader,
-                writer,
+            let c = self.launcher.start(
+                &args,
+                o.console_socket.as_deref(),
+                procs,
                 "sandbox monitor",
                 "the sandbox monitor exited before the container was created",
             )?;

@@ -70,7 +70,6 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
             })?,
         ),
         binds: binds::plan(&mut spec, &b.dir, &stage, GUEST_MOUNTS)?,
-        netns: None,
     };
     let shares = [
         format!(
