@@ -27,7 +27,9 @@ use vessel_tests::engines::{
     busybox_image_tar, leaks, output_within, poll_until, wait_within, Netns, RuntimePair,
 };
 
-use vessel_tests::podman::{Podman, Rt, IMAGE as PODMAN_IMAGE, START as PODMAN_START};
+use vessel_tests::podman::{Podman, Rt};
+
+use crate::bench_podman::run_true;
 
 use crate::bench::median;
 use crate::build;
@@ -210,16 +212,7 @@ fn bench(root: &Path, art: &vessel_tests::Artifacts, dir: &Path, rounds: usize) 
     pod.import_busybox()
         .map_err(anyhow::Error::msg)
         .context("importing the busybox image into podman")?;
-    let podman_run = |rt: Rt| -> Result<f64> {
-        let t = pod.with(rt, &["run", "--rm", PODMAN_IMAGE, "true"], PODMAN_START);
-        if !t.status.is_some_and(|s| s.success()) {
-            bail!(
-                "{}",
-                t.describe(&format!("podman {} run --rm true", rt.name()))
-            );
-        }
-        Ok(t.took.as_secs_f64())
-    };
+    let podman_run = |rt: Rt| run_true(&pod, rt).map(|ms| ms / 1000.0);
 
     let t = Instant::now();
     podman_run(Rt::Runc).context("podman run runc (warm-up)")?;

@@ -39,7 +39,7 @@ fn call_ms(lines: &[String], skip: usize, verb: &str) -> Vec<f64> {
 }
 
 /// One timed `podman run --rm IMAGE true`; milliseconds.
-fn run_true(p: &Podman, rt: Rt) -> Result<f64> {
+pub(crate) fn run_true(p: &Podman, rt: Rt) -> Result<f64> {
     let t = p.with(rt, &["run", "--rm", IMAGE, "true"], START);
     if !t.status.is_some_and(|s| s.success()) {
         bail!(
