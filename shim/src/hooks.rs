@@ -11,7 +11,7 @@
 //! | `prestart`, `createRuntime` | by the monitor, after the sandbox's network namespace exists and before the VM starts; a failure fails `create` |
 //! | `poststart` | by `start`, once the init runs; a failure is logged |
 //! | `poststop` | by `delete`, after everything stopped; a failure is logged |
-//! | `createContainer`, `startContainer` | not run: they run inside the container's namespaces, and a host binary cannot run in the guest; reported as ignored |
+//! | `createContainer`, `startContainer` | refused: the runtime spec runs them inside the container's namespaces, which are in the guest, where a host binary cannot run; `create` fails with a clear error before anything starts rather than silently skipping them |
 //!
 //! Each hook gets the state JSON on stdin, exactly its `args` (the first
 //! is argv\[0\]) and `env` (nothing else), and is killed after its
@@ -51,6 +51,19 @@ pub enum HookError {
         #[source]
         source: std::io::Error,
     },
+    /// A hook the runtime spec runs inside the container.
+    #[error(
+        "config.json: hooks.{kind} ({}): vessel cannot run {kind} hooks: the runtime spec runs \
+         them in the container's namespaces, which are inside the container's VM, where a host \
+         binary does not exist (use prestart/createRuntime/poststart/poststop hooks, which run \
+         on the host)", path.display()
+    )]
+    InContainer {
+        /// The hook kind.
+        kind: String,
+        /// The first such hook.
+        path: PathBuf,
+    },
     /// The hook failed or ran out of time.
     #[error("{kind} hook {} {outcome}{}", path.display(), if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
     Failed {
@@ -63,6 +76,22 @@ pub enum HookError {
         /// What it wrote to stderr.
         stderr: String,
     },
+}
+
+/// Refuses a spec with `createContainer` or `startContainer` hooks: the
+/// runtime spec runs them in the container's namespaces, which live in
+/// another kernel, and skipping them silently would break whatever the
+/// user relies on them for.
+pub fn refuse_in_container(spec: &Value) -> Result<(), HookError> {
+    for kind in ["createContainer", "startContainer"] {
+        if let Some(h) = of_kind(spec, kind)?.first() {
+            return Err(HookError::InContainer {
+                kind: kind.into(),
+                path: h.path.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One hook of the spec.

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::Artifacts;
 
@@ -253,6 +253,42 @@ pub fn busybox_rootfs(dir: &Path, applets: &[&str]) {
     for a in applets {
         std::os::unix::fs::symlink("busybox", dir.join("bin").join(a)).expect("applet link");
     }
+}
+
+/// A runc-like `config.json` (no terminal, read-only root) running `args`
+/// in the busybox root filesystem at `rootfs`.
+pub fn runc_spec(rootfs: &Path, args: &[&str]) -> Value {
+    let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    json!({
+        "ociVersion": "1.0.2",
+        "root": {"path": rootfs, "readonly": true},
+        "hostname": "cli",
+        "process": {
+            "terminal": false,
+            "args": args,
+            "env": ["PATH=/bin", "HOME=/"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"},
+                           {"type": "uts"}, {"type": "network"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys"],
+            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
 }
 
 /// The pid written to a `--pid-file`.

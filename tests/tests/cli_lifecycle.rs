@@ -15,50 +15,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vessel_tests::cli::{busybox_rootfs, read_pid, reap, text, CliEnv};
+use vessel_tests::cli::{busybox_rootfs, read_pid, reap, runc_spec, text, CliEnv};
 use vessel_tests::kvm_available_or_skip;
 
 const APPLETS: [&str; 6] = ["sh", "echo", "true", "sleep", "cat", "awk"];
 
-/// A runc-like `config.json` (no terminal, read-only root) running `args`
-/// in the busybox root filesystem at `rootfs`.
-fn spec(rootfs: &Path, args: &[&str]) -> Value {
-    let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
-    json!({
-        "ociVersion": "1.0.2",
-        "root": {"path": rootfs, "readonly": true},
-        "hostname": "cli",
-        "process": {
-            "terminal": false,
-            "args": args,
-            "env": ["PATH=/bin", "HOME=/"],
-            "cwd": "/",
-            "user": {"uid": 0, "gid": 0},
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
-        },
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]}
-        ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"},
-                           {"type": "uts"}, {"type": "network"}],
-            "maskedPaths": ["/proc/kcore", "/proc/keys"],
-            "readonlyPaths": ["/proc/sys", "/proc/sysrq-trigger"]
-        }
-    })
-}
-
 /// A bundle named `name` running `args` in the shared root file system.
 fn bundle(env: &CliEnv, name: &str, args: &[&str]) -> String {
-    env.write_bundle(name, &spec(&env.tmp.join("rootfs"), args))
+    env.write_bundle(name, &runc_spec(&env.tmp.join("rootfs"), args))
 }
 
 #[test]
@@ -133,7 +97,7 @@ fn runc_lifecycle_through_the_microvm() {
                   [ -s /proc/kcore ] && echo kcore-visible || echo kcore-masked; \
                   cat /sys/fs/cgroup/pids.max; \
                   for i in 1 2 3 4 5 6; do sleep 1 & done; wait; echo no-pids-limit";
-    let mut s = spec(&env.tmp.join("rootfs"), &["sh", "-c", script]);
+    let mut s = runc_spec(&env.tmp.join("rootfs"), &["sh", "-c", script]);
     let mounts = s["mounts"].as_array_mut().unwrap();
     mounts.push(json!({"destination": "/data", "type": "bind", "source": rw,
                        "options": ["rbind", "rw"]}));
@@ -200,7 +164,7 @@ fn runc_lifecycle_through_the_microvm() {
     // create, state, start, kill -> stopped, 137; the sandbox runs in the
     // host cgroup `linux.cgroupsPath` names, removed on delete.
     let cg = format!("/vessel-test-{}/sleep", std::process::id());
-    let mut s = spec(&env.tmp.join("rootfs"), &["sleep", "1000"]);
+    let mut s = runc_spec(&env.tmp.join("rootfs"), &["sleep", "1000"]);
     s["linux"]["cgroupsPath"] = json!(cg);
     // Host hooks get the state on stdin (docker's network set-up is one).
     let hook = |name: &str| {
@@ -591,7 +555,7 @@ fn rootfs_through_a_dax_window() {
     busybox_rootfs(&rootfs, &APPLETS);
     let b = env.write_bundle(
         "b-dax",
-        &spec(
+        &runc_spec(
             &rootfs,
             &["sh", "-c", "cat /etc/hostname-file; exec sleep 1000"],
         ),

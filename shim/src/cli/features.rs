@@ -100,7 +100,7 @@ pub fn document() -> Value {
         "ociVersionMin": OCI_VERSION_MIN,
         "ociVersionMax": vessel_shim::state::OCI_VERSION,
         // Run on the host (see shim/src/hooks.rs); createContainer and
-        // startContainer would run inside the VM and are not.
+        // startContainer would run inside the VM and are refused.
         "hooks": ["prestart", "createRuntime", "poststart", "poststop"],
         "mountOptions": &MOUNT_OPTIONS[..],
         "linux": {

@@ -344,6 +344,7 @@ impl Runtime {
         if !b.terminal && o.console_socket.is_some() {
             return invalid("cannot use console socket if vessel will not detach or allocate tty");
         }
+        crate::hooks::refuse_in_container(&b.spec)?;
         let (dir, lock) = self.store.create(id)?;
         let mut child: Option<Child> = None;
         let mut cgroup: Option<HostCgroup> = None;
@@ -393,11 +394,6 @@ impl Runtime {
                 host_cgroup: Some(cg.state().clone()),
                 hooks: b.spec.get("hooks").cloned().filter(|h| !h.is_null()),
             };
-            for kind in ["createContainer", "startContainer"] {
-                if !crate::hooks::of_kind(&b.spec, kind)?.is_empty() {
-                    tracing::info!("{id}: {kind} hooks are not run: they would run inside the VM");
-                }
-            }
             self.store.save(&st, &lock)?;
             if let Some(p) = &o.pid_file {
                 write_pid_file(p, pid)?;
@@ -419,6 +415,14 @@ impl Runtime {
                     }
                 }
                 let _ = self.store.remove(id, lock);
+                // As runc, which destroys a container whose creation
+                // failed and runs its poststop hooks (a failure is logged).
+                let state = hook_state(id, b, "stopped", 0);
+                let r = crate::hooks::of_kind(&b.spec, "poststop")
+                    .and_then(|h| crate::hooks::run("poststop", &h, &state));
+                if let Err(e) = r {
+                    tracing::warn!("{id}: {}", error_chain(&e));
+                }
                 Err(e)
             }
         }
@@ -437,6 +441,8 @@ impl Runtime {
         s.status = Status::Running;
         self.store.save(&s, &lock)?;
         drop(lock);
+        // After the process started, as the runtime spec and runc 1.2 do
+        // (runc 1.1 ran them in `create`, with the state `created`).
         self.run_hooks(&s, "poststart");
         Ok(())
     }
