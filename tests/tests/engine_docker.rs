@@ -29,20 +29,17 @@
 //! by path (another client on `$PATH` may be a different version).
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vessel_tests::docker::Dockerd;
+use vessel_tests::docker::DOCKER;
 use vessel_tests::engines::{
-    busybox_image_tar, compare, exits, leaks, output_within, poll_until, require_tools,
-    wait_within, Checks, Netns, Observed, Pty, RuntimePair, Timed, DAEMON_SCRIPT, TTY_SCRIPT,
+    busybox_image_tar, compare, exits, leaks, poll_until, require_tools, wait_within, Checks,
+    Observed, Pty, RuntimePair, DAEMON_SCRIPT, TTY_SCRIPT,
 };
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
-/// The 20.10 client from Debian's `docker.io`.
-const DOCKER: &str = "/usr/bin/docker";
-/// dockerd from Debian's `docker.io`.
-const DOCKERD: &str = "/usr/sbin/dockerd";
 /// The image `docker import` makes of the busybox root.
 const IMAGE: &str = "vessel-busybox:1";
 /// Checks that fail with vessel and that the lead could not fix in time:
@@ -60,133 +57,6 @@ echo "pids=$(cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/
 grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status
 echo "pid1=$(tr '\0' ' ' </proc/1/cmdline)"
 exit 7"#;
-
-/// A dockerd of this test: its netns, directories and process; stopped,
-/// with everything it left, on drop.
-struct Dockerd {
-    tmp: TempDir,
-    sock: PathBuf,
-    exec_root: PathBuf,
-    child: Option<Child>,
-    tag: String,
-    ns: Option<Netns>,
-}
-
-impl Dockerd {
-    fn start(tmp: TempDir, wrappers: &[(&str, &Path)], tag: &str) -> Dockerd {
-        let ns = Netns::new("docker");
-        // Longer than the default /var/run/docker (15 bytes).
-        let exec_root = tmp.0.join("exec-root");
-        let data_root = tmp.0.join("data-root");
-        let sock = tmp.0.join("docker.sock");
-        let mut cmd = ns.command(DOCKERD);
-        cmd.arg("--data-root")
-            .arg(&data_root)
-            .arg("--exec-root")
-            .arg(&exec_root)
-            .arg("--pidfile")
-            .arg(tmp.0.join("docker.pid"))
-            .arg("-H")
-            .arg(format!("unix://{}", sock.display()))
-            .args(["--bridge", "none", "--iptables=false", "--ip-masq=false"]);
-        for (name, path) in wrappers {
-            cmd.arg("--add-runtime")
-                .arg(format!("{name}={}", path.display()));
-        }
-        let log = fs::File::create(tmp.0.join("dockerd.log")).expect("dockerd.log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn dockerd");
-        let d = Dockerd {
-            tmp,
-            sock,
-            exec_root,
-            child: Some(child),
-            tag: tag.to_string(),
-            ns: Some(ns),
-        };
-        let up = poll_until(Duration::from_secs(60), || {
-            d.docker(&["version", "--format", "{{.Server.Version}}"], 10)
-                .ok("version")
-                .ok()
-                .map(|t| t.stdout.clone())
-        });
-        assert!(
-            up.is_some(),
-            "dockerd did not answer within 60 s; its log:\n{}",
-            d.log()
-        );
-        eprintln!("dockerd {} up", up.unwrap_or_default().trim());
-        d
-    }
-
-    fn docker_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(DOCKER);
-        c.arg("-H")
-            .arg(format!("unix://{}", self.sock.display()))
-            .args(args);
-        c
-    }
-
-    fn docker(&self, args: &[&str], secs: u64) -> Timed {
-        output_within(&mut self.docker_cmd(args), Duration::from_secs(secs))
-    }
-
-    fn log(&self) -> String {
-        let l = fs::read_to_string(self.tmp.0.join("dockerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = l.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// `--root` dockerd gives every runtime.
-    fn runtime_root(&self) -> PathBuf {
-        self.exec_root.join("runtime-runc/moby")
-    }
-
-    /// Names of every container (`ps -a`).
-    fn containers(&self) -> Vec<String> {
-        self.docker(&["ps", "-a", "--format", "{{.Names}}"], 30)
-            .stdout
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// `inspect -f FORMAT name`, trimmed, or the error.
-    fn inspect(&self, name: &str, format: &str) -> Result<String, String> {
-        let t = self.docker(&["inspect", "-f", format, name], 30);
-        t.ok("inspect")?;
-        Ok(t.stdout.trim().to_string())
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        // Runtime processes first: a monitor stuck on a pipe can hold the
-        // shim, and with it every docker call on its container.
-        let killed = leaks::kill_tagged(&self.tag);
-        let left = self.containers();
-        if !left.is_empty() {
-            let mut args = vec!["rm", "-f"];
-            args.extend(left.iter().map(String::as_str));
-            let _ = self.docker(&args, 60);
-        }
-        let mut killed = killed;
-        killed.extend(leaks::stop_daemon(
-            self.child.take(),
-            "dockerd",
-            &self.tag,
-            &self.tmp.0,
-        ));
-        if !left.is_empty() || !killed.is_empty() {
-            eprintln!("cleanup: removed containers {left:?}, killed {killed:?}");
-        }
-        self.ns.take();
-    }
-}
 
 /// Polls `inspect` until the container's `.State.Status` is `want`.
 fn wait_status(d: &Dockerd, name: &str, want: &str, secs: u64) -> Result<(), String> {
@@ -477,9 +347,11 @@ fn docker_runs_vessel_like_runc() {
     let t0 = Instant::now();
     let tmp_path = tmp.0.clone();
     let d = Dockerd::start(
+        "docker",
         tmp,
         &[("runcw", &w_runc.path), ("vessel", &w_vessel.path)],
         &tag,
+        &["--bridge", "none", "--iptables=false", "--ip-masq=false"],
     );
     let t = d.docker(
         &[
