@@ -501,7 +501,7 @@ mod tests {
     #[test]
     fn configure_network_wire_format() {
         let r = decode_request(
-            br#"{"id":8,"body":{"ConfigureNetwork":{"interfaces":[{"name":"eth0","mac":"02:00:00:00:00:01","mtu":1500,"addresses":[{"addr":"fd00::2","prefix_len":64}],"routes":[{"gateway":"fd00::1"}]}]}}}"#,
+            br#"{"id":8,"body":{"ConfigureNetwork":{"interfaces":[{"name":"eth0","mac":"02:00:00:00:00:01","mtu":1500,"addresses":["fd00::2/64"],"routes":[{"gateway":"fd00::1"}]}]}}}"#,
         )
         .unwrap();
         match r.body {
