@@ -21,6 +21,7 @@
 mod container;
 mod fs;
 mod init;
+mod net;
 mod reaper;
 mod restore;
 mod server;
@@ -56,6 +57,7 @@ fn run() {
     if let Err(e) = reaper::install() {
         init::log_error(&e);
     }
+    net::loopback_up();
     let Some(listener) = listen(debug) else {
         init::log("fatal: no vsock listener, powering off");
         return;

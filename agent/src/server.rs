@@ -519,6 +519,10 @@ pub fn dispatch_request(req: Request, ctx: &Context) -> (Response, After<'_>) {
             answer(containers.stats(&r).map(ResponseBody::ContainerStats)),
             None,
         ),
+        RequestBody::ConfigureNetwork(c) => (
+            answer(crate::net::configure(&c).map(|()| ResponseBody::NetworkConfigured)),
+            None,
+        ),
         // Handled in `handle_connection` (it takes the connection over);
         // reaching here means it came through `dispatch` alone.
         RequestBody::AttachStdio(_) => (

@@ -17,6 +17,7 @@ use crate::messages::{
     ErrorReply, FileData, MountRequest, PingReply, ReadFileRequest, Request, RequestBody, Response,
     ResponseBody, RestoredRequest, WriteFileRequest,
 };
+use crate::network::NetworkConfig;
 use crate::resources::{ContainerStats, ResourcesUpdate, UpdateContainerRequest};
 
 /// Longest handshake answer line accepted (`OK 4294967295` is 13 bytes).
@@ -502,6 +503,19 @@ impl AgentClient {
             RequestBody::ContainerStats(r),
             |b| match b {
                 ResponseBody::ContainerStats(s) => Ok(s),
+                other => Err(Box::new(other)),
+            },
+        )
+    }
+
+    /// `ConfigureNetwork`: names, MACs, MTUs, addresses and routes of the
+    /// guest's network devices (the i-th interface to the i-th device).
+    pub fn configure_network(&mut self, config: &NetworkConfig) -> Result<(), ClientError> {
+        self.expect(
+            "ConfigureNetwork",
+            RequestBody::ConfigureNetwork(config.clone()),
+            |b| match b {
+                ResponseBody::NetworkConfigured => Ok(()),
                 other => Err(Box::new(other)),
             },
         )

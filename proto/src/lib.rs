@@ -27,6 +27,7 @@ pub mod client;
 pub mod container;
 pub mod frame;
 pub mod messages;
+pub mod network;
 pub mod resources;
 
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME};

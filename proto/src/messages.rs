@@ -28,6 +28,7 @@ use crate::container::{
     DeleteContainerRequest, ExecProcessRequest, ProcessExit, ProcessRef, ResizeTerminalRequest,
     SignalProcessRequest,
 };
+use crate::network::NetworkConfig;
 use crate::resources::{ContainerStats, UpdateContainerRequest};
 
 /// A request from the host.
@@ -106,6 +107,11 @@ pub enum RequestBody {
     UpdateContainer(UpdateContainerRequest),
     /// A container's cgroup statistics; answered with `ContainerStats`.
     ContainerStats(ContainerRef),
+    /// Give the guest's network devices the names, MACs, MTUs, addresses
+    /// and routes of the interfaces the host read from the container's
+    /// network namespace (the i-th interface to the i-th device); answered
+    /// with `NetworkConfigured`. An empty list changes nothing.
+    ConfigureNetwork(NetworkConfig),
 }
 
 /// Smallest entropy a `Restored` request must carry.
@@ -265,6 +271,8 @@ pub enum ResponseBody {
     Updated,
     /// Answer to `ContainerStats`.
     ContainerStats(ContainerStats),
+    /// Answer to `ConfigureNetwork`: every interface is configured and up.
+    NetworkConfigured,
 }
 
 /// Error classes.
@@ -488,6 +496,34 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s, r#"{"id":4,"body":"Mounted"}"#);
+    }
+
+    #[test]
+    fn configure_network_wire_format() {
+        let r = decode_request(
+            br#"{"id":8,"body":{"ConfigureNetwork":{"interfaces":[{"name":"eth0","mac":"02:00:00:00:00:01","mtu":1500,"addresses":["fd00::2/64"],"routes":[{"gateway":"fd00::1"}]}]}}}"#,
+        )
+        .unwrap();
+        match r.body {
+            RequestBody::ConfigureNetwork(c) => {
+                assert_eq!(c.interfaces[0].addresses[0].prefix_len, 64);
+                assert_eq!(c.interfaces[0].routes[0].destination, None);
+                c.validate().unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        let empty = Request {
+            id: 9,
+            body: RequestBody::ConfigureNetwork(NetworkConfig::default()),
+        };
+        let json = serde_json::to_string(&empty).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":9,"body":{"ConfigureNetwork":{"interfaces":[]}}}"#
+        );
+        assert_eq!(decode_request(json.as_bytes()).unwrap(), empty);
+        let s = serde_json::to_string(&ResponseBody::NetworkConfigured).unwrap();
+        assert_eq!(s, r#""NetworkConfigured""#);
     }
 
     #[test]
