@@ -26,7 +26,7 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::fs::dax::DaxWindow;
 use crate::devices::virtio::fs::{self as virtio_fs, FsError, ShareConfig, VirtioFs};
-use crate::devices::virtio::mmio::{MmioTransport, ShmRegion};
+use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, ShmRegion};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::HostKind;
@@ -415,31 +415,148 @@ fn install_term_handlers(evt: &EventFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The vsock device and where it sits.
-/// The balloon device of a running VM.
-pub(crate) struct BalloonSlot {
+/// A virtio-mmio device of a running VM: where it sits, the device and its
+/// transport (register window).
+pub(crate) struct DeviceSlot<D> {
     pub(crate) base: u64,
     pub(crate) irq: u32,
-    pub(crate) device: Arc<Mutex<Balloon>>,
+    pub(crate) device: Arc<Mutex<D>>,
     pub(crate) transport: Arc<Mutex<MmioTransport>>,
 }
 
+/// The vsock device and where it sits.
+pub(crate) type VsockSlot = DeviceSlot<Vsock>;
+/// The balloon device of a running VM.
+pub(crate) type BalloonSlot = DeviceSlot<Balloon>;
+
 /// A virtio-fs device of a running VM.
 pub(crate) struct FsSlot {
-    pub(crate) base: u64,
-    pub(crate) irq: u32,
+    pub(crate) slot: DeviceSlot<VirtioFs>,
     pub(crate) tag: String,
-    pub(crate) device: Arc<Mutex<VirtioFs>>,
-    pub(crate) transport: Arc<Mutex<MmioTransport>>,
     /// The DAX window, kept for the life of the VM (KVM has it as a slot).
     pub(crate) dax: Option<Arc<DaxWindow>>,
 }
 
-pub(crate) struct VsockSlot {
-    pub(crate) base: u64,
-    pub(crate) irq: u32,
-    pub(crate) device: Arc<Mutex<Vsock>>,
-    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+/// What the generic attach path needs to know about a device type.
+trait MmioDevice: VirtioDevice + Sized + 'static {
+    /// Name for messages.
+    const NAME: &'static str;
+    /// The event-loop subscriber of the device, if it runs on the event
+    /// loop (virtio-fs runs on threads of its own).
+    fn subscriber(_device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
+        None
+    }
+}
+
+impl MmioDevice for Vsock {
+    const NAME: &'static str = "vsock";
+    fn subscriber(device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
+        Some(device.clone())
+    }
+}
+
+impl MmioDevice for Balloon {
+    const NAME: &'static str = "balloon";
+    fn subscriber(device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
+        Some(device.clone())
+    }
+}
+
+impl MmioDevice for VirtioFs {
+    const NAME: &'static str = "virtio-fs";
+}
+
+/// Where a saved device sat and its transport registers.
+#[derive(Clone, Copy)]
+struct SavedSlot<'a> {
+    base: u64,
+    irq: u32,
+    transport: &'a MmioTransportState,
+}
+
+/// What attaching a device touches: the VM, its memory, the MMIO bus and
+/// the event loop.
+struct Wiring<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    bus: &'a mut DeviceBus,
+    event_manager: &'a mut EventManager<Subscriber>,
+}
+
+/// MMIO base and IRQ of virtio slot `slot`.
+fn slot_location(slot: usize) -> Result<(u64, u32), BuildError> {
+    let irq = u32::try_from(slot)
+        .ok()
+        .and_then(|s| VIRTIO_IRQ_BASE.checked_add(s))
+        .filter(|irq| *irq <= layout::MAX_IRQ)
+        .ok_or_else(|| {
+            BuildError::Config(format!(
+                "too many devices: at most {} virtio devices",
+                layout::MAX_IRQ - VIRTIO_IRQ_BASE + 1
+            ))
+        })?;
+    Ok((VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE, irq))
+}
+
+impl Wiring<'_> {
+    /// Attaches `device` in virtio slot `slot`, the one path for every
+    /// virtio-mmio device: checks a saved device sat in the same slot,
+    /// creates its interrupt (an irqfd), lets `restore` bring the device to
+    /// its saved state with that interrupt, registers one ioeventfd per
+    /// queue on QueueNotify, creates (or restores) the transport with
+    /// `shm` as its shared memory regions, maps its window on the bus and
+    /// subscribes the device to the event loop when it runs there.
+    fn attach<D: MmioDevice>(
+        &mut self,
+        slot: usize,
+        mut device: D,
+        saved: Option<SavedSlot<'_>>,
+        restore: impl FnOnce(&mut D, &Arc<Interrupt>) -> Result<(), String>,
+        shm: Vec<ShmRegion>,
+    ) -> Result<DeviceSlot<D>, BuildError> {
+        let (base, irq) = slot_location(slot)?;
+        if let Some(s) = saved {
+            if (s.base, s.irq) != (base, irq) {
+                return Err(SnapshotError::Mismatch(format!(
+                    "{} device is not in the snapshot's slot {slot}",
+                    D::NAME
+                ))
+                .into());
+            }
+        }
+        for (i, evt) in device.queue_events().iter().enumerate() {
+            self.vm
+                .register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
+        }
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+        self.vm.register_irqfd(&irq_evt, irq)?;
+        let interrupt = Arc::new(Interrupt::new(irq_evt));
+        if saved.is_some() {
+            restore(&mut device, &interrupt)
+                .map_err(|e| SnapshotError::Device(format!("{}: {e}", D::NAME)))?;
+        }
+        let device = Arc::new(Mutex::new(device));
+        let dyn_device: Arc<Mutex<dyn VirtioDevice>> = device.clone();
+        let mut transport = match saved {
+            Some(s) => MmioTransport::restore(self.mem.clone(), dyn_device, interrupt, s.transport)
+                .map_err(|e| SnapshotError::Device(format!("{} transport: {e}", D::NAME)))?,
+            None => MmioTransport::new(self.mem.clone(), dyn_device, interrupt),
+        };
+        if !shm.is_empty() {
+            transport.set_shm_regions(shm);
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.bus.add_mmio(base, transport.clone());
+        if let Some(sub) = D::subscriber(&device) {
+            self.event_manager.add_subscriber(sub);
+        }
+        Ok(DeviceSlot {
+            base,
+            irq,
+            device,
+            transport,
+        })
+    }
 }
 
 /// A built microVM, ready to run.
@@ -468,76 +585,47 @@ pub struct Microvm {
     pub(crate) balloon: Option<BalloonSlot>,
 }
 
-/// Creates the vsock device in virtio slot `slot`, wires its ioeventfds,
-/// irqfd, MMIO window and event-loop subscription; restores its state when
-/// `saved` is given.
+/// Creates the vsock device in virtio slot `slot`; restores its state
+/// when `saved` is given.
 fn add_vsock(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    bus: &mut DeviceBus,
-    event_manager: &mut EventManager<Subscriber>,
+    w: &mut Wiring<'_>,
     vcfg: &VsockConfig,
     slot: usize,
     saved: Option<&VsockSlotState>,
 ) -> Result<VsockSlot, BuildError> {
-    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
-    let irq = VIRTIO_IRQ_BASE + slot as u32;
-    if let Some(s) = saved {
-        if (s.base, s.irq) != (base, irq) {
-            return Err(SnapshotError::Mismatch("vsock device slot differs".into()).into());
-        }
-    }
     let mut vsock = Vsock::new(vcfg.cid, vcfg.uds_path.clone()).map_err(BuildError::Vsock)?;
     vsock.set_on_first_response(Box::new(|_port| timeline::mark(Milestone::AgentReady)));
-    for (i, evt) in vsock.queue_events().iter().enumerate() {
-        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
-    }
-    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-    vm.register_irqfd(&irq_evt, irq)?;
-    let interrupt = Arc::new(Interrupt::new(irq_evt));
-    if let Some(s) = saved {
-        vsock
-            .restore_state(&s.device, mem.clone(), interrupt.clone())
-            .map_err(|e| SnapshotError::Device(format!("vsock: {e}")))?;
-    }
-    let vsock = Arc::new(Mutex::new(vsock));
-    let device: Arc<Mutex<dyn VirtioDevice>> = vsock.clone();
-    let transport = match saved {
-        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
-            .map_err(|e| SnapshotError::Device(format!("vsock transport: {e}")))?,
-        None => MmioTransport::new(mem.clone(), device, interrupt),
-    };
-    let transport = Arc::new(Mutex::new(transport));
-    bus.add_mmio(base, transport.clone());
-    let sub: Subscriber = vsock.clone();
-    event_manager.add_subscriber(sub);
-    Ok(VsockSlot {
-        base,
-        irq,
-        device: vsock,
-        transport,
-    })
+    let mem = w.mem.clone();
+    w.attach(
+        slot,
+        vsock,
+        saved.map(|s| SavedSlot {
+            base: s.base,
+            irq: s.irq,
+            transport: &s.transport,
+        }),
+        |v, interrupt| {
+            let device = &saved.ok_or("no saved state")?.device;
+            v.restore_state(device, mem, interrupt.clone())
+                .map_err(|e| e.to_string())
+        },
+        Vec::new(),
+    )
 }
 
-/// Creates a virtio-fs device for `share` in virtio slot `slot` and wires
-/// its ioeventfds, irqfd and MMIO window, and its DAX window at
-/// guest-physical `dax_addr` when the share has one; with `saved`, restores
-/// the transport and (if the driver had activated it) starts the FUSE
-/// server on the restored queues.
-#[allow(clippy::too_many_arguments)]
+/// Creates a virtio-fs device for `share` in virtio slot `slot`, with its
+/// DAX window at guest-physical `dax_addr` when the share has one; with
+/// `saved`, restores the transport and (if the driver had activated it)
+/// starts the FUSE server on the restored queues.
 fn add_fs(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    bus: &mut DeviceBus,
+    w: &mut Wiring<'_>,
     share: &ShareConfig,
     slot: usize,
     dax_addr: Option<u64>,
     saved: Option<&FsSlotState>,
 ) -> Result<FsSlot, BuildError> {
-    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
-    let irq = VIRTIO_IRQ_BASE + slot as u32;
     if let Some(s) = saved {
-        if (s.base, s.irq) != (base, irq) || s.tag != share.tag {
+        if s.tag != share.tag {
             return Err(SnapshotError::Mismatch(format!(
                 "virtio-fs device {:?} is not in the snapshot's slot {slot}",
                 share.tag
@@ -555,123 +643,94 @@ fn add_fs(
             let window = Arc::new(window);
             let kvm_slot = layout::DAX_FIRST_SLOT
                 + u32::try_from(slot).map_err(|_| BuildError::Config("too many devices".into()))?;
-            vm.register_dax_window(kvm_slot, &window)?;
+            w.vm.register_dax_window(kvm_slot, &window)?;
             fs.set_dax_window(window.clone());
             Some(window)
         }
         _ => None,
     };
-    for (i, evt) in fs.queue_events().iter().enumerate() {
-        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
-    }
-    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-    vm.register_irqfd(&irq_evt, irq)?;
-    let interrupt = Arc::new(Interrupt::new(irq_evt));
-    if let Some(s) = saved {
-        let active = s.transport.status & crate::devices::virtio::mmio::status::DRIVER_OK != 0;
-        let queues = if active {
-            Some(
-                s.transport
-                    .queues
-                    .iter()
-                    .map(|q| q.to_queue())
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(|e| SnapshotError::Device(format!("virtio-fs {}: {e}", share.tag)))?,
-            )
-        } else {
-            None
-        };
-        fs.restore_state(
-            s.transport.acked_features,
-            queues,
-            mem.clone(),
-            interrupt.clone(),
-        )
-        .map_err(|e| SnapshotError::Device(format!("virtio-fs {}: {e}", share.tag)))?;
-    }
-    let fs = Arc::new(Mutex::new(fs));
-    let device: Arc<Mutex<dyn VirtioDevice>> = fs.clone();
-    let mut transport = match saved {
-        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
-            .map_err(|e| SnapshotError::Device(format!("virtio-fs transport: {e}")))?,
-        None => MmioTransport::new(mem.clone(), device, interrupt),
-    };
     // Shared memory region 0 is virtio-fs's "cache" (DAX window).
-    if let Some(w) = &dax {
-        transport.set_shm_regions(vec![ShmRegion {
+    let shm = dax
+        .iter()
+        .map(|w| ShmRegion {
             base: w.guest_addr(),
             len: w.len(),
-        }]);
-    }
-    let transport = Arc::new(Mutex::new(transport));
-    bus.add_mmio(base, transport.clone());
+        })
+        .collect();
+    let mem = w.mem.clone();
+    let slot = w.attach(
+        slot,
+        fs,
+        saved.map(|s| SavedSlot {
+            base: s.base,
+            irq: s.irq,
+            transport: &s.transport,
+        }),
+        |fs, interrupt| {
+            let transport = &saved.ok_or("no saved state")?.transport;
+            let active = transport.status & crate::devices::virtio::mmio::status::DRIVER_OK != 0;
+            let queues = if active {
+                Some(
+                    transport
+                        .queues
+                        .iter()
+                        .map(|q| q.to_queue())
+                        .collect::<Result<Vec<_>, String>>()?,
+                )
+            } else {
+                None
+            };
+            fs.restore_state(transport.acked_features, queues, mem, interrupt.clone())
+                .map_err(|e| e.to_string())
+        },
+        shm,
+    )?;
     tracing::info!(
         tag = share.tag,
         dir = %share.dir.display(),
         read_only = share.read_only,
-        base,
-        irq,
+        base = slot.base,
+        irq = slot.irq,
         dax_addr = dax.as_ref().map(|w| w.guest_addr()),
         dax_len = dax.as_ref().map(|w| w.len()),
         "virtio-fs device"
     );
     Ok(FsSlot {
-        base,
-        irq,
+        slot,
         tag: share.tag.clone(),
-        device: fs,
-        transport,
         dax,
     })
 }
 
-/// Creates the balloon in virtio slot `slot`: ioeventfds, irqfd, MMIO
-/// window, event-loop subscription; restores it with `saved`.
+/// Creates the balloon in virtio slot `slot`; restores it with `saved`.
 fn add_balloon(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    bus: &mut DeviceBus,
-    event_manager: &mut EventManager<Subscriber>,
+    w: &mut Wiring<'_>,
     slot: usize,
     saved: Option<&BalloonSlotState>,
 ) -> Result<BalloonSlot, BuildError> {
-    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
-    let irq = VIRTIO_IRQ_BASE + slot as u32;
-    if let Some(s) = saved {
-        if (s.base, s.irq) != (base, irq) {
-            return Err(SnapshotError::Mismatch("balloon device slot differs".into()).into());
-        }
-    }
-    let mut balloon = Balloon::new().map_err(os_err("eventfd"))?;
-    for (i, evt) in balloon.queue_events().iter().enumerate() {
-        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
-    }
-    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-    vm.register_irqfd(&irq_evt, irq)?;
-    let interrupt = Arc::new(Interrupt::new(irq_evt));
-    if let Some(s) = saved {
-        balloon
-            .restore_state(&s.device, mem.clone(), interrupt.clone())
-            .map_err(|e| SnapshotError::Device(format!("balloon: {e}")))?;
-    }
-    let balloon = Arc::new(Mutex::new(balloon));
-    let device: Arc<Mutex<dyn VirtioDevice>> = balloon.clone();
-    let transport = match saved {
-        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
-            .map_err(|e| SnapshotError::Device(format!("balloon transport: {e}")))?,
-        None => MmioTransport::new(mem.clone(), device, interrupt),
-    };
-    let transport = Arc::new(Mutex::new(transport));
-    bus.add_mmio(base, transport.clone());
-    let sub: Subscriber = balloon.clone();
-    event_manager.add_subscriber(sub);
-    tracing::info!(base, irq, "virtio-balloon device (free page reporting)");
-    Ok(BalloonSlot {
-        base,
-        irq,
-        device: balloon,
-        transport,
-    })
+    let balloon = Balloon::new().map_err(os_err("eventfd"))?;
+    let mem = w.mem.clone();
+    let slot = w.attach(
+        slot,
+        balloon,
+        saved.map(|s| SavedSlot {
+            base: s.base,
+            irq: s.irq,
+            transport: &s.transport,
+        }),
+        |b, interrupt| {
+            let device = &saved.ok_or("no saved state")?.device;
+            b.restore_state(device, mem, interrupt.clone())
+                .map_err(|e| e.to_string())
+        },
+        Vec::new(),
+    )?;
+    tracing::info!(
+        base = slot.base,
+        irq = slot.irq,
+        "virtio-balloon device (free page reporting)"
+    );
+    Ok(slot)
 }
 
 /// The parts every microVM gets after its devices: the stop watcher,
@@ -794,17 +853,15 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         EventManager::new().map_err(|e| BuildError::EventManager(format!("{e:?}")))?;
     let mut virtio_slots = Vec::new();
 
+    let mut w = Wiring {
+        vm: &vm,
+        mem: &mem,
+        bus: &mut bus,
+        event_manager: &mut event_manager,
+    };
     let mut vsock_slot = None;
     if let Some(vcfg) = &cfg.vsock {
-        let slot = add_vsock(
-            &vm,
-            &mem,
-            &mut bus,
-            &mut event_manager,
-            vcfg,
-            virtio_slots.len(),
-            None,
-        )?;
+        let slot = add_vsock(&mut w, vcfg, virtio_slots.len(), None)?;
         virtio_slots.push((slot.base, slot.irq));
         vsock_slot = Some(slot);
     }
@@ -815,27 +872,12 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
     let dax_sizes: Vec<Option<u64>> = cfg.shares.iter().map(|s| s.dax_window).collect();
     let dax_addrs = layout::dax_window_addresses(mem_size, &dax_sizes);
     for (share, dax_addr) in cfg.shares.iter().zip(dax_addrs) {
-        let slot = add_fs(
-            &vm,
-            &mem,
-            &mut bus,
-            share,
-            virtio_slots.len(),
-            dax_addr,
-            None,
-        )?;
-        virtio_slots.push((slot.base, slot.irq));
+        let slot = add_fs(&mut w, share, virtio_slots.len(), dax_addr, None)?;
+        virtio_slots.push((slot.slot.base, slot.slot.irq));
         fs_slots.push(slot);
     }
     let balloon = if cfg.balloon {
-        let slot = add_balloon(
-            &vm,
-            &mem,
-            &mut bus,
-            &mut event_manager,
-            virtio_slots.len(),
-            None,
-        )?;
+        let slot = add_balloon(&mut w, virtio_slots.len(), None)?;
         virtio_slots.push((slot.base, slot.irq));
         Some(slot)
     } else {
@@ -922,17 +964,15 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
     let mut bus = DeviceBus::new(serial);
     let mut event_manager: EventManager<Subscriber> =
         EventManager::new().map_err(|e| BuildError::EventManager(format!("{e:?}")))?;
+    let mut w = Wiring {
+        vm: &vm,
+        mem: &mem,
+        bus: &mut bus,
+        event_manager: &mut event_manager,
+    };
     let mut vsock_slot = None;
     if let (Some(saved), Some(vcfg)) = (&state.vsock, &cfg.vsock) {
-        vsock_slot = Some(add_vsock(
-            &vm,
-            &mem,
-            &mut bus,
-            &mut event_manager,
-            vcfg,
-            0,
-            Some(saved),
-        )?);
+        vsock_slot = Some(add_vsock(&mut w, vcfg, 0, Some(saved))?);
     }
     virtio_fs::validate_shares(&cfg.shares)?;
     let mut saved_tags: Vec<&str> = state.fs.iter().map(|f| f.tag.as_str()).collect();
@@ -976,9 +1016,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
             ..share.clone()
         };
         fs_slots.push(add_fs(
-            &vm,
-            &mem,
-            &mut bus,
+            &mut w,
             &share,
             first_fs_slot + i,
             saved.dax_window.map(|w| w.guest_addr),
@@ -987,10 +1025,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
     }
     let balloon = match &state.balloon {
         Some(saved) => Some(add_balloon(
-            &vm,
-            &mem,
-            &mut bus,
-            &mut event_manager,
+            &mut w,
             first_fs_slot + state.fs.len(),
             Some(saved),
         )?),

@@ -26,7 +26,8 @@ impl Microvm {
         dir: &Path,
     ) -> Result<(), SnapshotError> {
         let mut fs = Vec::with_capacity(self.fs.len());
-        for slot in &self.fs {
+        for fs_slot in &self.fs {
+            let slot = &fs_slot.slot;
             let used = slot
                 .device
                 .lock()
@@ -50,15 +51,15 @@ impl Microvm {
                 return Err(SnapshotError::Device(format!(
                     "virtio-fs share {:?} is in use by the guest: the FUSE server's state \
                      (open host inodes and handles) cannot be saved; snapshot before mounting",
-                    slot.tag
+                    fs_slot.tag
                 )));
             }
             fs.push(FsSlotState {
                 base: slot.base,
                 irq: slot.irq,
-                tag: slot.tag.clone(),
+                tag: fs_slot.tag.clone(),
                 transport,
-                dax_window: slot.dax.as_ref().map(|w| DaxWindowState {
+                dax_window: fs_slot.dax.as_ref().map(|w| DaxWindowState {
                     guest_addr: w.guest_addr(),
                     len: w.len(),
                 }),
