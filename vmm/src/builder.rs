@@ -27,11 +27,12 @@ use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::fs::dax::DaxWindow;
 use crate::devices::virtio::fs::{self as virtio_fs, FsError, ShareConfig, VirtioFs};
 use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, ShmRegion};
+use crate::devices::virtio::net::{self as virtio_net, Net, NetBackend, NetConfig, NetError, Tap};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::HostKind;
 use crate::snapshot::{
-    self, BalloonSlotState, FsSlotState, MicrovmState, SnapshotError, VsockSlotState,
+    self, BalloonSlotState, FsSlotState, MicrovmState, NetSlotState, SnapshotError, VsockSlotState,
 };
 use crate::timeline::{self, Milestone};
 use crate::vstate::memory::{create_guest_memory, map_memory_file};
@@ -135,6 +136,9 @@ pub enum BuildError {
     /// virtio-fs device.
     #[error(transparent)]
     Fs(#[from] virtio_fs::FsError),
+    /// virtio-net device.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// An eventfd, epoll or thread could not be created.
     #[error("{what}")]
     Os {
@@ -201,6 +205,8 @@ pub struct VmConfig {
     pub balloon: bool,
     /// Opt guest memory into KSM (see `memory::mark_mergeable`).
     pub ksm: bool,
+    /// Network interfaces, one virtio-net device each (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
 }
 
 /// Everything needed to restore a microVM from a snapshot: the snapshot
@@ -221,6 +227,10 @@ pub struct RestoreConfig {
     pub shares: Vec<ShareConfig>,
     /// Opt guest memory into KSM (see `memory::mark_mergeable`).
     pub ksm: bool,
+    /// Backends for the snapshot's virtio-net devices, in order: the i-th
+    /// binds the i-th saved device; devices without one stay unbound
+    /// (link down); more than the snapshot has is an error.
+    pub nets: Vec<NetConfig>,
 }
 
 fn validate_vsock(v: &VsockConfig) -> Result<(), BuildError> {
@@ -275,6 +285,13 @@ impl VmConfig {
             )));
         }
         virtio_fs::validate_shares(&self.shares)?;
+        if self.nets.len() > virtio_net::MAX_NETS {
+            return Err(BuildError::Config(format!(
+                "at most {} network interfaces, got {}",
+                virtio_net::MAX_NETS,
+                self.nets.len()
+            )));
+        }
         // The guest hot-adds each window as device memory and spends 64
         // bytes of its RAM per 4 KiB page of it (struct page): a window
         // larger than 8x the RAM would eat more than 1/8 of it, and the
@@ -428,6 +445,8 @@ pub(crate) struct DeviceSlot<D> {
 pub(crate) type VsockSlot = DeviceSlot<Vsock>;
 /// The balloon device of a running VM.
 pub(crate) type BalloonSlot = DeviceSlot<Balloon>;
+/// A virtio-net device of a running VM.
+pub(crate) type NetSlot = DeviceSlot<Net>;
 
 /// A virtio-fs device of a running VM.
 pub(crate) struct FsSlot {
@@ -457,6 +476,13 @@ impl MmioDevice for Vsock {
 
 impl MmioDevice for Balloon {
     const NAME: &'static str = "balloon";
+    fn subscriber(device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
+        Some(device.clone())
+    }
+}
+
+impl MmioDevice for Net {
+    const NAME: &'static str = "virtio-net";
     fn subscriber(device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
         Some(device.clone())
     }
@@ -583,6 +609,8 @@ pub struct Microvm {
     pub(crate) fs: Vec<FsSlot>,
     /// The balloon, if the VM has one.
     pub(crate) balloon: Option<BalloonSlot>,
+    /// virtio-net devices, in slot order.
+    pub(crate) nets: Vec<NetSlot>,
 }
 
 /// Creates the vsock device in virtio slot `slot`; restores its state
@@ -700,6 +728,63 @@ fn add_fs(
         tag: share.tag.clone(),
         dax,
     })
+}
+
+/// Opens the backend `backend` says.
+fn open_backend(backend: &NetBackend) -> Result<Option<Tap>, NetError> {
+    Ok(match backend {
+        NetBackend::Tap(name) => Some(Tap::open_named(name)?),
+        NetBackend::Fd(fd) => Some(Tap::from_fd(*fd)?),
+        NetBackend::None => None,
+    })
+}
+
+/// Creates a virtio-net device in virtio slot `slot` with the backend and
+/// MAC of `net`; with `saved`, restores it (the MAC is the snapshot's
+/// unless `net` gives one).
+fn add_net(
+    w: &mut Wiring<'_>,
+    net: &NetConfig,
+    slot: usize,
+    saved: Option<&NetSlotState>,
+) -> Result<NetSlot, BuildError> {
+    let tap = open_backend(&net.backend)?;
+    let mac = net
+        .mac
+        .or(saved.map(|s| s.device.mac))
+        .unwrap_or_else(virtio_net::random_mac);
+    let device = Net::new(mac, tap)?;
+    let mem = w.mem.clone();
+    let slot = w.attach(
+        slot,
+        device,
+        saved.map(|s| SavedSlot {
+            base: s.base,
+            irq: s.irq,
+            transport: &s.transport,
+        }),
+        |n, interrupt| {
+            let device = &saved.ok_or("no saved state")?.device;
+            n.restore_state(device, mem, interrupt.clone())
+                .map_err(|e| e.to_string())
+        },
+        Vec::new(),
+    )?;
+    let (mac, tap) = match slot.device.lock() {
+        Ok(d) => (
+            virtio_net::format_mac(&d.mac()),
+            d.tap_name().unwrap_or("none").to_string(),
+        ),
+        Err(_) => (String::new(), String::new()),
+    };
+    tracing::info!(
+        base = slot.base,
+        irq = slot.irq,
+        mac,
+        tap,
+        "virtio-net device"
+    );
+    Ok(slot)
 }
 
 /// Creates the balloon in virtio slot `slot`; restores it with `saved`.
@@ -876,6 +961,13 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         virtio_slots.push((slot.slot.base, slot.slot.irq));
         fs_slots.push(slot);
     }
+    // virtio-net: after the shares, before the balloon.
+    let mut nets = Vec::with_capacity(cfg.nets.len());
+    for net in &cfg.nets {
+        let slot = add_net(&mut w, net, virtio_slots.len(), None)?;
+        virtio_slots.push((slot.base, slot.irq));
+        nets.push(slot);
+    }
     let balloon = if cfg.balloon {
         let slot = add_balloon(&mut w, virtio_slots.len(), None)?;
         virtio_slots.push((slot.base, slot.irq));
@@ -927,6 +1019,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         restored: false,
         fs: fs_slots,
         balloon,
+        nets,
     })
 }
 
@@ -1023,10 +1116,27 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
             Some(saved),
         )?);
     }
+    if cfg.nets.len() > state.nets.len() {
+        return Err(BuildError::Config(format!(
+            "the snapshot has {} network interfaces, {} --net given",
+            state.nets.len(),
+            cfg.nets.len()
+        )));
+    }
+    let first_net_slot = first_fs_slot + state.fs.len();
+    let mut nets = Vec::with_capacity(state.nets.len());
+    let unbound = NetConfig {
+        backend: NetBackend::None,
+        mac: None,
+    };
+    for (i, saved) in state.nets.iter().enumerate() {
+        let net = cfg.nets.get(i).unwrap_or(&unbound);
+        nets.push(add_net(&mut w, net, first_net_slot + i, Some(saved))?);
+    }
     let balloon = match &state.balloon {
         Some(saved) => Some(add_balloon(
             &mut w,
-            first_fs_slot + state.fs.len(),
+            first_net_slot + state.nets.len(),
             Some(saved),
         )?),
         None => None,
@@ -1060,6 +1170,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
         restored: true,
         fs: fs_slots,
         balloon,
+        nets,
     })
 }
 
@@ -1072,6 +1183,11 @@ impl Microvm {
             if let Some(slot) = &self.vsock {
                 if let Ok(mut v) = slot.device.lock() {
                     v.reset_connections_and_send_transport_reset();
+                }
+            }
+            for slot in &self.nets {
+                if let Ok(mut n) = slot.device.lock() {
+                    n.announce_link_change();
                 }
             }
         }
@@ -1228,6 +1344,7 @@ mod tests {
             api_sock: None,
             balloon: false,
             ksm: false,
+            nets: Vec::new(),
         }
     }
 

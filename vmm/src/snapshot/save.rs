@@ -7,8 +7,8 @@ use kvm_ioctls::Cap;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{
-    file, paths, BalloonSlotState, DaxWindowState, FsSlotState, MicrovmState, SnapshotError,
-    VsockSlotState,
+    file, paths, BalloonSlotState, DaxWindowState, FsSlotState, MicrovmState, NetSlotState,
+    SnapshotError, VsockSlotState,
 };
 use crate::builder::Microvm;
 use crate::vstate::memory::save_memory;
@@ -121,6 +121,25 @@ impl Microvm {
             }),
             None => None,
         };
+        let mut nets = Vec::with_capacity(self.nets.len());
+        for slot in &self.nets {
+            nets.push(NetSlotState {
+                base: slot.base,
+                irq: slot.irq,
+                transport: slot
+                    .transport
+                    .lock()
+                    .map_err(|_| {
+                        SnapshotError::Device("virtio-net transport lock poisoned".into())
+                    })?
+                    .save_state(),
+                device: slot
+                    .device
+                    .lock()
+                    .map_err(|_| SnapshotError::Device("virtio-net lock poisoned".into()))?
+                    .save_state(),
+            });
+        }
         let (state_path, mem_path) = paths(dir);
         // A stale state file must not pair with the new memory file.
         let _ = std::fs::remove_file(&state_path);
@@ -135,6 +154,7 @@ impl Microvm {
             vsock,
             fs,
             balloon,
+            nets,
         };
         file::write(&state_path, &state)?;
         Ok(())
