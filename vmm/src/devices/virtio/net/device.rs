@@ -218,7 +218,7 @@ impl Net {
         if let Some(tap) = &self.tap {
             let flags = tap_offload_flags(self.acked_features);
             match tap.set_offload(flags) {
-                Ok(()) => tracing::debug!(tap = tap.name(), flags, "virtio-net: tap offloads"),
+                Ok(()) => tracing::info!(tap = tap.name(), flags, "virtio-net: tap offloads"),
                 Err(e) => tracing::warn!("virtio-net: {e}"),
             }
         }
