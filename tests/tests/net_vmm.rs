@@ -99,7 +99,12 @@ fn spec(script: &str) -> Value {
 }
 
 /// Runs `script` in a container and returns its exit, stdout and stderr.
-fn run(c: &mut AgentClient, vm: &VmProcess, id: &str, script: &str) -> (ProcessExit, String, String) {
+fn run(
+    c: &mut AgentClient,
+    vm: &VmProcess,
+    id: &str,
+    script: &str,
+) -> (ProcessExit, String, String) {
     let out = drain(attach(vm, id, None, StdioStream::Stdout));
     let err = drain(attach(vm, id, None, StdioStream::Stderr));
     let stdio = StdioSpec {
@@ -122,7 +127,13 @@ fn run(c: &mut AgentClient, vm: &VmProcess, id: &str, script: &str) -> (ProcessE
 
 /// The test's TCP servers: one receives `expect` (guest → host), one sends
 /// `send` (host → guest). Each returns the measured transfer time.
-fn serve_tcp(expect: Vec<u8>, send: Vec<u8>) -> (std::thread::JoinHandle<Duration>, std::thread::JoinHandle<Duration>) {
+fn serve_tcp(
+    expect: Vec<u8>,
+    send: Vec<u8>,
+) -> (
+    std::thread::JoinHandle<Duration>,
+    std::thread::JoinHandle<Duration>,
+) {
     let up = TcpListener::bind("10.0.7.1:5001").expect("bind 5001");
     let down = TcpListener::bind("10.0.7.1:5002").expect("bind 5002");
     let recv = std::thread::spawn(move || {
@@ -179,6 +190,8 @@ fn virtio_net_end_to_end() {
         );
     }
     ip(&["link", "set", "lo", "up"]).unwrap();
+    // Full-size TSO segments even while the rate is low (see the module doc).
+    std::fs::write("/proc/sys/net/ipv4/tcp_min_tso_segs", "44").expect("tcp_min_tso_segs");
     let art = Artifacts::locate().unwrap_or_else(|e| panic!("{e}"));
     let root = TempDir::new("netvmm");
     busybox_rootfs(&root.0, &APPLETS);
@@ -210,9 +223,7 @@ fn virtio_net_end_to_end() {
 
     // The template: eth0 bound to vtap0, eth1 without a backend, the
     // rootfs share not mounted yet.
-    let answer = vm
-        .api(&format!("snapshot {}", snap_dir.display()))
-        .unwrap();
+    let answer = vm.api(&format!("snapshot {}", snap_dir.display())).unwrap();
     assert!(answer.starts_with("OK snapshot"), "{answer}");
 
     c.mount("rootfs", ROOTFS, false).expect("mount rootfs");
@@ -226,6 +237,7 @@ ip addr add 10.0.7.2/24 dev eth0
 ip link show eth0
 ip link show eth1
 ping -c 3 -W 10 10.0.7.1
+echo 44 > /proc/sys/net/ipv4/tcp_min_tso_segs
 seq 1 {SEQ_N} > /tmp/d
 time nc 10.0.7.1 5001 < /tmp/d
 time nc 10.0.7.1 5002 > /tmp/got
@@ -237,7 +249,10 @@ echo TRANSFER-OK"
     let (exit, out, err) = run(&mut c, &vm, "net", &script);
     eprintln!("container ran in {:?}\n{out}\n{err}", t.elapsed());
     assert_eq!(exit.status, 0, "stdout: {out}\nstderr: {err}");
-    assert!(out.contains(GUEST_MAC), "eth0 has the MAC from --net: {out}");
+    assert!(
+        out.contains(GUEST_MAC),
+        "eth0 has the MAC from --net: {out}"
+    );
     assert!(out.contains("3 packets received"), "{out}");
     assert!(out.contains("TRANSFER-OK"), "{out}");
     let eth1 = out
@@ -255,27 +270,31 @@ echo TRANSFER-OK"
         mib_s(data.len(), down_t),
         down_t
     );
-    let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("tap offloads") && l.contains("\"flags\":7")),
-        "the guest acked checksum and TSO offloads (TUN_F_CSUM|TSO4|TSO6)"
-    );
     c.shutdown().expect("shutdown");
     let st = vm
         .wait_exit(Duration::from_secs(60))
         .expect("VMM did not exit");
     assert!(st.success(), "{st}: {}", vm.stderr());
+    let log = std::fs::read_to_string(&vm.log).unwrap_or_default();
+    for l in log.lines().filter(|l| l.contains("virtio-net counters")) {
+        eprintln!("{l}");
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tap offloads") && l.contains("\"flags\":7")),
+        "the guest acked checksum and TSO offloads (TUN_F_CSUM|TSO4|TSO6)"
+    );
     assert!(
         ip(&["link", "show", "vtap0"]).is_err(),
         "the VMM's tap outlived it"
     );
 
     // More --net than the snapshot has: a clear error, no VM.
-    let too_many: Vec<String> = ["tap=vtapx", "none", "none"]
+    let mut too_many: Vec<String> = ["tap=vtapx", "none", "none"]
         .iter()
         .flat_map(|n| ["--net".to_string(), n.to_string()])
         .collect();
+    too_many.extend(["--fs".to_string(), format!("rootfs={}", root.0.display())]);
     let mut bad = VmProcess::restore_with_args(&art, &snap_dir, 9, &too_many).expect("spawn");
     let st = bad
         .wait_exit(Duration::from_secs(60))
@@ -300,7 +319,8 @@ echo TRANSFER-OK"
         .connect_and_ping(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("clone: {e}"));
     cc.set_timeout(Some(Duration::from_secs(600))).unwrap();
-    cc.mount("rootfs", ROOTFS, false).expect("mount rootfs in the clone");
+    cc.mount("rootfs", ROOTFS, false)
+        .expect("mount rootfs in the clone");
     let (exit, out, err) = run(
         &mut cc,
         &clone,

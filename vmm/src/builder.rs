@@ -1307,6 +1307,11 @@ impl Microvm {
     /// Removes host resources that outlive the process (the vsock and
     /// API sockets).
     fn cleanup(&mut self) {
+        for slot in &self.nets {
+            if let Ok(n) = slot.device.lock() {
+                n.log_stats();
+            }
+        }
         if let Some(path) = &self.vsock_uds {
             let _ = std::fs::remove_file(path);
         }

@@ -151,17 +151,21 @@ fn run(args: Args) -> anyhow::Result<i32> {
         vessel_vmm::snapshot::check_dir(dir)?;
         return Ok(0);
     }
+    // Before any file of ours is opened: an inherited tap fd must be open.
+    let nets = args
+        .nets
+        .iter()
+        .map(|s| NetConfig::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    for n in &nets {
+        n.check_inherited_fd()?;
+    }
     init_logging(&args)?;
     // Parsed here rather than by clap so that errors are one line like the others.
     let shares = args
         .shares
         .iter()
         .map(|s| ShareConfig::parse(s))
-        .collect::<Result<Vec<_>, _>>()?;
-    let nets = args
-        .nets
-        .iter()
-        .map(|s| NetConfig::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
     let vsock = args.vsock_uds.map(|uds_path| VsockConfig {
         cid: args.vsock_cid,

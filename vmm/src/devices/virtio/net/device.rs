@@ -139,6 +139,26 @@ impl Net {
         self.stats.clone()
     }
 
+    /// Logs the counters (at exit).
+    pub fn log_stats(&self) {
+        let s = &self.stats;
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        tracing::info!(
+            mac = format_mac(&self.mac),
+            tap = self.tap_name().unwrap_or("none"),
+            tx_frames = g(&s.tx_frames),
+            tx_bytes = g(&s.tx_bytes),
+            rx_frames = g(&s.rx_frames),
+            rx_bytes = g(&s.rx_bytes),
+            tx_malformed = g(&s.tx_malformed),
+            rx_malformed = g(&s.rx_malformed),
+            tx_dropped = g(&s.tx_dropped),
+            rx_dropped = g(&s.rx_dropped),
+            rx_no_buffers = g(&s.rx_no_buffers),
+            "virtio-net counters"
+        );
+    }
+
     fn link_up(&self) -> bool {
         self.tap.is_some()
     }

@@ -180,6 +180,24 @@ impl NetConfig {
     }
 }
 
+impl NetConfig {
+    /// For `fd=N`: checks that fd N is open, before the VMM opens files of
+    /// its own (a closed N could otherwise be reused by one of them and
+    /// then mistaken for the tap).
+    pub fn check_inherited_fd(&self) -> Result<(), NetError> {
+        if let NetBackend::Fd(fd) = self.backend {
+            // SAFETY: F_GETFD only reads the fd's flags.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(NetError::Tap(TapError::BadFd {
+                    fd,
+                    reason: format!("not open ({})", std::io::Error::last_os_error()),
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Parses `xx:xx:xx:xx:xx:xx`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
