@@ -263,6 +263,21 @@ impl VmProcess {
         cid: u32,
         shares: &[String],
     ) -> io::Result<VmProcess> {
+        let args: Vec<String> = shares
+            .iter()
+            .flat_map(|s| ["--fs".to_string(), s.clone()])
+            .collect();
+        Self::restore_with_args(art, snapshot, cid, &args)
+    }
+
+    /// Like [`VmProcess::restore`], with extra `vessel-vmm` arguments
+    /// (`--fs TAG=DIR`, `--net tap=NAME`, ...).
+    pub fn restore_with_args(
+        art: &Artifacts,
+        snapshot: &Path,
+        cid: u32,
+        args: &[String],
+    ) -> io::Result<VmProcess> {
         let dir = private_dir()?;
         let uds = dir.join("vsock.sock");
         let serial = dir.join("serial.log");
@@ -275,7 +290,7 @@ impl VmProcess {
             .arg(&uds)
             .arg("--vsock-cid")
             .arg(cid.to_string())
-            .args(shares.iter().flat_map(|s| ["--fs", s.as_str()]))
+            .args(args)
             .arg("--serial-out")
             .arg(&serial)
             .arg("--log")

@@ -26,12 +26,13 @@ use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::fs::dax::DaxWindow;
 use crate::devices::virtio::fs::{self as virtio_fs, FsError, ShareConfig, VirtioFs};
-use crate::devices::virtio::mmio::{MmioTransport, ShmRegion};
+use crate::devices::virtio::mmio::{MmioTransport, MmioTransportState, ShmRegion};
+use crate::devices::virtio::net::{self as virtio_net, Net, NetBackend, NetConfig, NetError, Tap};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::host::HostKind;
 use crate::snapshot::{
-    self, BalloonSlotState, FsSlotState, MicrovmState, SnapshotError, VsockSlotState,
+    self, BalloonSlotState, FsSlotState, MicrovmState, NetSlotState, SnapshotError, VsockSlotState,
 };
 use crate::timeline::{self, Milestone};
 use crate::vstate::memory::{create_guest_memory, map_memory_file};
@@ -135,6 +136,9 @@ pub enum BuildError {
     /// virtio-fs device.
     #[error(transparent)]
     Fs(#[from] virtio_fs::FsError),
+    /// virtio-net device.
+    #[error(transparent)]
+    Net(#[from] NetError),
     /// An eventfd, epoll or thread could not be created.
     #[error("{what}")]
     Os {
@@ -201,6 +205,8 @@ pub struct VmConfig {
     pub balloon: bool,
     /// Opt guest memory into KSM (see `memory::mark_mergeable`).
     pub ksm: bool,
+    /// Network interfaces, one virtio-net device each (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
 }
 
 /// Everything needed to restore a microVM from a snapshot: the snapshot
@@ -221,6 +227,10 @@ pub struct RestoreConfig {
     pub shares: Vec<ShareConfig>,
     /// Opt guest memory into KSM (see `memory::mark_mergeable`).
     pub ksm: bool,
+    /// Backends for the snapshot's virtio-net devices, in order: the i-th
+    /// binds the i-th saved device; devices without one stay unbound
+    /// (link down); more than the snapshot has is an error.
+    pub nets: Vec<NetConfig>,
 }
 
 fn validate_vsock(v: &VsockConfig) -> Result<(), BuildError> {
@@ -275,6 +285,13 @@ impl VmConfig {
             )));
         }
         virtio_fs::validate_shares(&self.shares)?;
+        if self.nets.len() > virtio_net::MAX_NETS {
+            return Err(BuildError::Config(format!(
+                "at most {} network interfaces, got {}",
+                virtio_net::MAX_NETS,
+                self.nets.len()
+            )));
+        }
         // The guest hot-adds each window as device memory and spends 64
         // bytes of its RAM per 4 KiB page of it (struct page): a window
         // larger than 8x the RAM would eat more than 1/8 of it, and the
@@ -415,31 +432,157 @@ fn install_term_handlers(evt: &EventFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The vsock device and where it sits.
-/// The balloon device of a running VM.
-pub(crate) struct BalloonSlot {
+/// A virtio-mmio device of a running VM: where it sits, the device and its
+/// transport (register window).
+pub(crate) struct DeviceSlot<D> {
     pub(crate) base: u64,
     pub(crate) irq: u32,
-    pub(crate) device: Arc<Mutex<Balloon>>,
+    pub(crate) device: Arc<Mutex<D>>,
     pub(crate) transport: Arc<Mutex<MmioTransport>>,
 }
 
+/// The vsock device and where it sits.
+pub(crate) type VsockSlot = DeviceSlot<Vsock>;
+/// The balloon device of a running VM.
+pub(crate) type BalloonSlot = DeviceSlot<Balloon>;
+/// A virtio-net device of a running VM.
+pub(crate) type NetSlot = DeviceSlot<Net>;
+
 /// A virtio-fs device of a running VM.
 pub(crate) struct FsSlot {
-    pub(crate) base: u64,
-    pub(crate) irq: u32,
+    pub(crate) slot: DeviceSlot<VirtioFs>,
     pub(crate) tag: String,
-    pub(crate) device: Arc<Mutex<VirtioFs>>,
-    pub(crate) transport: Arc<Mutex<MmioTransport>>,
     /// The DAX window, kept for the life of the VM (KVM has it as a slot).
     pub(crate) dax: Option<Arc<DaxWindow>>,
 }
 
-pub(crate) struct VsockSlot {
-    pub(crate) base: u64,
-    pub(crate) irq: u32,
-    pub(crate) device: Arc<Mutex<Vsock>>,
-    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+/// What the generic attach path needs to know about a device type.
+trait MmioDevice: VirtioDevice + Sized + 'static {
+    /// Name for messages.
+    const NAME: &'static str;
+    /// The event-loop subscriber of the device, if it runs on the event
+    /// loop (virtio-fs runs on threads of its own).
+    fn subscriber(_device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
+        None
+    }
+}
+
+impl MmioDevice for Vsock {
+    const NAME: &'static str = "vsock";
+    fn subscriber(device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
+        Some(device.clone())
+    }
+}
+
+impl MmioDevice for Balloon {
+    const NAME: &'static str = "balloon";
+    fn subscriber(device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
+        Some(device.clone())
+    }
+}
+
+impl MmioDevice for Net {
+    const NAME: &'static str = "virtio-net";
+    fn subscriber(device: &Arc<Mutex<Self>>) -> Option<Subscriber> {
+        Some(device.clone())
+    }
+}
+
+impl MmioDevice for VirtioFs {
+    const NAME: &'static str = "virtio-fs";
+}
+
+/// Where a saved device sat and its transport registers.
+#[derive(Clone, Copy)]
+struct SavedSlot<'a> {
+    base: u64,
+    irq: u32,
+    transport: &'a MmioTransportState,
+}
+
+/// What attaching a device touches: the VM, its memory, the MMIO bus and
+/// the event loop.
+struct Wiring<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    bus: &'a mut DeviceBus,
+    event_manager: &'a mut EventManager<Subscriber>,
+}
+
+/// MMIO base and IRQ of virtio slot `slot`.
+fn slot_location(slot: usize) -> Result<(u64, u32), BuildError> {
+    let irq = u32::try_from(slot)
+        .ok()
+        .and_then(|s| VIRTIO_IRQ_BASE.checked_add(s))
+        .filter(|irq| *irq <= layout::MAX_IRQ)
+        .ok_or_else(|| {
+            BuildError::Config(format!(
+                "too many devices: at most {} virtio devices",
+                layout::MAX_IRQ - VIRTIO_IRQ_BASE + 1
+            ))
+        })?;
+    Ok((VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE, irq))
+}
+
+impl Wiring<'_> {
+    /// Attaches `device` in virtio slot `slot`, the one path for every
+    /// virtio-mmio device: checks a saved device sat in the same slot,
+    /// creates its interrupt (an irqfd), lets `restore` bring the device to
+    /// its saved state with that interrupt, registers one ioeventfd per
+    /// queue on QueueNotify, creates (or restores) the transport with
+    /// `shm` as its shared memory regions, maps its window on the bus and
+    /// subscribes the device to the event loop when it runs there.
+    fn attach<D: MmioDevice>(
+        &mut self,
+        slot: usize,
+        mut device: D,
+        saved: Option<SavedSlot<'_>>,
+        restore: impl FnOnce(&mut D, &Arc<Interrupt>) -> Result<(), String>,
+        shm: Vec<ShmRegion>,
+    ) -> Result<DeviceSlot<D>, BuildError> {
+        let (base, irq) = slot_location(slot)?;
+        if let Some(s) = saved {
+            if (s.base, s.irq) != (base, irq) {
+                return Err(SnapshotError::Mismatch(format!(
+                    "{} device is not in the snapshot's slot {slot}",
+                    D::NAME
+                ))
+                .into());
+            }
+        }
+        for (i, evt) in device.queue_events().iter().enumerate() {
+            self.vm
+                .register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
+        }
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
+        self.vm.register_irqfd(&irq_evt, irq)?;
+        let interrupt = Arc::new(Interrupt::new(irq_evt));
+        if saved.is_some() {
+            restore(&mut device, &interrupt)
+                .map_err(|e| SnapshotError::Device(format!("{}: {e}", D::NAME)))?;
+        }
+        let device = Arc::new(Mutex::new(device));
+        let dyn_device: Arc<Mutex<dyn VirtioDevice>> = device.clone();
+        let mut transport = match saved {
+            Some(s) => MmioTransport::restore(self.mem.clone(), dyn_device, interrupt, s.transport)
+                .map_err(|e| SnapshotError::Device(format!("{} transport: {e}", D::NAME)))?,
+            None => MmioTransport::new(self.mem.clone(), dyn_device, interrupt),
+        };
+        if !shm.is_empty() {
+            transport.set_shm_regions(shm);
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.bus.add_mmio(base, transport.clone());
+        if let Some(sub) = D::subscriber(&device) {
+            self.event_manager.add_subscriber(sub);
+        }
+        Ok(DeviceSlot {
+            base,
+            irq,
+            device,
+            transport,
+        })
+    }
 }
 
 /// A built microVM, ready to run.
@@ -466,78 +609,51 @@ pub struct Microvm {
     pub(crate) fs: Vec<FsSlot>,
     /// The balloon, if the VM has one.
     pub(crate) balloon: Option<BalloonSlot>,
+    /// virtio-net devices, in slot order.
+    pub(crate) nets: Vec<NetSlot>,
 }
 
-/// Creates the vsock device in virtio slot `slot`, wires its ioeventfds,
-/// irqfd, MMIO window and event-loop subscription; restores its state when
-/// `saved` is given.
+/// Creates the vsock device in virtio slot `slot`; restores its state
+/// when `saved` is given.
 fn add_vsock(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    bus: &mut DeviceBus,
-    event_manager: &mut EventManager<Subscriber>,
+    w: &mut Wiring<'_>,
     vcfg: &VsockConfig,
     slot: usize,
     saved: Option<&VsockSlotState>,
 ) -> Result<VsockSlot, BuildError> {
-    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
-    let irq = VIRTIO_IRQ_BASE + slot as u32;
-    if let Some(s) = saved {
-        if (s.base, s.irq) != (base, irq) {
-            return Err(SnapshotError::Mismatch("vsock device slot differs".into()).into());
-        }
-    }
     let mut vsock = Vsock::new(vcfg.cid, vcfg.uds_path.clone()).map_err(BuildError::Vsock)?;
     vsock.set_on_first_response(Box::new(|_port| timeline::mark(Milestone::AgentReady)));
-    for (i, evt) in vsock.queue_events().iter().enumerate() {
-        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
-    }
-    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-    vm.register_irqfd(&irq_evt, irq)?;
-    let interrupt = Arc::new(Interrupt::new(irq_evt));
-    if let Some(s) = saved {
-        vsock
-            .restore_state(&s.device, mem.clone(), interrupt.clone())
-            .map_err(|e| SnapshotError::Device(format!("vsock: {e}")))?;
-    }
-    let vsock = Arc::new(Mutex::new(vsock));
-    let device: Arc<Mutex<dyn VirtioDevice>> = vsock.clone();
-    let transport = match saved {
-        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
-            .map_err(|e| SnapshotError::Device(format!("vsock transport: {e}")))?,
-        None => MmioTransport::new(mem.clone(), device, interrupt),
-    };
-    let transport = Arc::new(Mutex::new(transport));
-    bus.add_mmio(base, transport.clone());
-    let sub: Subscriber = vsock.clone();
-    event_manager.add_subscriber(sub);
-    Ok(VsockSlot {
-        base,
-        irq,
-        device: vsock,
-        transport,
-    })
+    let mem = w.mem.clone();
+    w.attach(
+        slot,
+        vsock,
+        saved.map(|s| SavedSlot {
+            base: s.base,
+            irq: s.irq,
+            transport: &s.transport,
+        }),
+        |v, interrupt| {
+            let device = &saved.ok_or("no saved state")?.device;
+            v.restore_state(device, mem, interrupt.clone())
+                .map_err(|e| e.to_string())
+        },
+        Vec::new(),
+    )
 }
 
-/// Creates a virtio-fs device for `share` in virtio slot `slot` and wires
-/// its ioeventfds, irqfd and MMIO window, and its DAX window at
-/// guest-physical `dax_addr` when the share has one; with `saved`, restores
-/// the transport and (if the driver had activated it) starts the FUSE
-/// server on the restored queues.
-#[allow(clippy::too_many_arguments)]
+/// Creates a virtio-fs device for `share` in virtio slot `slot`, with its
+/// DAX window at guest-physical `dax_addr` when the share has one; with
+/// `saved`, restores the transport and (if the driver had activated it)
+/// starts the FUSE server on the restored queues.
 fn add_fs(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    bus: &mut DeviceBus,
+    w: &mut Wiring<'_>,
     share: &ShareConfig,
     slot: usize,
     dax_addr: Option<u64>,
     saved: Option<&FsSlotState>,
 ) -> Result<FsSlot, BuildError> {
-    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
-    let irq = VIRTIO_IRQ_BASE + slot as u32;
     if let Some(s) = saved {
-        if (s.base, s.irq) != (base, irq) || s.tag != share.tag {
+        if s.tag != share.tag {
             return Err(SnapshotError::Mismatch(format!(
                 "virtio-fs device {:?} is not in the snapshot's slot {slot}",
                 share.tag
@@ -555,123 +671,151 @@ fn add_fs(
             let window = Arc::new(window);
             let kvm_slot = layout::DAX_FIRST_SLOT
                 + u32::try_from(slot).map_err(|_| BuildError::Config("too many devices".into()))?;
-            vm.register_dax_window(kvm_slot, &window)?;
+            w.vm.register_dax_window(kvm_slot, &window)?;
             fs.set_dax_window(window.clone());
             Some(window)
         }
         _ => None,
     };
-    for (i, evt) in fs.queue_events().iter().enumerate() {
-        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
-    }
-    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-    vm.register_irqfd(&irq_evt, irq)?;
-    let interrupt = Arc::new(Interrupt::new(irq_evt));
-    if let Some(s) = saved {
-        let active = s.transport.status & crate::devices::virtio::mmio::status::DRIVER_OK != 0;
-        let queues = if active {
-            Some(
-                s.transport
-                    .queues
-                    .iter()
-                    .map(|q| q.to_queue())
-                    .collect::<Result<Vec<_>, String>>()
-                    .map_err(|e| SnapshotError::Device(format!("virtio-fs {}: {e}", share.tag)))?,
-            )
-        } else {
-            None
-        };
-        fs.restore_state(
-            s.transport.acked_features,
-            queues,
-            mem.clone(),
-            interrupt.clone(),
-        )
-        .map_err(|e| SnapshotError::Device(format!("virtio-fs {}: {e}", share.tag)))?;
-    }
-    let fs = Arc::new(Mutex::new(fs));
-    let device: Arc<Mutex<dyn VirtioDevice>> = fs.clone();
-    let mut transport = match saved {
-        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
-            .map_err(|e| SnapshotError::Device(format!("virtio-fs transport: {e}")))?,
-        None => MmioTransport::new(mem.clone(), device, interrupt),
-    };
     // Shared memory region 0 is virtio-fs's "cache" (DAX window).
-    if let Some(w) = &dax {
-        transport.set_shm_regions(vec![ShmRegion {
+    let shm = dax
+        .iter()
+        .map(|w| ShmRegion {
             base: w.guest_addr(),
             len: w.len(),
-        }]);
-    }
-    let transport = Arc::new(Mutex::new(transport));
-    bus.add_mmio(base, transport.clone());
+        })
+        .collect();
+    let mem = w.mem.clone();
+    let slot = w.attach(
+        slot,
+        fs,
+        saved.map(|s| SavedSlot {
+            base: s.base,
+            irq: s.irq,
+            transport: &s.transport,
+        }),
+        |fs, interrupt| {
+            let transport = &saved.ok_or("no saved state")?.transport;
+            let active = transport.status & crate::devices::virtio::mmio::status::DRIVER_OK != 0;
+            let queues = if active {
+                Some(
+                    transport
+                        .queues
+                        .iter()
+                        .map(|q| q.to_queue())
+                        .collect::<Result<Vec<_>, String>>()?,
+                )
+            } else {
+                None
+            };
+            fs.restore_state(transport.acked_features, queues, mem, interrupt.clone())
+                .map_err(|e| e.to_string())
+        },
+        shm,
+    )?;
     tracing::info!(
         tag = share.tag,
         dir = %share.dir.display(),
         read_only = share.read_only,
-        base,
-        irq,
+        base = slot.base,
+        irq = slot.irq,
         dax_addr = dax.as_ref().map(|w| w.guest_addr()),
         dax_len = dax.as_ref().map(|w| w.len()),
         "virtio-fs device"
     );
     Ok(FsSlot {
-        base,
-        irq,
+        slot,
         tag: share.tag.clone(),
-        device: fs,
-        transport,
         dax,
     })
 }
 
-/// Creates the balloon in virtio slot `slot`: ioeventfds, irqfd, MMIO
-/// window, event-loop subscription; restores it with `saved`.
+/// Opens the backend `backend` says.
+fn open_backend(backend: &NetBackend) -> Result<Option<Tap>, NetError> {
+    Ok(match backend {
+        NetBackend::Tap(name) => Some(Tap::open_named(name)?),
+        NetBackend::Fd(fd) => Some(Tap::from_fd(*fd)?),
+        NetBackend::None => None,
+    })
+}
+
+/// Creates a virtio-net device in virtio slot `slot` with the backend and
+/// MAC of `net`; with `saved`, restores it (the MAC is the snapshot's
+/// unless `net` gives one).
+fn add_net(
+    w: &mut Wiring<'_>,
+    net: &NetConfig,
+    slot: usize,
+    saved: Option<&NetSlotState>,
+) -> Result<NetSlot, BuildError> {
+    let tap = open_backend(&net.backend)?;
+    let mac = net
+        .mac
+        .or(saved.map(|s| s.device.mac))
+        .unwrap_or_else(virtio_net::random_mac);
+    let device = Net::new(mac, tap)?;
+    let mem = w.mem.clone();
+    let slot = w.attach(
+        slot,
+        device,
+        saved.map(|s| SavedSlot {
+            base: s.base,
+            irq: s.irq,
+            transport: &s.transport,
+        }),
+        |n, interrupt| {
+            let device = &saved.ok_or("no saved state")?.device;
+            n.restore_state(device, mem, interrupt.clone())
+                .map_err(|e| e.to_string())
+        },
+        Vec::new(),
+    )?;
+    let (mac, tap) = match slot.device.lock() {
+        Ok(d) => (
+            virtio_net::format_mac(&d.mac()),
+            d.tap_name().unwrap_or("none").to_string(),
+        ),
+        Err(_) => (String::new(), String::new()),
+    };
+    tracing::info!(
+        base = slot.base,
+        irq = slot.irq,
+        mac,
+        tap,
+        "virtio-net device"
+    );
+    Ok(slot)
+}
+
+/// Creates the balloon in virtio slot `slot`; restores it with `saved`.
 fn add_balloon(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    bus: &mut DeviceBus,
-    event_manager: &mut EventManager<Subscriber>,
+    w: &mut Wiring<'_>,
     slot: usize,
     saved: Option<&BalloonSlotState>,
 ) -> Result<BalloonSlot, BuildError> {
-    let base = VIRTIO_MMIO_BASE + slot as u64 * VIRTIO_MMIO_SIZE;
-    let irq = VIRTIO_IRQ_BASE + slot as u32;
-    if let Some(s) = saved {
-        if (s.base, s.irq) != (base, irq) {
-            return Err(SnapshotError::Mismatch("balloon device slot differs".into()).into());
-        }
-    }
-    let mut balloon = Balloon::new().map_err(os_err("eventfd"))?;
-    for (i, evt) in balloon.queue_events().iter().enumerate() {
-        vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, i as u32)?;
-    }
-    let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("eventfd"))?;
-    vm.register_irqfd(&irq_evt, irq)?;
-    let interrupt = Arc::new(Interrupt::new(irq_evt));
-    if let Some(s) = saved {
-        balloon
-            .restore_state(&s.device, mem.clone(), interrupt.clone())
-            .map_err(|e| SnapshotError::Device(format!("balloon: {e}")))?;
-    }
-    let balloon = Arc::new(Mutex::new(balloon));
-    let device: Arc<Mutex<dyn VirtioDevice>> = balloon.clone();
-    let transport = match saved {
-        Some(s) => MmioTransport::restore(mem.clone(), device, interrupt, &s.transport)
-            .map_err(|e| SnapshotError::Device(format!("balloon transport: {e}")))?,
-        None => MmioTransport::new(mem.clone(), device, interrupt),
-    };
-    let transport = Arc::new(Mutex::new(transport));
-    bus.add_mmio(base, transport.clone());
-    let sub: Subscriber = balloon.clone();
-    event_manager.add_subscriber(sub);
-    tracing::info!(base, irq, "virtio-balloon device (free page reporting)");
-    Ok(BalloonSlot {
-        base,
-        irq,
-        device: balloon,
-        transport,
-    })
+    let balloon = Balloon::new().map_err(os_err("eventfd"))?;
+    let mem = w.mem.clone();
+    let slot = w.attach(
+        slot,
+        balloon,
+        saved.map(|s| SavedSlot {
+            base: s.base,
+            irq: s.irq,
+            transport: &s.transport,
+        }),
+        |b, interrupt| {
+            let device = &saved.ok_or("no saved state")?.device;
+            b.restore_state(device, mem, interrupt.clone())
+                .map_err(|e| e.to_string())
+        },
+        Vec::new(),
+    )?;
+    tracing::info!(
+        base = slot.base,
+        irq = slot.irq,
+        "virtio-balloon device (free page reporting)"
+    );
+    Ok(slot)
 }
 
 /// The parts every microVM gets after its devices: the stop watcher,
@@ -794,17 +938,15 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         EventManager::new().map_err(|e| BuildError::EventManager(format!("{e:?}")))?;
     let mut virtio_slots = Vec::new();
 
+    let mut w = Wiring {
+        vm: &vm,
+        mem: &mem,
+        bus: &mut bus,
+        event_manager: &mut event_manager,
+    };
     let mut vsock_slot = None;
     if let Some(vcfg) = &cfg.vsock {
-        let slot = add_vsock(
-            &vm,
-            &mem,
-            &mut bus,
-            &mut event_manager,
-            vcfg,
-            virtio_slots.len(),
-            None,
-        )?;
+        let slot = add_vsock(&mut w, vcfg, virtio_slots.len(), None)?;
         virtio_slots.push((slot.base, slot.irq));
         vsock_slot = Some(slot);
     }
@@ -815,27 +957,19 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
     let dax_sizes: Vec<Option<u64>> = cfg.shares.iter().map(|s| s.dax_window).collect();
     let dax_addrs = layout::dax_window_addresses(mem_size, &dax_sizes);
     for (share, dax_addr) in cfg.shares.iter().zip(dax_addrs) {
-        let slot = add_fs(
-            &vm,
-            &mem,
-            &mut bus,
-            share,
-            virtio_slots.len(),
-            dax_addr,
-            None,
-        )?;
-        virtio_slots.push((slot.base, slot.irq));
+        let slot = add_fs(&mut w, share, virtio_slots.len(), dax_addr, None)?;
+        virtio_slots.push((slot.slot.base, slot.slot.irq));
         fs_slots.push(slot);
     }
+    // virtio-net: after the shares, before the balloon.
+    let mut nets = Vec::with_capacity(cfg.nets.len());
+    for net in &cfg.nets {
+        let slot = add_net(&mut w, net, virtio_slots.len(), None)?;
+        virtio_slots.push((slot.base, slot.irq));
+        nets.push(slot);
+    }
     let balloon = if cfg.balloon {
-        let slot = add_balloon(
-            &vm,
-            &mem,
-            &mut bus,
-            &mut event_manager,
-            virtio_slots.len(),
-            None,
-        )?;
+        let slot = add_balloon(&mut w, virtio_slots.len(), None)?;
         virtio_slots.push((slot.base, slot.irq));
         Some(slot)
     } else {
@@ -885,6 +1019,7 @@ pub fn build_microvm(cfg: &VmConfig) -> Result<Microvm, BuildError> {
         restored: false,
         fs: fs_slots,
         balloon,
+        nets,
     })
 }
 
@@ -922,17 +1057,15 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
     let mut bus = DeviceBus::new(serial);
     let mut event_manager: EventManager<Subscriber> =
         EventManager::new().map_err(|e| BuildError::EventManager(format!("{e:?}")))?;
+    let mut w = Wiring {
+        vm: &vm,
+        mem: &mem,
+        bus: &mut bus,
+        event_manager: &mut event_manager,
+    };
     let mut vsock_slot = None;
     if let (Some(saved), Some(vcfg)) = (&state.vsock, &cfg.vsock) {
-        vsock_slot = Some(add_vsock(
-            &vm,
-            &mem,
-            &mut bus,
-            &mut event_manager,
-            vcfg,
-            0,
-            Some(saved),
-        )?);
+        vsock_slot = Some(add_vsock(&mut w, vcfg, 0, Some(saved))?);
     }
     virtio_fs::validate_shares(&cfg.shares)?;
     let mut saved_tags: Vec<&str> = state.fs.iter().map(|f| f.tag.as_str()).collect();
@@ -976,22 +1109,34 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
             ..share.clone()
         };
         fs_slots.push(add_fs(
-            &vm,
-            &mem,
-            &mut bus,
+            &mut w,
             &share,
             first_fs_slot + i,
             saved.dax_window.map(|w| w.guest_addr),
             Some(saved),
         )?);
     }
+    if cfg.nets.len() > state.nets.len() {
+        return Err(BuildError::Config(format!(
+            "the snapshot has {} network interfaces, {} --net given",
+            state.nets.len(),
+            cfg.nets.len()
+        )));
+    }
+    let first_net_slot = first_fs_slot + state.fs.len();
+    let mut nets = Vec::with_capacity(state.nets.len());
+    let unbound = NetConfig {
+        backend: NetBackend::None,
+        mac: None,
+    };
+    for (i, saved) in state.nets.iter().enumerate() {
+        let net = cfg.nets.get(i).unwrap_or(&unbound);
+        nets.push(add_net(&mut w, net, first_net_slot + i, Some(saved))?);
+    }
     let balloon = match &state.balloon {
         Some(saved) => Some(add_balloon(
-            &vm,
-            &mem,
-            &mut bus,
-            &mut event_manager,
-            first_fs_slot + state.fs.len(),
+            &mut w,
+            first_net_slot + state.nets.len(),
             Some(saved),
         )?),
         None => None,
@@ -1025,6 +1170,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
         restored: true,
         fs: fs_slots,
         balloon,
+        nets,
     })
 }
 
@@ -1037,6 +1183,11 @@ impl Microvm {
             if let Some(slot) = &self.vsock {
                 if let Ok(mut v) = slot.device.lock() {
                     v.reset_connections_and_send_transport_reset();
+                }
+            }
+            for slot in &self.nets {
+                if let Ok(mut n) = slot.device.lock() {
+                    n.announce_link_change();
                 }
             }
         }
@@ -1156,6 +1307,11 @@ impl Microvm {
     /// Removes host resources that outlive the process (the vsock and
     /// API sockets).
     fn cleanup(&mut self) {
+        for slot in &self.nets {
+            if let Ok(n) = slot.device.lock() {
+                n.log_stats();
+            }
+        }
         if let Some(path) = &self.vsock_uds {
             let _ = std::fs::remove_file(path);
         }
@@ -1193,6 +1349,7 @@ mod tests {
             api_sock: None,
             balloon: false,
             ksm: false,
+            nets: Vec::new(),
         }
     }
 

@@ -15,6 +15,7 @@ use vessel_vmm::builder::{
     build_microvm, error_chain, restore_microvm, RestoreConfig, VmConfig, VsockConfig,
 };
 use vessel_vmm::devices::virtio::fs::ShareConfig;
+use vessel_vmm::devices::virtio::net::NetConfig;
 use vessel_vmm::host::HostKind;
 use vessel_vmm::timeline;
 
@@ -75,6 +76,16 @@ struct Args {
     /// files. The guest mounts it with `mount -t virtiofs TAG /target`.
     #[arg(long = "fs", value_name = "TAG=HOST_DIR[,ro][,dax[=SIZE]]")]
     shares: Vec<String>,
+    /// A network interface (repeatable; eth0, eth1, ... in order), one
+    /// virtio-net device each: `tap=NAME` creates (or opens) the tap NAME
+    /// in the VMM's network namespace, `fd=N` uses the open tap fd N
+    /// inherited from the parent (opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR),
+    /// `none` has no backend (link down; what templates hold). `mac=` sets
+    /// the guest's MAC (default: random, locally administered; at
+    /// `--restore`, the snapshot's). At `--restore`, the i-th `--net`
+    /// binds the snapshot's i-th interface; the rest stay unbound.
+    #[arg(long = "net", value_name = "tap=NAME|fd=N|none[,mac=MAC]")]
+    nets: Vec<String>,
     /// File that receives the guest serial console (default: stderr).
     #[arg(long)]
     serial_out: Option<PathBuf>,
@@ -140,6 +151,15 @@ fn run(args: Args) -> anyhow::Result<i32> {
         vessel_vmm::snapshot::check_dir(dir)?;
         return Ok(0);
     }
+    // Before any file of ours is opened: an inherited tap fd must be open.
+    let nets = args
+        .nets
+        .iter()
+        .map(|s| NetConfig::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    for n in &nets {
+        n.check_inherited_fd()?;
+    }
     init_logging(&args)?;
     // Parsed here rather than by clap so that errors are one line like the others.
     let shares = args
@@ -159,6 +179,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             api_sock: args.api_sock,
             shares,
             ksm: args.ksm,
+            nets,
         })?,
         (None, Some(kernel)) => build_microvm(&VmConfig {
             kernel,
@@ -177,6 +198,7 @@ fn run(args: Args) -> anyhow::Result<i32> {
             shares,
             balloon: args.balloon,
             ksm: args.ksm,
+            nets,
         })?,
         (None, None) => anyhow::bail!("--kernel or --restore is required"),
     };

@@ -84,6 +84,22 @@ pub struct BalloonSlotState {
     pub device: crate::devices::virtio::balloon::BalloonState,
 }
 
+/// A virtio-net device slot: where it sits, the transport and the device.
+/// The backend (tap) is host state and not saved: a VM saved with a bound
+/// tap is saved as it is (its link state recorded), and a restore binds
+/// whatever its `--net` says, telling the guest if the link changed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NetSlotState {
+    /// MMIO window base.
+    pub base: u64,
+    /// Interrupt line.
+    pub irq: u32,
+    /// virtio-mmio registers.
+    pub transport: MmioTransportState,
+    /// Device state.
+    pub device: crate::devices::virtio::net::NetState,
+}
+
 /// Everything a restore needs besides guest memory.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MicrovmState {
@@ -105,9 +121,12 @@ pub struct MicrovmState {
     /// virtio-fs devices, in slot order after vsock.
     #[serde(default)]
     pub fs: Vec<FsSlotState>,
-    /// The balloon, in the slot after the virtio-fs devices.
+    /// The balloon, in the slot after the virtio-net devices.
     #[serde(default)]
     pub balloon: Option<BalloonSlotState>,
+    /// virtio-net devices, in slot order after the virtio-fs devices.
+    #[serde(default)]
+    pub nets: Vec<NetSlotState>,
 }
 
 /// Errors of taking or loading a snapshot.

@@ -7,8 +7,8 @@ use kvm_ioctls::Cap;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{
-    file, paths, BalloonSlotState, DaxWindowState, FsSlotState, MicrovmState, SnapshotError,
-    VsockSlotState,
+    file, paths, BalloonSlotState, DaxWindowState, FsSlotState, MicrovmState, NetSlotState,
+    SnapshotError, VsockSlotState,
 };
 use crate::builder::Microvm;
 use crate::vstate::memory::save_memory;
@@ -26,7 +26,8 @@ impl Microvm {
         dir: &Path,
     ) -> Result<(), SnapshotError> {
         let mut fs = Vec::with_capacity(self.fs.len());
-        for slot in &self.fs {
+        for fs_slot in &self.fs {
+            let slot = &fs_slot.slot;
             let used = slot
                 .device
                 .lock()
@@ -50,15 +51,15 @@ impl Microvm {
                 return Err(SnapshotError::Device(format!(
                     "virtio-fs share {:?} is in use by the guest: the FUSE server's state \
                      (open host inodes and handles) cannot be saved; snapshot before mounting",
-                    slot.tag
+                    fs_slot.tag
                 )));
             }
             fs.push(FsSlotState {
                 base: slot.base,
                 irq: slot.irq,
-                tag: slot.tag.clone(),
+                tag: fs_slot.tag.clone(),
                 transport,
-                dax_window: slot.dax.as_ref().map(|w| DaxWindowState {
+                dax_window: fs_slot.dax.as_ref().map(|w| DaxWindowState {
                     guest_addr: w.guest_addr(),
                     len: w.len(),
                 }),
@@ -120,6 +121,25 @@ impl Microvm {
             }),
             None => None,
         };
+        let mut nets = Vec::with_capacity(self.nets.len());
+        for slot in &self.nets {
+            nets.push(NetSlotState {
+                base: slot.base,
+                irq: slot.irq,
+                transport: slot
+                    .transport
+                    .lock()
+                    .map_err(|_| {
+                        SnapshotError::Device("virtio-net transport lock poisoned".into())
+                    })?
+                    .save_state(),
+                device: slot
+                    .device
+                    .lock()
+                    .map_err(|_| SnapshotError::Device("virtio-net lock poisoned".into()))?
+                    .save_state(),
+            });
+        }
         let (state_path, mem_path) = paths(dir);
         // A stale state file must not pair with the new memory file.
         let _ = std::fs::remove_file(&state_path);
@@ -134,6 +154,7 @@ impl Microvm {
             vsock,
             fs,
             balloon,
+            nets,
         };
         file::write(&state_path, &state)?;
         Ok(())

@@ -9,6 +9,7 @@
 pub mod balloon;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
