@@ -7,8 +7,14 @@ use vessel_proto::{ErrorCode, ErrorReply};
 /// VM's network namespace have a working loopback. Done at start, before
 /// the agent listens, so templates are snapshotted with it.
 pub fn loopback_up() {
-    if let Err(e) = vessel_net::loopback_up() {
-        crate::init::log_error(&e);
+    let started = crate::init::boottime_ms();
+    match vessel_net::loopback_up() {
+        Ok(()) if crate::init::debug() => crate::init::log_fmt(format_args!(
+            "lo up in {} ms",
+            crate::init::boottime_ms().saturating_sub(started)
+        )),
+        Ok(()) => {}
+        Err(e) => crate::init::log_error(&e),
     }
 }
 
