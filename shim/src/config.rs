@@ -15,6 +15,8 @@
 //! templates = true
 //! template_dir = "/var/lib/vessel/templates"
 //! balloon = true
+//! net_slots = 1       # network interfaces a template VM has (a container needs one per engine interface)
+//! net_offload = true  # virtio-net checksum/TSO offloads (off: for measurements)
 //! run_dir = "/run/vessel-vm"   # sandbox sockets (keep it short: Unix socket paths)
 //! ```
 
@@ -65,8 +67,13 @@ struct File {
     template_dir: Option<PathBuf>,
     balloon: Option<bool>,
     rootfs_dax_mib: Option<u64>,
+    net_slots: Option<u8>,
+    net_offload: Option<bool>,
     run_dir: Option<PathBuf>,
 }
+
+/// Most network interfaces a sandbox can have.
+pub const MAX_NET_SLOTS: u8 = 8;
 
 /// Largest `rootfs_dax_mib` (the VMM's limit is 8x the guest's memory).
 pub const MAX_ROOTFS_DAX_MIB: u64 = 64 << 10;
@@ -95,6 +102,14 @@ pub struct Config {
     /// a multiple of 2; 0: none). With a window the guest maps files from
     /// the host's page cache instead of copying them into its own.
     pub rootfs_dax_mib: u64,
+    /// virtio-net devices (without a backend) in a template VM: a restored
+    /// sandbox binds one per interface of its network namespace, so a
+    /// container may have at most this many interfaces when templates are
+    /// on. Unused ones stay in the guest as links that are down.
+    pub net_slots: u8,
+    /// Offer checksum and segmentation offloads on virtio-net (the
+    /// default; off only to measure what they bring).
+    pub net_offload: bool,
     /// Where sandboxes keep their sockets ([`crate::state::Store::sandbox_dir`]).
     pub run_dir: PathBuf,
     /// The file these came from, if any.
@@ -117,6 +132,8 @@ impl Config {
             template_dir: PathBuf::from("/var/lib/vessel/templates"),
             balloon: true,
             rootfs_dax_mib: 0,
+            net_slots: 1,
+            net_offload: true,
             run_dir: PathBuf::from(crate::state::DEFAULT_RUN_DIR),
             source: None,
         }
@@ -205,6 +222,17 @@ impl Config {
                 )));
             }
             self.rootfs_dax_mib = m;
+        }
+        if let Some(n) = f.net_slots {
+            if n > MAX_NET_SLOTS {
+                return Err(ConfigError::Invalid(format!(
+                    "net_slots must be at most {MAX_NET_SLOTS}, got {n}"
+                )));
+            }
+            self.net_slots = n;
+        }
+        if let Some(o) = f.net_offload {
+            self.net_offload = o;
         }
         self.source = Some(path.to_path_buf());
         Ok(())

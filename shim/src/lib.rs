@@ -10,6 +10,7 @@ pub mod config;
 pub mod hooks;
 pub mod log;
 pub mod netns;
+pub mod network;
 pub mod runtime;
 pub mod sandbox;
 pub mod signal;

@@ -14,8 +14,8 @@
 //! before anything starts: a pid, ipc, uts, mount or user namespace of the
 //! host cannot be shared with a process in another kernel.
 //!
-//! The guest has no network device yet, so the container sees only
-//! loopback; the README says so.
+//! [`crate::network`] then wires the interfaces the engine put in that
+//! namespace into the VM.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};

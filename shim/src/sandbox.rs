@@ -8,8 +8,8 @@
 //! the staging directory of its host bind mounts (see vmm/SNAPSHOT.md and
 //! [`crate::binds`]). Templates live
 //! in `template_dir/<key>/`, where the key hashes everything the snapshot
-//! depends on: the VMM binary, kernel, initramfs, memory size, vCPUs and
-//! whether it has a balloon. A
+//! depends on: the VMM binary, kernel, initramfs, memory size, vCPUs,
+//! whether it has a balloon and how many network devices. A
 //! template whose inputs changed simply has another key (the old one is
 //! stale and removed by `vessel template rm` or the next build); a corrupt
 //! one is rejected by the VMM's checksum and rebuilt.
@@ -89,7 +89,12 @@ pub fn template_key(cfg: &Config) -> Result<String, SandboxError> {
         }
     }
     h.update(cfg.mem_mib.to_le_bytes());
-    h.update([cfg.vcpus, u8::from(cfg.balloon)]);
+    h.update([
+        cfg.vcpus,
+        u8::from(cfg.balloon),
+        cfg.net_slots,
+        u8::from(cfg.net_offload),
+    ]);
     h.update(cfg.rootfs_dax_mib.to_le_bytes());
     for tag in [ROOTFS_TAG, MOUNTS_TAG] {
         h.update(tag.as_bytes());
@@ -129,6 +134,8 @@ pub struct HostSide {
     /// Host bind mounts, in a mount namespace of the VMM's own
     /// ([`crate::binds`]).
     pub binds: Vec<HostBind>,
+    /// The VMM's `--net` values, in order ([`crate::network`]).
+    pub nets: Vec<String>,
 }
 
 /// Where a sandbox keeps its files: logs in `dir` (any length), Unix
@@ -171,6 +178,9 @@ fn vmm_command(cfg: &Config, dirs: Dirs<'_>, host: &HostSide) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    for n in &host.nets {
+        cmd.arg("--net").arg(n);
+    }
     let binds = host.binds.clone();
     let stage = host.stage.clone();
     // SAFETY: the closure runs in the child between fork and exec and only
@@ -578,7 +588,16 @@ impl<'a> Templates<'a> {
                 dir: &work.join("vm"),
                 sockets: &sockets,
             };
-            let booted = Sandbox::boot(self.cfg, dirs, &shares, &HostSide::default());
+            // Network devices without a backend: a restore binds each to
+            // a tap of its own.
+            let host = HostSide {
+                nets: vec![
+                    crate::network::with_offload("none".into(), self.cfg.net_offload);
+                    usize::from(self.cfg.net_slots)
+                ],
+                ..HostSide::default()
+            };
+            let booted = Sandbox::boot(self.cfg, dirs, &shares, &host);
             let (mut sb, client) = match booted {
                 Ok(b) => b,
                 Err(e) => {

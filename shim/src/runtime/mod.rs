@@ -91,6 +91,9 @@ pub enum RuntimeError {
     /// The engine's network namespace cannot be used.
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// The engine's interfaces cannot be wired into the VM.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     /// Not a signal.
     #[error(transparent)]
     Signal(#[from] SignalError),

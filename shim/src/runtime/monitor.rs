@@ -14,6 +14,7 @@ use super::{stdio, tty, write_vmm_pid, Context, Result, Runtime, VMM_PID_FILE};
 use super::{AGENT_TIMEOUT, MOUNTS_TAG, ROOTFS_TAG};
 use crate::binds;
 use crate::bundle::Bundle;
+use crate::network::Wiring;
 use crate::sandbox::{Dirs, HostSide, Sandbox, Templates};
 use crate::state::Status;
 
@@ -27,6 +28,7 @@ struct Monitored {
     sb: Sandbox,
     client: AgentClient,
     relays: stdio::Relays,
+    wiring: Wiring,
 }
 
 fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Result<Monitored> {
@@ -51,18 +53,33 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
     // inherits it): the engine's, given by path (podman, CNI), or a new one
     // when the spec asks for a network namespace (docker fills it from a
     // prestart hook that finds it at /proc/<monitor>/ns/net).
-    match crate::netns::take(&mut spec)? {
-        Some(fd) => crate::netns::enter(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .ctx("joining the engine's network namespace")?,
-        None if crate::netns::wanted(&spec) => {
-            crate::netns::unshare().ctx("creating the sandbox's network namespace")?
+    let own_netns = match crate::netns::take(&mut spec)? {
+        Some(fd) => {
+            crate::netns::enter(std::os::fd::AsRawFd::as_raw_fd(&fd))
+                .ctx("joining the engine's network namespace")?;
+            true
         }
-        None => {}
-    }
+        None if crate::netns::wanted(&spec) => {
+            crate::netns::unshare().ctx("creating the sandbox's network namespace")?;
+            true
+        }
+        None => false,
+    };
     let hook_state = super::hook_state(id, &b, "creating", std::process::id());
     for kind in ["prestart", "createRuntime"] {
         crate::hooks::run(kind, &crate::hooks::of_kind(&b.spec, kind)?, &hook_state)?;
     }
+    // The engine's interfaces are in place once its hooks ran (docker's
+    // libnetwork fills the namespace from a prestart hook).
+    let wiring = if own_netns {
+        Wiring::plan(cfg.templates.then_some(cfg.net_slots))?
+    } else {
+        tracing::warn!(
+            "{id}: the spec has no network namespace (host networking): a VM cannot share \
+             the host's network stack, the container gets loopback only"
+        );
+        Wiring::default()
+    };
     let host = HostSide {
         stage: Some(
             std::ffi::CString::new(stage.as_os_str().as_encoded_bytes()).map_err(|_| {
@@ -70,6 +87,7 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
             })?,
         ),
         binds: binds::plan(&mut spec, &b.dir, &stage, GUEST_MOUNTS)?,
+        nets: wiring.vmm_args(cfg.net_offload),
     };
     let shares = [
         format!(
@@ -93,6 +111,15 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
     tracing::debug!("{id}: sandbox ready after {:?}", t0.elapsed());
     let created = (|| -> Result<stdio::Relays> {
         write_vmm_pid(&dir, sb.pid())?;
+        if !wiring.is_empty() {
+            // Wired before the container's process exists, after the
+            // engine's hooks (see above).
+            wiring.connect()?;
+            client
+                .set_timeout(Some(AGENT_TIMEOUT))
+                .and_then(|()| client.configure_network(wiring.guest_config()))
+                .ctx("configuring the guest's network")?;
+        }
         if !host.binds.is_empty() {
             client
                 .set_timeout(Some(AGENT_TIMEOUT))
@@ -145,9 +172,15 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
         attached.relay(end, size, stdio::Resizer::new(&sb.uds, id, None))
     })();
     match created {
-        Ok(relays) => Ok(Monitored { sb, client, relays }),
+        Ok(relays) => Ok(Monitored {
+            sb,
+            client,
+            relays,
+            wiring,
+        }),
         Err(e) => {
             sb.kill();
+            wiring.disconnect();
             let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
             Err(e)
         }
@@ -204,6 +237,7 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
     if let Err(e) = m.sb.shutdown(&mut m.client, Duration::from_secs(30)) {
         tracing::warn!("{id}: stopping the sandbox: {e}");
     }
+    m.wiring.disconnect();
     tracing::debug!("{id}: sandbox stopped");
     if let Ok(dir) = store.dir(id) {
         let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
