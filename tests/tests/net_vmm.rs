@@ -125,6 +125,9 @@ fn run(
     (exit, out.join().unwrap(), err.join().unwrap())
 }
 
+/// A transfer thread: when the body started and how long it took.
+type Transfer = std::thread::JoinHandle<(Instant, Duration)>;
+
 /// The test's side of the transfers, over HTTP so that the guest's side
 /// is busybox `httpd` (which sends the file with sendfile(2)) and `wget`
 /// (4 KiB reads) rather than `nc` (1 KiB writes: one TCP segment per write
@@ -132,13 +135,7 @@ fn run(
 /// the test fetches `/d` from the guest's httpd (guest -> host) and checks
 /// it is `expect`; it also serves `send` on port 5002 (host -> guest). Each
 /// returns the time from the first to the last byte of the body.
-fn serve_tcp(
-    expect: Vec<u8>,
-    send: Vec<u8>,
-) -> (
-    std::thread::JoinHandle<(Instant, Duration)>,
-    std::thread::JoinHandle<(Instant, Duration)>,
-) {
+fn serve_tcp(expect: Vec<u8>, send: Vec<u8>) -> (Transfer, Transfer) {
     let ready = TcpListener::bind("10.0.7.1:5003").expect("bind 5003");
     let down = TcpListener::bind("10.0.7.1:5002").expect("bind 5002");
     let up = std::thread::spawn(move || {
