@@ -30,8 +30,8 @@ use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir, VmOptions, VmProce
 
 const ROOTFS: &str = "/run/rootfs";
 const APPLETS: [&str; 14] = [
-    "sh", "ip", "ping", "nc", "seq", "cmp", "cat", "echo", "time", "wc", "sleep", "grep", "true",
-    "head",
+    "sh", "ip", "ping", "nc", "seq", "cmp", "cat", "echo", "httpd", "wget", "sleep", "mkdir",
+    "true", "head",
 ];
 /// The data both ways: `seq 1 N` (about 4.6 MiB), which the guest makes
 /// itself and the host knows.
@@ -125,51 +125,76 @@ fn run(
     (exit, out.join().unwrap(), err.join().unwrap())
 }
 
-/// The test's TCP servers: one receives `expect` (guest → host), one sends
-/// `send` (host → guest). Each returns the measured transfer time.
-fn serve_tcp(
-    expect: Vec<u8>,
-    send: Vec<u8>,
-) -> (
-    std::thread::JoinHandle<Duration>,
-    std::thread::JoinHandle<Duration>,
-) {
-    let up = TcpListener::bind("10.0.7.1:5001").expect("bind 5001");
+/// A transfer thread: when the body started and how long it took.
+type Transfer = std::thread::JoinHandle<(Instant, Duration)>;
+
+/// The test's side of the transfers, over HTTP so that the guest's side
+/// is busybox `httpd` (which sends the file with sendfile(2)) and `wget`
+/// (4 KiB reads) rather than `nc` (1 KiB writes: one TCP segment per write
+/// at guest kernel speed). When the guest says it is ready on port 5003,
+/// the test fetches `/d` from the guest's httpd (guest -> host) and checks
+/// it is `expect`; it also serves `send` on port 5002 (host -> guest). Each
+/// returns the time from the first to the last byte of the body.
+fn serve_tcp(expect: Vec<u8>, send: Vec<u8>) -> (Transfer, Transfer) {
+    let ready = TcpListener::bind("10.0.7.1:5003").expect("bind 5003");
     let down = TcpListener::bind("10.0.7.1:5002").expect("bind 5002");
-    let recv = std::thread::spawn(move || {
-        let (mut s, _) = up.accept().expect("accept upload");
+    let up = std::thread::spawn(move || {
+        let (mut ctl, _) = ready.accept().expect("accept ready");
+        ctl.set_read_timeout(Some(Duration::from_secs(300)))
+            .unwrap();
+        let mut b = [0u8; 6];
+        ctl.read_exact(&mut b).expect("ready line");
+        let mut s =
+            std::net::TcpStream::connect("10.0.7.2:8080").expect("connect to the guest's httpd");
         s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-        let mut got = Vec::with_capacity(expect.len());
+        s.write_all(b"GET /d HTTP/1.0\r\n\r\n").unwrap();
+        let mut got = Vec::with_capacity(expect.len() + 512);
         let mut buf = vec![0u8; 256 << 10];
         let mut first: Option<Instant> = None;
         loop {
-            let n = s.read(&mut buf).expect("read upload");
+            let n = s.read(&mut buf).expect("read from the guest");
             if n == 0 {
                 break;
             }
             first.get_or_insert_with(Instant::now);
             got.extend_from_slice(&buf[..n]);
-            if got.len() >= expect.len() {
-                break;
-            }
         }
-        let took = first.map_or(Duration::ZERO, |t| t.elapsed());
-        assert_eq!(got.len(), expect.len(), "upload length");
-        assert!(got == expect, "upload bytes differ");
-        took
+        let started = first.unwrap_or_else(Instant::now);
+        let took = started.elapsed();
+        drop(ctl);
+        let body_at = got
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("HTTP header")
+            + 4;
+        assert!(got.starts_with(b"HTTP/1.") && got[..body_at].windows(3).any(|w| w == b"200"));
+        assert_eq!(got.len() - body_at, expect.len(), "guest -> host length");
+        assert!(got[body_at..] == expect[..], "guest -> host bytes differ");
+        (started, took)
     });
-    let send_t = std::thread::spawn(move || {
+    let down = std::thread::spawn(move || {
         let (mut s, _) = down.accept().expect("accept download");
         s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+        let mut req = Vec::new();
+        let mut b = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut b).expect("request");
+            assert!(n > 0, "EOF in the request");
+            req.extend_from_slice(&b[..n]);
+        }
         let t = Instant::now();
+        s.write_all(
+            format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", send.len()).as_bytes(),
+        )
+        .unwrap();
         s.write_all(&send).expect("send download");
         s.shutdown(Shutdown::Write).expect("shutdown");
-        // The guest's nc closes once it has read everything and the FIN.
+        // wget closes once it has the whole body.
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest);
-        t.elapsed()
+        (t, t.elapsed())
     });
-    (recv, send_t)
+    (up, down)
 }
 
 fn mib_s(bytes: usize, d: Duration) -> f64 {
@@ -210,6 +235,12 @@ fn virtio_net_end_to_end() {
         ],
         ..VmOptions::default()
     };
+    let mut opts = opts;
+    // Diagnostics: VESSEL_NET_PROFILE=FILE samples the guest's rip
+    // (`vessel-vmm --profile-rip`).
+    if let Ok(path) = std::env::var("VESSEL_NET_PROFILE") {
+        opts.vmm_args.extend(["--profile-rip".into(), path]);
+    }
     let mut vm = VmProcess::spawn(&art, &opts).expect("spawn vessel-vmm");
     wait_for_tap(&mut vm, "vtap0");
     ip(&["addr", "add", "10.0.7.1/24", "dev", "vtap0"]).unwrap();
@@ -238,11 +269,12 @@ ip link show eth0
 ip link show eth1
 ping -c 3 -W 10 10.0.7.1
 echo 44 > /proc/sys/net/ipv4/tcp_min_tso_segs
-seq 1 {SEQ_N} > /tmp/d
-time nc 10.0.7.1 5001 < /tmp/d
-time nc 10.0.7.1 5002 > /tmp/got
-wc -c < /tmp/got
-cmp /tmp/got /tmp/d
+mkdir /tmp/www
+seq 1 {SEQ_N} > /tmp/www/d
+httpd -p 10.0.7.2:8080 -h /tmp/www
+echo ready | nc 10.0.7.1 5003
+wget -q -O /tmp/got http://10.0.7.1:5002/d
+cmp /tmp/got /tmp/www/d
 echo TRANSFER-OK"
     );
     let t = Instant::now();
@@ -260,8 +292,16 @@ echo TRANSFER-OK"
         .find(|l| l.contains("eth1:"))
         .unwrap_or_default();
     assert!(eth1.contains("NO-CARRIER"), "eth1 has no backend: {eth1}");
-    let up_t = up.join().expect("upload server");
-    let down_t = down.join().expect("download server");
+    let (up_at, up_t) = up.join().expect("upload server");
+    let (down_at, down_t) = down.join().expect("download server");
+    let ms = |t: Instant| t.duration_since(vm.started).as_millis();
+    eprintln!(
+        "transfers (ms since VMM start): guest -> host {}..{}, host -> guest {}..{}",
+        ms(up_at),
+        ms(up_at + up_t),
+        ms(down_at),
+        ms(down_at + down_t)
+    );
     eprintln!(
         "TCP {} bytes: guest -> host {:.1} MiB/s ({:?}), host -> guest {:.1} MiB/s ({:?})",
         data.len(),

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_S_LINK_UP};
 use super::{
     format_mac, offered_features, tap_offload_flags, NetError, NetState, NetStats, Tap, DEVICE_ID,
-    MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN,
+    GSO_TYPE_OFFSET, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN,
 };
 use crate::devices::virtio::mmio::QueueSnapshot;
 use crate::devices::virtio::{
@@ -155,6 +155,10 @@ impl Net {
             tx_dropped = g(&s.tx_dropped),
             rx_dropped = g(&s.rx_dropped),
             rx_no_buffers = g(&s.rx_no_buffers),
+            tx_gso_frames = g(&s.tx_gso_frames),
+            rx_gso_frames = g(&s.rx_gso_frames),
+            tx_max_len = g(&s.tx_max_len),
+            rx_max_len = g(&s.rx_max_len),
             "virtio-net counters"
         );
     }
@@ -263,6 +267,7 @@ impl Net {
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(8);
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
+            let mut gso_type = 0u8;
             iov.clear();
             let mut total = 0usize;
             let mut bad: Option<&'static str> = None;
@@ -279,6 +284,11 @@ impl Net {
                 }
                 if len == 0 {
                     continue;
+                }
+                if iov.is_empty() {
+                    gso_type = mem
+                        .read_obj::<u8>(desc.addr().unchecked_add(GSO_TYPE_OFFSET as u64))
+                        .unwrap_or(0);
                 }
                 match mem.get_slice(desc.addr(), len) {
                     Ok(s) => iov.push(libc::iovec {
@@ -308,6 +318,10 @@ impl Net {
                     match unsafe { tap.writev(&iov) } {
                         Ok(_) => {
                             stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                            stats.tx_max_len.fetch_max(total as u64, Ordering::Relaxed);
+                            if gso_type != 0 {
+                                stats.tx_gso_frames.fetch_add(1, Ordering::Relaxed);
+                            }
                             stats
                                 .tx_bytes
                                 .fetch_add((total - VNET_HDR_LEN) as u64, Ordering::Relaxed);
@@ -368,6 +382,12 @@ impl Net {
                     self.rx_pending = None;
                     returned_any = true;
                     self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .rx_max_len
+                        .fetch_max(len as u64, Ordering::Relaxed);
+                    if self.rx_buf[GSO_TYPE_OFFSET] != 0 {
+                        self.stats.rx_gso_frames.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.stats
                         .rx_bytes
                         .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);

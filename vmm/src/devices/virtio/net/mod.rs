@@ -40,6 +40,8 @@ pub const DEVICE_ID: u32 = 1;
 pub const VNET_HDR_LEN: usize = 12;
 /// Offset of `num_buffers` in the header.
 pub const NUM_BUFFERS_OFFSET: usize = 10;
+/// Offset of `gso_type` in the header.
+pub const GSO_TYPE_OFFSET: usize = 1;
 /// Largest frame (without header) either way: a 64 KiB GSO segment plus
 /// Ethernet and VLAN headers.
 pub const MAX_FRAME_LEN: usize = 65536 + 14 + 4;
@@ -255,6 +257,14 @@ pub struct NetStats {
     pub rx_dropped: AtomicU64,
     /// Times RX stopped reading the tap for lack of guest buffers.
     pub rx_no_buffers: AtomicU64,
+    /// TX frames that were GSO segments (the tap segments them).
+    pub tx_gso_frames: AtomicU64,
+    /// RX frames that were GSO segments (the guest takes them whole).
+    pub rx_gso_frames: AtomicU64,
+    /// Largest TX frame (header included).
+    pub tx_max_len: AtomicU64,
+    /// Largest RX frame (header included).
+    pub rx_max_len: AtomicU64,
 }
 
 /// The device's part of a snapshot. The backend is host state and never
