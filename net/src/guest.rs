@@ -100,16 +100,22 @@ pub fn configure(config: &NetworkConfig) -> Result<()> {
 /// enough), in order.
 pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Vec<Msg> {
     let pairs: Vec<(&Interface, &Link)> = config.interfaces.iter().zip(links).collect();
+    let configured = &links[..pairs.len()];
     let mut msgs = Vec::new();
-    // A new name that another configured device holds now: rename them all
-    // to temporary names first (names are unique per namespace).
+    // A new name that another device holds now (names are unique per
+    // namespace): every configured device, and every other device holding
+    // one of the new names, first gets a temporary name. The others keep
+    // theirs.
     let clash = pairs.iter().any(|(iface, link)| {
-        pairs
+        links
             .iter()
-            .any(|(_, other)| other.index != link.index && other.name == iface.name)
+            .any(|other| other.index != link.index && other.name == iface.name)
     });
-    for (_, link) in &pairs {
-        let renamed = clash
+    for link in links {
+        let is_configured = configured.iter().any(|c| c.index == link.index);
+        let holds_new_name = pairs.iter().any(|(i, _)| i.name == link.name);
+        let to_temporary = clash && (is_configured || holds_new_name);
+        let renamed = to_temporary
             || pairs
                 .iter()
                 .any(|(i, l)| l.index == link.index && i.name != link.name);
@@ -117,7 +123,7 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Vec<Msg> {
             // A device must be down to be renamed.
             msgs.push(set_flags(link.index, 0, &format!("set {} down", link.name)));
         }
-        if clash {
+        if to_temporary {
             let mut m = set_flags(link.index, 0, &format!("rename {}", link.name));
             m.attr_str(IFLA_IFNAME, &format!("vesseltmp{}", link.index));
             msgs.push(m);
@@ -389,5 +395,41 @@ mod tests {
             })
             .collect();
         assert_eq!(names, ["vesseltmp2", "vesseltmp3", "eth1", "eth0"]);
+    }
+
+    #[test]
+    fn a_new_name_held_by_an_unconfigured_device_is_freed() {
+        let mut c = config();
+        c.interfaces[0].name = "eth1".into();
+        let links = [
+            link(2, "eth0", false),
+            link(3, "eth1", true),
+            link(4, "eth2", false),
+        ];
+        let mut msgs = plan(&c, &links);
+        let heads: Vec<(u32, Option<String>)> = msgs
+            .iter_mut()
+            .filter_map(|m| {
+                let (ty, p) = payload(m);
+                (ty == RTM_NEWLINK).then(|| LinkMessage::parse(&p[..]).unwrap())
+            })
+            .map(|l| {
+                let name = l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n),
+                    _ => None,
+                });
+                (l.header.index, name)
+            })
+            .collect();
+        // eth1 (up) is taken down and renamed; eth2 is left alone.
+        assert_eq!(
+            heads,
+            [
+                (2, Some("vesseltmp2".into())),
+                (3, None),
+                (3, Some("vesseltmp3".into())),
+                (2, Some("eth1".into())),
+            ]
+        );
     }
 }

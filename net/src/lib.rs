@@ -14,6 +14,8 @@
 //!   firecracker-containerd's tc-redirect-tap;
 //! - [`link_by_name`], [`set_up`], [`delete_link`].
 //!
+//! The host side needs the `host` feature (the agent leaves it off).
+//!
 //! Guest side (the agent): [`loopback_up`] and [`configure`], which gives
 //! the guest's network devices the names, MACs, MTUs, addresses and routes
 //! of a [`NetworkConfig`], in as few system calls as it can (guest system
@@ -21,14 +23,20 @@
 //! changes in one datagram.
 
 mod guest;
+#[cfg(feature = "host")]
 mod host;
+// Without `host`, the requests only the host sends are unused.
+#[cfg_attr(not(feature = "host"), allow(dead_code))]
 mod nl;
+#[cfg(feature = "host")]
 mod tc;
 
 use std::io;
 
 pub use guest::{configure, loopback_up};
+#[cfg(feature = "host")]
 pub use host::{delete_link, interfaces, link_by_name, set_up, HostInterface, LinkKind};
+#[cfg(feature = "host")]
 pub use tc::{classifier_in_use, redirect, remove_redirect};
 pub use vessel_proto::network::{
     ConfigError, Interface, IpNet, MacAddr, NetworkConfig, Route, MAX_INTERFACES,

@@ -80,6 +80,10 @@ pub(crate) const IFINFOMSG_LEN: usize = 16;
 /// largest receive buffer seen on the socket, up to 32 KiB.
 const RECV_BUF: usize = 32 * 1024;
 
+/// Largest datagram of requests [`Netlink::batch`] sends at once (well
+/// below the socket's send buffer, whatever the sysctls say).
+const BATCH_BYTES: usize = 32 * 1024;
+
 const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
@@ -328,15 +332,35 @@ impl Netlink {
         self.batch(&mut [msg])
     }
 
-    /// Sends `msgs` in one datagram and waits until the kernel has handled
-    /// them all: the last one asks for an acknowledgement, the others are
-    /// only answered when they fail (the kernel handles every message of a
-    /// datagram, in order, even after a failure). The first failure is
-    /// returned. One `send` and, normally, one `recv`.
+    /// Sends `msgs` and waits until the kernel has handled them all,
+    /// returning the first failure. Messages go out in datagrams of up to
+    /// [`BATCH_BYTES`] (normally all in one): the last of each asks for an
+    /// acknowledgement, the others are only answered when they fail (the
+    /// kernel handles every message of a datagram, in order, even after a
+    /// failure). One `send` and, normally, one `recv` per datagram.
     pub(crate) fn batch(&mut self, msgs: &mut [Msg]) -> Result<(), Error> {
-        let Some(last) = msgs.len().checked_sub(1) else {
-            return Ok(());
-        };
+        let mut first_error: Option<Error> = None;
+        let mut rest = msgs;
+        while !rest.is_empty() {
+            // At least one message per datagram, however large.
+            let mut n = 1;
+            let mut bytes = rest[0].buf.len();
+            while n < rest.len() && bytes + rest[n].buf.len() <= BATCH_BYTES {
+                bytes += rest[n].buf.len();
+                n += 1;
+            }
+            let (chunk, tail) = rest.split_at_mut(n);
+            if let Err(e) = self.send_chunk(chunk) {
+                first_error.get_or_insert(e);
+            }
+            rest = tail;
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// One datagram of [`Netlink::batch`] (`msgs` is not empty).
+    fn send_chunk(&mut self, msgs: &mut [Msg]) -> Result<(), Error> {
+        let last = msgs.len() - 1;
         if !msgs[last].wants_ack() {
             msgs[last].set_flag(NLM_F_ACK);
         }

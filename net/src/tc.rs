@@ -171,7 +171,9 @@ pub fn redirect(from: u32, to: u32) -> Result<()> {
 }
 
 /// Removes the ingress qdisc of link `index`, and with it every filter on
-/// it (the redirect of [`redirect`]). A link without one is left as it is.
+/// it (the redirect of [`redirect`]). A link without one is left as it is
+/// (the kernel answers ENOENT when the link never had one, and EINVAL,
+/// "Invalid handle", after one was removed).
 pub fn remove_redirect(index: u32) -> Result<()> {
     let mut nl = Netlink::open(true)?;
     let what = format!("remove the ingress qdisc of link {index}");

@@ -530,3 +530,36 @@ fn configure_swaps_names() {
         assert!(sh(&format!("ip -o link show dev {low_name}")).contains(",UP"));
     });
 }
+
+#[test]
+fn configure_large_config_in_several_datagrams() {
+    in_netns(|| {
+        sh("ip link add dev0 type veth peer name dev1 && ip link set dev0 up && ip link set dev1 up");
+        let iface = |n: u8| Interface {
+            name: format!("eth{n}"),
+            mac: MacAddr([2, 0, 0, 0, 1, n]),
+            mtu: 1500,
+            addresses: (0..vessel_proto::network::MAX_ADDRESSES as u8)
+                .map(|i| net(&format!("10.{n}.{i}.1/24")))
+                .collect(),
+            // About 36 KiB of requests in all: two datagrams.
+            routes: (0..=255u8)
+                .map(|i| Route {
+                    destination: Some(net(&format!("172.{}.{i}.0/24", 16 + n))),
+                    gateway: Some(ip(&format!("10.{n}.{}.254", i % 64))),
+                    metric: Some(u32::from(i)),
+                })
+                .collect(),
+        };
+        let config = NetworkConfig {
+            interfaces: vec![iface(0), iface(1)],
+        };
+        vessel_net::configure(&config).unwrap();
+        for n in 0..2 {
+            let addrs = sh(&format!("ip -4 -o addr show dev eth{n}"));
+            assert_eq!(addrs.lines().count(), 64, "{addrs}");
+            let routes = sh(&format!("ip -4 route show dev eth{n} proto boot"));
+            assert_eq!(routes.lines().count(), 256, "{routes}");
+        }
+    });
+}
