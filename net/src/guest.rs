@@ -339,7 +339,7 @@ mod tests {
             ..link(2, "eth0", true)
         };
         // Nothing to change on the link: addresses and routes only.
-        let msgs = plan(&c, &[same.clone()]);
+        let msgs = plan(&c, std::slice::from_ref(&same));
         assert_eq!(msgs.len(), 4, "{msgs:?}");
         // A different MTU only.
         let mut msgs = plan(
