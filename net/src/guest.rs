@@ -33,6 +33,10 @@ pub(crate) struct Link {
     pub(crate) index: u32,
     pub(crate) name: String,
     pub(crate) up: bool,
+    /// Current MAC, when the device has a 6-byte one.
+    pub(crate) mac: Option<[u8; 6]>,
+    /// Current MTU.
+    pub(crate) mtu: Option<u32>,
 }
 
 /// Every device but loopback, by ifindex (virtio-net devices in probe
@@ -52,15 +56,25 @@ fn links(nl: &mut Netlink) -> Result<Vec<Link>> {
         if flags & IFF_LOOPBACK != 0 {
             return Ok(());
         }
-        let name = nl::attrs(&payload[IFINFOMSG_LEN..])
-            .find(|a| a.kind() == IFLA_IFNAME)
-            .map(|a| nl::c_string(a.value()))
-            .unwrap_or_default();
-        out.push(Link {
+        let mut link = Link {
             index,
-            name,
+            name: String::new(),
             up: flags & IFF_UP != 0,
-        });
+            mac: None,
+            mtu: None,
+        };
+        for a in nl::attrs(&payload[IFINFOMSG_LEN..]) {
+            let v = a.value();
+            match a.kind() {
+                IFLA_IFNAME => link.name = nl::c_string(v),
+                IFLA_ADDRESS => link.mac = <[u8; 6]>::try_from(v).ok(),
+                IFLA_MTU => {
+                    link.mtu = <[u8; 4]>::try_from(v).ok().map(u32::from_ne_bytes);
+                }
+                _ => {}
+            }
+        }
+        out.push(link);
         Ok(())
     })?;
     out.sort_by_key(|l| l.index);
@@ -129,17 +143,31 @@ pub(crate) fn plan(config: &NetworkConfig, links: &[Link]) -> Vec<Msg> {
             msgs.push(m);
         }
     }
+    // Only what differs is set: a MAC change alone runs the kernel's
+    // address-change notifiers (IPv6 among them), expensive guest kernel
+    // work on some hosts, and the host normally starts the VMM with the
+    // right MAC already.
     for (iface, link) in &pairs {
+        let rename = clash || iface.name != link.name;
+        let set_mac = link.mac != Some(iface.mac.0);
+        let set_mtu = iface.mtu != 0 && link.mtu != Some(iface.mtu);
+        // Down now, or taken down above to be renamed.
+        let set_up = !link.up || rename;
+        if !(rename || set_mac || set_mtu || set_up) {
+            continue;
+        }
         let mut m = set_flags(
             link.index,
             IFF_UP,
             &format!("configure device {} as {}", link.name, iface.name),
         );
-        if clash || iface.name != link.name {
+        if rename {
             m.attr_str(IFLA_IFNAME, &iface.name);
         }
-        m.attr(IFLA_ADDRESS, &iface.mac.0);
-        if iface.mtu != 0 {
+        if set_mac {
+            m.attr(IFLA_ADDRESS, &iface.mac.0);
+        }
+        if set_mtu {
             m.attr_u32(IFLA_MTU, iface.mtu);
         }
         msgs.push(m);
@@ -297,7 +325,33 @@ mod tests {
             index,
             name: name.into(),
             up,
+            mac: None,
+            mtu: None,
         }
+    }
+
+    #[test]
+    fn only_what_differs_is_set() {
+        let c = config();
+        let same = Link {
+            mac: Some(c.interfaces[0].mac.0),
+            mtu: Some(1400),
+            ..link(2, "eth0", true)
+        };
+        // Nothing to change on the link: addresses and routes only.
+        let msgs = plan(&c, std::slice::from_ref(&same));
+        assert_eq!(msgs.len(), 4, "{msgs:?}");
+        // A different MTU only.
+        let mut msgs = plan(
+            &c,
+            &[Link {
+                mtu: Some(1500),
+                ..same
+            }],
+        );
+        let (_, p) = payload(&mut msgs[0]);
+        let l = LinkMessage::parse(&p[..]).unwrap();
+        assert_eq!(l.attributes, vec![LinkAttribute::Mtu(1400)]);
     }
 
     /// The payload (after the netlink header) and type of a request.
