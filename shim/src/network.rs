@@ -93,12 +93,20 @@ pub struct Wiring {
 
 impl Wiring {
     /// Reads the interfaces of the current network namespace and plans a
-    /// tap for each; refuses a kind that cannot be wired, and more
+    /// tap for each one that is up; refuses a kind that cannot be wired, and more
     /// interfaces than `slots` (when sandboxes come from templates).
     pub fn plan(slots: Option<u8>) -> Result<Wiring, NetworkError> {
         let found = vessel_net::interfaces().map_err(nl("listing network interfaces"))?;
         let mut w = Wiring::default();
-        for (i, iface) in found.into_iter().enumerate() {
+        for iface in found {
+            // A new namespace holds down fallback tunnel devices (tunl0,
+            // sit0, ...) where their modules are loaded; what an engine
+            // sets up is up.
+            if !iface.admin_up {
+                tracing::debug!("{}: down, not wired", iface.name);
+                continue;
+            }
+            let i = w.links.len();
             let kind = match &iface.kind {
                 LinkKind::Veth | LinkKind::Macvlan | LinkKind::Ipvlan | LinkKind::Device => None,
                 LinkKind::Bridge => Some("bridge"),

@@ -10,7 +10,8 @@
 //! peer over IPv4 and IPv6, and serves one the peer fetches; a detached
 //! container's tap and tc redirect are gone after `delete` (the namespace,
 //! which is the "engine's", stays with its veth); a spec without a network
-//! namespace runs with loopback only; a namespace path that is not a
+//! namespace runs with loopback only; a link that is down is left alone;
+//! a namespace path that is not a
 //! network namespace and an interface vessel cannot wire (a bridge) fail
 //! with a clear error and leave nothing.
 //!
@@ -154,6 +155,11 @@ fn veth_in_the_namespace_is_wired_into_the_vm() {
         "nodad",
     ]);
     ip(&["-n", &ctr.name, "link", "set", "eth0", "up"]);
+    // Down links (as the fallback tunnels a new namespace may hold) are
+    // not wired: with one template network slot, two would not fit.
+    ip(&[
+        "-n", &ctr.name, "link", "add", "down0", "type", "veth", "peer", "name", "down1",
+    ]);
     ip(&[
         "-n",
         &ctr.name,
@@ -271,6 +277,7 @@ fn veth_in_the_namespace_is_wired_into_the_vm() {
     // Bad input: an interface vessel cannot wire.
     let odd = Netns::new("netcli-odd");
     ip(&["-n", &odd.name, "link", "add", "br7", "type", "bridge"]);
+    ip(&["-n", &odd.name, "link", "set", "br7", "up"]);
     let b = env.write_bundle(
         "b-odd",
         &spec(&env, &["true"], Some(&odd.path.to_string_lossy())),
