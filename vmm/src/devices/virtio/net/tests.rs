@@ -516,6 +516,42 @@ fn udp_frame(src: [u8; 4], dst: [u8; 4], port: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A tap fd opened by hand (as a parent process would), with `flags`.
+fn raw_tap(name: &str, flags: i32) -> std::os::fd::RawFd {
+    let path = std::ffi::CString::new("/dev/net/tun").unwrap();
+    // SAFETY: open(2) of a NUL-terminated path; the result is checked.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    assert!(fd >= 0, "open /dev/net/tun");
+    // SAFETY: a zeroed ifreq is valid; the name fits (checked by the caller's choice).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = flags as i16;
+    // SAFETY: TUNSETIFF reads and writes our ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr) };
+    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    fd
+}
+
+#[test]
+fn inherited_tap_fds() {
+    in_private_netns(|| {
+        let good = raw_tap("vfd0", libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR);
+        let tap = Tap::from_fd(good).expect("adopt a vnet tap fd");
+        assert_eq!(tap.name(), "vfd0");
+        tap.set_offload(libc::TUN_F_CSUM).expect("offloads");
+        let bad = raw_tap("vfd1", libc::IFF_TAP | libc::IFF_NO_PI);
+        let e = Tap::from_fd(bad).unwrap_err().to_string();
+        assert!(e.contains("IFF_VNET_HDR"), "{e}");
+        let cfg = NetConfig::parse(&format!("fd={good}")).unwrap();
+        assert!(cfg.check_inherited_fd().is_ok());
+        let closed = NetConfig::parse("fd=1000000").unwrap();
+        assert!(closed.check_inherited_fd().is_err());
+        drop(tap);
+    });
+}
+
 #[test]
 fn inherited_fd_must_be_a_vnet_tap() {
     let f = std::fs::File::open("/dev/null").unwrap();
