@@ -11,8 +11,10 @@
 //! MiB over TCP to a server of the test and receives them back; both ends
 //! check the bytes, and the throughput both ways is printed. eth1 has no
 //! carrier. A clone restored with `--net tap=vtap1 --net tap=vtap2` sees
-//! eth1's link come up (config-change interrupt), sets eth1's MAC (as the
-//! agent does after a restore) and pings over it; a
+//! eth1's link come up (config-change interrupt) and pings over it (busybox
+//! `ip` sets MACs through an AF_PACKET socket, which the guest kernel does
+//! not have, so the MAC change the agent makes over netlink is not
+//! exercised here); a
 //! restore with more `--net` than the snapshot has fails clearly.
 //!
 //! Needs Debian's `busybox-static` and `ip` (iproute2) on the host.
@@ -367,7 +369,6 @@ echo TRANSFER-OK"
         &clone,
         "net2",
         "set -e
-ip link set eth1 address 02:00:00:00:08:02
 ip link set eth1 up
 ip addr add 10.0.8.2/24 dev eth1
 ip link show eth1
@@ -385,8 +386,6 @@ echo CLONE-OK",
         "eth1's link came up after the restore: {eth1}"
     );
     assert!(out.contains("2 packets received"), "{out}");
-    // The guest took the MAC the agent would set (the one given at restore).
-    assert!(out.contains("02:00:00:00:08:02"), "{out}");
     cc.shutdown().expect("clone shutdown");
     let st = clone
         .wait_exit(Duration::from_secs(60))
