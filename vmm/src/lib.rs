@@ -1,7 +1,8 @@
 //! vessel-vmm: the virtual machine monitor of vessel.
 //!
 //! One process runs one microVM: KVM vCPU threads, guest memory, a 8250
-//! UART, an i8042 (for reboot) and virtio-mmio devices (vsock), driven by one
+//! UART, an i8042 (for reboot) and virtio-mmio devices (vsock, virtio-fs,
+//! virtio-net, balloon), driven by one
 //! event-loop thread. See `builder` for the boot path and the restore
 //! path, `snapshot` for the snapshot format, `api` for the control socket.
 

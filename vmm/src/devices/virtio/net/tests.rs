@@ -395,6 +395,30 @@ fn real_tap_offloads_rx_and_tx() {
             tap.set_offload(0x8000_0000).is_err(),
             "unknown offload accepted"
         );
+        // A second open of an attached tap fails clearly (EBUSY).
+        let e = Tap::open_named("vtest0").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TapError::Ioctl {
+                    what: "TUNSETIFF",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A persistent tap made beforehand (as `ip tuntap add` does) is
+        // opened with our flags and set up.
+        ip(&["tuntap", "add", "vtest1", "mode", "tap"]);
+        let t1 = Tap::open_named("vtest1").expect("open a persistent tap");
+        t1.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4)
+            .expect("offloads on a persistent tap");
+        let out = std::process::Command::new("ip")
+            .args(["link", "show", "vtest1"])
+            .output()
+            .expect("ip link show");
+        assert!(String::from_utf8_lossy(&out.stdout).contains(",UP"));
+        drop(t1);
         // The link is up; give the host side an address.
         ip(&["addr", "add", "10.0.9.1/24", "dev", "vtest0"]);
         let mem = memory();
@@ -429,28 +453,37 @@ fn real_tap_offloads_rx_and_tx() {
         assert_eq!(from.to_string(), "10.0.9.2:4444");
         assert_eq!(net.stats().tx_frames.load(Ordering::Relaxed), 1);
 
-        // RX: the host answers 10.0.9.2, so it ARPs for it on the tap.
-        add_chains(
-            &rx,
-            0,
-            &[&[(8 * MIB, 1536, true)], &[(9 * MIB, 1536, true)]],
-        );
+        // RX: the host answers 10.0.9.2, so it ARPs for it on the tap
+        // (among whatever else it sends there, e.g. IPv6 neighbour
+        // discovery): 32 buffers, one of them gets the ARP request.
+        let bufs: Vec<Vec<(u64, u32, bool)>> = (0..32)
+            .map(|i| vec![(8 * MIB + i * 0x1000, 1536, true)])
+            .collect();
+        let refs: Vec<&[(u64, u32, bool)]> = bufs.iter().map(Vec::as_slice).collect();
+        add_chains(&rx, 0, &refs);
         let _ = sock.send_to(b"x", "10.0.9.2:4444");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while rx.used().idx().load() == 0 && std::time::Instant::now() < deadline {
+        let mut arp = None;
+        while arp.is_none() && std::time::Instant::now() < deadline {
             net.kick();
+            for i in 0..rx.used().idx().load().min(32) {
+                let e = rx.used().ring().ref_at(usize::from(i)).unwrap().load();
+                let mut eth = [0u8; VNET_HDR_LEN + 14];
+                mem.read_slice(&mut eth, GuestAddress(8 * MIB + u64::from(e.id()) * 0x1000))
+                    .unwrap();
+                if eth[VNET_HDR_LEN + 12..] == [0x08, 0x06] {
+                    arp = Some(eth);
+                }
+            }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        assert!(rx.used().idx().load() >= 1, "no frame from the tap");
-        let mut eth = [0u8; VNET_HDR_LEN + 14];
-        mem.read_slice(&mut eth, GuestAddress(8 * MIB)).unwrap();
+        let eth = arp.expect("no ARP request from the tap");
         assert_eq!(u16::from_le_bytes([eth[10], eth[11]]), 1, "num_buffers");
         assert_eq!(
             &eth[VNET_HDR_LEN..VNET_HDR_LEN + 6],
             &[0xff; 6],
-            "ARP broadcast"
+            "broadcast"
         );
-        assert_eq!(&eth[VNET_HDR_LEN + 12..], &[0x08, 0x06]);
     });
 }
 
@@ -481,6 +514,42 @@ fn udp_frame(src: [u8; 4], dst: [u8; 4], port: u16, payload: &[u8]) -> Vec<u8> {
     f.extend([0, 0]);
     f.extend(payload);
     f
+}
+
+/// A tap fd opened by hand (as a parent process would), with `flags`.
+fn raw_tap(name: &str, flags: i32) -> std::os::fd::RawFd {
+    let path = std::ffi::CString::new("/dev/net/tun").unwrap();
+    // SAFETY: open(2) of a NUL-terminated path; the result is checked.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    assert!(fd >= 0, "open /dev/net/tun");
+    // SAFETY: a zeroed ifreq is valid; the name fits (checked by the caller's choice).
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = flags as i16;
+    // SAFETY: TUNSETIFF reads and writes our ifreq.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr) };
+    assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+    fd
+}
+
+#[test]
+fn inherited_tap_fds() {
+    in_private_netns(|| {
+        let good = raw_tap("vfd0", libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR);
+        let tap = Tap::from_fd(good).expect("adopt a vnet tap fd");
+        assert_eq!(tap.name(), "vfd0");
+        tap.set_offload(libc::TUN_F_CSUM).expect("offloads");
+        let bad = raw_tap("vfd1", libc::IFF_TAP | libc::IFF_NO_PI);
+        let e = Tap::from_fd(bad).unwrap_err().to_string();
+        assert!(e.contains("IFF_VNET_HDR"), "{e}");
+        let cfg = NetConfig::parse(&format!("fd={good}")).unwrap();
+        assert!(cfg.check_inherited_fd().is_ok());
+        let closed = NetConfig::parse("fd=1000000").unwrap();
+        assert!(closed.check_inherited_fd().is_err());
+        drop(tap);
+    });
 }
 
 #[test]
