@@ -753,7 +753,10 @@ fn add_net(
         .mac
         .or(saved.map(|s| s.device.mac))
         .unwrap_or_else(virtio_net::random_mac);
-    let device = Net::new(mac, tap)?;
+    let mut device = Net::new(mac, tap)?;
+    if !net.offload {
+        device = device.without_offloads();
+    }
     let mem = w.mem.clone();
     let slot = w.attach(
         slot,
@@ -1128,6 +1131,7 @@ pub fn restore_microvm(cfg: &RestoreConfig) -> Result<Microvm, BuildError> {
     let unbound = NetConfig {
         backend: NetBackend::None,
         mac: None,
+        offload: true,
     };
     for (i, saved) in state.nets.iter().enumerate() {
         let net = cfg.nets.get(i).unwrap_or(&unbound);

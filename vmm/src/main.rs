@@ -84,7 +84,12 @@ struct Args {
     /// the guest's MAC (default: random, locally administered; at
     /// `--restore`, the snapshot's). At `--restore`, the i-th `--net`
     /// binds the snapshot's i-th interface; the rest stay unbound.
-    #[arg(long = "net", value_name = "tap=NAME|fd=N|none[,mac=MAC]")]
+    /// `offload=off` offers no checksum/TSO offload (measurements; a
+    /// restored device keeps what its driver negotiated).
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME|fd=N|none[,mac=MAC][,offload=off]"
+    )]
     nets: Vec<String>,
     /// File that receives the guest serial console (default: stderr).
     #[arg(long)]

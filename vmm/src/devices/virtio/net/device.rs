@@ -14,8 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_S_LINK_UP};
 use super::{
-    format_mac, offered_features, tap_offload_flags, NetError, NetState, NetStats, Tap, DEVICE_ID,
-    GSO_TYPE_OFFSET, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN,
+    format_mac, offered_features, offered_features_without_offloads, tap_offload_flags, NetError,
+    NetState, NetStats, Tap, DEVICE_ID, GSO_TYPE_OFFSET, MAX_BUFFER_LEN, NUM_BUFFERS_OFFSET,
+    VNET_HDR_LEN,
 };
 use crate::devices::virtio::mmio::QueueSnapshot;
 use crate::devices::virtio::{
@@ -79,6 +80,9 @@ enum RxOutcome {
 pub struct Net {
     mac: [u8; 6],
     tap: Option<Tap>,
+    /// What the device offers ([`offered_features`], or fewer with
+    /// offloads off).
+    features: u64,
     acked_features: u64,
     queue_evts: Vec<EventFd>,
     /// Written on activation and reset (vCPU thread), so the event loop
@@ -108,6 +112,7 @@ impl Net {
         Ok(Net {
             mac,
             tap,
+            features: offered_features(),
             acked_features: 0,
             queue_evts: vec![evt()?, evt()?],
             state_evt: evt()?,
@@ -122,6 +127,13 @@ impl Net {
             tap_broken: false,
             warn: WarnLimiter::default(),
         })
+    }
+
+    /// Offers no checksum or segmentation offload
+    /// ([`offered_features_without_offloads`]).
+    pub fn without_offloads(mut self) -> Net {
+        self.features = offered_features_without_offloads();
+        self
     }
 
     /// The MAC in config space.
@@ -195,6 +207,8 @@ impl Net {
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
+        // The driver negotiated before the snapshot: it keeps what it got.
+        self.features |= state.acked_features & offered_features();
         self.set_acked_features(state.acked_features);
         self.interrupt = Some(interrupt.clone());
         if let Some(saved) = &state.queues {
@@ -605,11 +619,11 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        offered_features()
+        self.features
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & offered_features();
+        self.acked_features = features & self.features;
         self.apply_offloads();
     }
 

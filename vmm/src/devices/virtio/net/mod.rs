@@ -80,6 +80,24 @@ pub fn offered_features() -> u64 {
     )
 }
 
+/// What the device offers with offloads turned off (`--net ...,offload=off`,
+/// for measurements): no checksum or segmentation offload either way, so
+/// the guest checksums and segments every packet itself.
+pub fn offered_features_without_offloads() -> u64 {
+    use features::*;
+    let offloads = [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+    ]
+    .iter()
+    .fold(0u64, |f, b| f | (1u64 << b));
+    offered_features() & !offloads
+}
+
 /// The tap's `TUNSETOFFLOAD` flags for the features the driver acked:
 /// what the guest accepts on receive. TSO needs checksum offload too.
 pub fn tap_offload_flags(acked: u64) -> libc::c_uint {
@@ -136,10 +154,14 @@ pub struct NetConfig {
     /// The guest's MAC; random (locally administered) when not given at
     /// boot, the snapshot's when not given at restore.
     pub mac: Option<[u8; 6]>,
+    /// Offer checksum and segmentation offloads (`offload=off`: not).
+    /// A restored device keeps what its driver acked in the snapshot.
+    pub offload: bool,
 }
 
 impl NetConfig {
-    /// Parses `tap=NAME[,mac=MAC]`, `fd=N[,mac=MAC]` or `none[,mac=MAC]`.
+    /// Parses `tap=NAME`, `fd=N` or `none`, each with optional `,mac=MAC`
+    /// and `,offload=on|off`.
     pub fn parse(arg: &str) -> Result<NetConfig, NetError> {
         let err = |reason: &str| NetError::Parse {
             arg: arg.to_string(),
@@ -165,10 +187,18 @@ impl NetConfig {
             _ => return Err(err("expected tap=NAME, fd=N or none")),
         };
         let mut mac = None;
+        let mut offload = None;
         for p in parts {
             match p.split_once('=') {
                 Some(("mac", m)) if mac.is_none() => {
                     mac = Some(parse_mac(m).ok_or_else(|| err("mac must be xx:xx:xx:xx:xx:xx"))?)
+                }
+                Some(("offload", v)) if offload.is_none() => {
+                    offload = Some(match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(err("offload is on or off")),
+                    })
                 }
                 _ => return Err(err(&format!("unknown or repeated option {p:?}"))),
             }
@@ -178,7 +208,11 @@ impl NetConfig {
                 return Err(err("a multicast mac cannot be an interface address"));
             }
         }
-        Ok(NetConfig { backend, mac })
+        Ok(NetConfig {
+            backend,
+            mac,
+            offload: offload.unwrap_or(true),
+        })
     }
 }
 

@@ -102,9 +102,13 @@ fn net_arguments() {
         "none,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02",
         "tap=a,foo=1",
         "bridge=br0",
+        "none,offload=no",
+        "none,offload=off,offload=on",
     ] {
         assert!(NetConfig::parse(bad).is_err(), "{bad:?} accepted");
     }
+    assert!(c.offload, "offloads are on by default");
+    assert!(!NetConfig::parse("none,offload=off").unwrap().offload);
     let m = random_mac();
     assert_eq!(m[0] & 3, 2, "locally administered unicast");
     assert_eq!(format_mac(&[2, 0xab, 0, 0, 0, 1]), "02:ab:00:00:00:01");
@@ -561,4 +565,24 @@ fn inherited_fd_must_be_a_vnet_tap() {
     assert!(e.contains("not a tap"), "{e}");
     assert!(Tap::from_fd(1).is_err());
     let _ = (RXQ, TXQ);
+}
+
+#[test]
+fn offloads_off_offers_and_accepts_none() {
+    let mut n = Net::new([2, 0, 0, 0, 0, 7], None)
+        .unwrap()
+        .without_offloads();
+    let avail = n.avail_features();
+    for bit in [
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+    ] {
+        assert_eq!(avail & (1 << bit), 0, "bit {bit} offered");
+    }
+    assert_ne!(avail & (1 << VIRTIO_NET_F_MRG_RXBUF), 0);
+    // A driver acking more than offered gets only what was offered.
+    n.set_acked_features(offered_features());
+    assert_eq!(tap_offload_flags(n.save_state().acked_features), 0);
 }
