@@ -562,3 +562,18 @@ fn inherited_fd_must_be_a_vnet_tap() {
     assert!(Tap::from_fd(1).is_err());
     let _ = (RXQ, TXQ);
 }
+
+#[test]
+fn a_full_tx_queue_yields_to_the_event_loop() {
+    let mem = memory();
+    let (mut net, _rx, tx, _) = active_net(&mem, 0, None);
+    let chains: Vec<Vec<(u64, u32, bool)>> =
+        (0..256).map(|_| vec![(4 * MIB, 112, false)]).collect();
+    let refs: Vec<&[(u64, u32, bool)]> = chains.iter().map(Vec::as_slice).collect();
+    add_chains(&tx, 0, &refs);
+    net.kick();
+    assert_eq!(tx.used().idx().load(), 256);
+    // The budget ran out on the last chain: the TX queue event is set
+    // again, so the event loop comes back for anything posted meanwhile.
+    assert_eq!(net.queue_events()[TXQ].read().unwrap(), 1);
+}
