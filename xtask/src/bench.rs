@@ -69,9 +69,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             crate::bench_podman::run(root, runs)
         }
+        Some("net") => {
+            let secs = match args.get(1) {
+                Some(n) => n.parse().context("seconds per transfer")?,
+                None => 10,
+            };
+            crate::bench_net::run(root, secs)
+        }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, podman, engines)"
+                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, podman, engines, net)"
             )
         }
     }

@@ -17,11 +17,13 @@
 //! cargo xtask bench fs [MiB]             file read throughput: guest DAX, guest no DAX, host
 //! cargo xtask bench podman [N]           `podman run --rm IMG true`, vessel vs runc, same podman
 //! cargo xtask bench engines [N]          podman, docker and ctr `run --rm true`: vessel vs runc, one run
+//! cargo xtask bench net [SECONDS]       iperf3 both ways and ping, container <-> bridge: vessel vs runc
 //! ```
 
 mod bench;
 mod bench_engines;
 mod bench_fs;
+mod bench_net;
 mod bench_podman;
 mod bench_run;
 mod build;
@@ -34,7 +36,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|podman|engines]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|podman|engines|net]>";
 
 fn main() {
     if let Err(e) = run() {

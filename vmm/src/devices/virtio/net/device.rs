@@ -32,6 +32,8 @@ const QUEUE_SIZES: [u16; 2] = [256, 256];
 /// Frames moved per event before the event loop gets a turn (the tap
 /// fd is level-triggered: the rest comes with the next wakeup).
 const BATCH: usize = 64;
+/// TX chains handled per wakeup before the event loop gets a turn.
+const TX_BUDGET: usize = 256;
 /// At most one warning per interval about malformed guest input.
 const WARN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -270,6 +272,7 @@ impl Net {
             tap,
             stats,
             warn,
+            queue_evts,
             ..
         } = self;
         let Some(a) = active.as_mut() else {
@@ -279,7 +282,14 @@ impl Net {
         let q = &mut a.queues[TXQ];
         let mut used = false;
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(8);
+        let mut budget = TX_BUDGET;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
+            budget -= 1;
+            if budget == 0 {
+                // A guest that keeps the queue full does not keep the
+                // event loop: the rest waits for the next turn.
+                let _ = queue_evts[TXQ].write(1);
+            }
             let head = chain.head_index();
             let mut gso_type = 0u8;
             iov.clear();
@@ -352,6 +362,9 @@ impl Net {
                 break;
             }
             used = true;
+            if budget == 0 {
+                break;
+            }
         }
         if used && guest_wants_interrupt(mem, q) {
             if let Err(e) = a.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {

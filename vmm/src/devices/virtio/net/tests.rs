@@ -586,3 +586,18 @@ fn offloads_off_offers_and_accepts_none() {
     n.set_acked_features(offered_features());
     assert_eq!(tap_offload_flags(n.save_state().acked_features), 0);
 }
+
+#[test]
+fn a_full_tx_queue_yields_to_the_event_loop() {
+    let mem = memory();
+    let (mut net, _rx, tx, _) = active_net(&mem, 0, None);
+    let chains: Vec<Vec<(u64, u32, bool)>> =
+        (0..256).map(|_| vec![(4 * MIB, 112, false)]).collect();
+    let refs: Vec<&[(u64, u32, bool)]> = chains.iter().map(Vec::as_slice).collect();
+    add_chains(&tx, 0, &refs);
+    net.kick();
+    assert_eq!(tx.used().idx().load(), 256);
+    // The budget ran out on the last chain: the TX queue event is set
+    // again, so the event loop comes back for anything posted meanwhile.
+    assert_eq!(net.queue_events()[TXQ].read().unwrap(), 1);
+}
