@@ -6,7 +6,8 @@
 //! path, as podman and CNI do.
 //!
 //! Checks: the guest's interface has the veth's name, MAC, MTU and
-//! addresses and the default route; the container fetches a page from the
+//! addresses and the default route (and a macvlan's, in a second
+//! namespace); the container fetches a page from the
 //! peer over IPv4 and IPv6, and serves one the peer fetches; a detached
 //! container's tap and tc redirect are gone after `delete` (the namespace,
 //! which is the "engine's", stays with its veth); a spec without a network
@@ -263,6 +264,59 @@ fn veth_in_the_namespace_is_wired_into_the_vm() {
     assert!(stdout.contains("127.0.0.1"), "{stdout}");
     assert!(!stdout.contains("10.77."), "{stdout}");
     assert!(stdout.contains("unreachable"), "{stdout}");
+
+    // A macvlan (as CNI's macvlan plugin makes): its parent is a veth
+    // whose other end is a port of a bridge in the peer namespace.
+    let mv = Netns::new("netcli-mv");
+    ip(&["-n", &peer.name, "link", "add", "br0", "type", "bridge"]);
+    ip(&[
+        "-n",
+        &peer.name,
+        "addr",
+        "add",
+        "10.79.0.1/24",
+        "dev",
+        "br0",
+    ]);
+    ip(&["-n", &peer.name, "link", "set", "br0", "up"]);
+    ip(&[
+        "-n", &peer.name, "link", "add", "vp", "master", "br0", "type", "veth", "peer", "name",
+        "vq",
+    ]);
+    ip(&["-n", &peer.name, "link", "set", "vp", "up"]);
+    ip(&["-n", &peer.name, "link", "set", "vq", "up"]);
+    ip(&[
+        "-n", &peer.name, "link", "add", "mv0", "link", "vq", "type", "macvlan", "mode", "bridge",
+    ]);
+    ip(&["-n", &peer.name, "link", "set", "mv0", "netns", &mv.name]);
+    ip(&["-n", &mv.name, "addr", "add", "10.79.0.2/24", "dev", "mv0"]);
+    ip(&["-n", &mv.name, "link", "set", "mv0", "up"]);
+    let want_mv = host_view(&mv.name, "mv0");
+    let script = "ip -o link show mv0; echo ==; ip -o addr show mv0; echo ==; \
+                  timeout 20 wget -q -O - http://10.79.0.1:8080/index.html";
+    let b = env.write_bundle(
+        "b-macvlan",
+        &spec(
+            &env,
+            &["sh", "-c", script],
+            Some(&mv.path.to_string_lossy()),
+        ),
+    );
+    let o = env.output(&["run", "--bundle", &b, "net-macvlan"]);
+    let stdout = text(&o.stdout);
+    assert!(
+        o.status.success(),
+        "stdout {stdout}\nstderr {}",
+        text(&o.stderr)
+    );
+    let parts: Vec<&str> = stdout.split("==\n").collect();
+    assert_eq!(parts.len(), 3, "{stdout}");
+    assert_eq!(
+        parse_view(parts[0], parts[1]),
+        want_mv,
+        "macvlan: guest vs namespace"
+    );
+    assert_eq!(parts[2], PAGE, "fetch over the macvlan: {stdout}");
 
     // Bad input: a path that is not a network namespace.
     let not_ns = env.tmp.join("not-a-netns");
