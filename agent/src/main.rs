@@ -58,6 +58,7 @@ fn run() {
         init::log_error(&e);
     }
     net::loopback_up();
+    net::tune_tcp();
     let Some(listener) = listen(debug) else {
         init::log("fatal: no vsock listener, powering off");
         return;

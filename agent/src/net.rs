@@ -18,6 +18,24 @@ pub fn loopback_up() {
     }
 }
 
+/// TCP segments of at least this many MSS (44 x 1448 bytes: one 64 KiB
+/// TSO segment). See [`tune_tcp`].
+const MIN_TSO_SEGS: &[u8] = b"44\n";
+
+/// Makes the guest's TCP hand virtio-net full 64 KiB segments. TCP sizes
+/// its TSO segments from its pacing rate (about 1 ms worth each, at least
+/// `tcp_min_tso_segs`, default 2): where the guest kernel is emulated the
+/// rate stays low, so every 2-MSS segment would cost a whole pass through
+/// the guest kernel and the VMM. Measured with `cargo xtask bench net`
+/// (vmm/NET.md). The VM's own root network namespace only (containers
+/// share it unless their spec asks for their own); three system calls at
+/// start, before templates are snapshotted.
+pub fn tune_tcp() {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_min_tso_segs", MIN_TSO_SEGS) {
+        crate::init::log_fmt(format_args!("tcp_min_tso_segs: {e}"));
+    }
+}
+
 /// Applies a `ConfigureNetwork` request (validated by vessel-net first).
 pub fn configure(config: &NetworkConfig) -> Result<(), ErrorReply> {
     vessel_net::configure(config).map_err(|e| {

@@ -143,7 +143,7 @@ pub fn run(root: &Path, secs: u32) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<8} {:<9} {:>14.1} {:>14.1} {:>10.3} {:>8.1}",
+            "{:<8} {:<9} {:>14.2} {:>14.2} {:>10.3} {:>8.1}",
             r.runtime,
             if r.offloads { "on" } else { "off" },
             r.up_mib_s,
@@ -301,7 +301,7 @@ fn measure(a: &Artifacts, tmp: &Path, rootfs: &Path, peer: &Netns, secs: u32) ->
         };
         let row = parse().ok_or_else(|| anyhow!("{runtime}: cannot read the figures in {out}"))?;
         eprintln!(
-            "bench net: {runtime}, offloads {offloads}: {:.1} / {:.1} MiB/s, ping {:.3} ms",
+            "bench net: {runtime}, offloads {offloads}: {:.2} / {:.2} MiB/s, ping {:.3} ms",
             row.up_mib_s, row.down_mib_s, row.ping_ms
         );
         rows.push(row);
