@@ -15,7 +15,7 @@
 //! templates = true
 //! template_dir = "/var/lib/vessel/templates"
 //! balloon = true
-//! net_slots = 1       # network interfaces a template VM has (a container needs one per engine interface)
+//! net_slots = 1       # network devices of a template VM (a sandbox with more interfaces is cold-booted)
 //! net_offload = true  # virtio-net checksum/TSO offloads (off: for measurements)
 //! run_dir = "/run/vessel-vm"   # sandbox sockets (keep it short: Unix socket paths)
 //! ```
@@ -103,9 +103,9 @@ pub struct Config {
     /// the host's page cache instead of copying them into its own.
     pub rootfs_dax_mib: u64,
     /// virtio-net devices (without a backend) in a template VM: a restored
-    /// sandbox binds one per interface of its network namespace, so a
-    /// container may have at most this many interfaces when templates are
-    /// on. Unused ones stay in the guest as links that are down.
+    /// sandbox binds one per interface of its network namespace; one with
+    /// more interfaces is cold-booted. Unused ones stay in the guest as
+    /// links that are down.
     pub net_slots: u8,
     /// Offer checksum and segmentation offloads on virtio-net (the
     /// default; off only to measure what they bring).

@@ -45,17 +45,6 @@ pub enum NetworkError {
         /// Its link kind.
         kind: String,
     },
-    /// More interfaces than the template VMs have network devices.
-    #[error(
-        "the network namespace has {have} interfaces but sandboxes have {slots} network \
-         device(s): raise net_slots in the vessel configuration"
-    )]
-    TooMany {
-        /// Interfaces found.
-        have: usize,
-        /// `net_slots`.
-        slots: u8,
-    },
     /// The VMM did not create the tap.
     #[error("the VMM's tap {0} is missing")]
     NoTap(String),
@@ -93,9 +82,8 @@ pub struct Wiring {
 
 impl Wiring {
     /// Reads the interfaces of the current network namespace and plans a
-    /// tap for each one that is up; refuses a kind that cannot be wired, and more
-    /// interfaces than `slots` (when sandboxes come from templates).
-    pub fn plan(slots: Option<u8>) -> Result<Wiring, NetworkError> {
+    /// tap for each one that is up; refuses a kind that cannot be wired.
+    pub fn plan() -> Result<Wiring, NetworkError> {
         let found = vessel_net::interfaces().map_err(nl("listing network interfaces"))?;
         let mut w = Wiring::default();
         for iface in found {
@@ -132,20 +120,17 @@ impl Wiring {
                 tap: format!("vessel-tap{i}"),
             });
         }
-        if let Some(slots) = slots {
-            if w.links.len() > usize::from(slots) {
-                return Err(NetworkError::TooMany {
-                    have: w.links.len(),
-                    slots,
-                });
-            }
-        }
         Ok(w)
     }
 
     /// Whether there is nothing to wire.
     pub fn is_empty(&self) -> bool {
         self.links.is_empty()
+    }
+
+    /// How many interfaces (and VM network devices) there are.
+    pub fn len(&self) -> usize {
+        self.links.len()
     }
 
     /// The VMM's `--net` values, one per interface, in order.

@@ -6,8 +6,9 @@
 //! path, as podman and CNI do.
 //!
 //! Checks: the guest's interface has the veth's name, MAC, MTU and
-//! addresses and the default route (and a macvlan's, in a second
-//! namespace); the container fetches a page from the
+//! addresses and the default route (and, in a second namespace, a
+//! macvlan and a veth: two interfaces, more than the template has, so a
+//! cold-booted VM); the container fetches a page from the
 //! peer over IPv4 and IPv6, and serves one the peer fetches; a detached
 //! container's tap and tc redirect are gone after `delete` (the namespace,
 //! which is the "engine's", stays with its veth); a spec without a network
@@ -291,9 +292,22 @@ fn veth_in_the_namespace_is_wired_into_the_vm() {
     ip(&["-n", &peer.name, "link", "set", "mv0", "netns", &mv.name]);
     ip(&["-n", &mv.name, "addr", "add", "10.79.0.2/24", "dev", "mv0"]);
     ip(&["-n", &mv.name, "link", "set", "mv0", "up"]);
+    // And a second interface: more than the template's one network
+    // device, so this sandbox is cold-booted with two.
+    ip(&[
+        "-n", &peer.name, "link", "add", "vz", "type", "veth", "peer", "name", "eth1", "netns",
+        &mv.name,
+    ]);
+    ip(&["-n", &peer.name, "addr", "add", "10.80.0.1/24", "dev", "vz"]);
+    ip(&["-n", &peer.name, "link", "set", "vz", "up"]);
+    ip(&["-n", &mv.name, "addr", "add", "10.80.0.2/24", "dev", "eth1"]);
+    ip(&["-n", &mv.name, "link", "set", "eth1", "up"]);
     let want_mv = host_view(&mv.name, "mv0");
+    let want_eth1 = host_view(&mv.name, "eth1");
     let script = "ip -o link show mv0; echo ==; ip -o addr show mv0; echo ==; \
-                  timeout 20 wget -q -O - http://10.79.0.1:8080/index.html";
+                  timeout 20 wget -q -O - http://10.79.0.1:8080/index.html; echo ==; \
+                  ip -o link show eth1; echo ==; ip -o addr show eth1; echo ==; \
+                  timeout 20 wget -q -O - http://10.80.0.1:8080/index.html";
     let b = env.write_bundle(
         "b-macvlan",
         &spec(
@@ -310,13 +324,19 @@ fn veth_in_the_namespace_is_wired_into_the_vm() {
         text(&o.stderr)
     );
     let parts: Vec<&str> = stdout.split("==\n").collect();
-    assert_eq!(parts.len(), 3, "{stdout}");
+    assert_eq!(parts.len(), 6, "{stdout}");
     assert_eq!(
         parse_view(parts[0], parts[1]),
         want_mv,
         "macvlan: guest vs namespace"
     );
     assert_eq!(parts[2], PAGE, "fetch over the macvlan: {stdout}");
+    assert_eq!(
+        parse_view(parts[3], parts[4]),
+        want_eth1,
+        "eth1: guest vs namespace"
+    );
+    assert_eq!(parts[5], PAGE, "fetch over eth1: {stdout}");
 
     // Bad input: a path that is not a network namespace.
     let not_ns = env.tmp.join("not-a-netns");

@@ -72,7 +72,7 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
     // The engine's interfaces are in place once its hooks ran (docker's
     // libnetwork fills the namespace from a prestart hook).
     let wiring = if own_netns {
-        Wiring::plan(cfg.templates.then_some(cfg.net_slots))?
+        Wiring::plan()?
     } else {
         tracing::warn!(
             "{id}: the spec has no network namespace (host networking): a VM cannot share \
@@ -99,7 +99,18 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
         format!("{MOUNTS_TAG}={}", stage.display()),
     ];
     let t0 = Instant::now();
-    let (mut sb, mut client) = if cfg.templates {
+    // A template has `net_slots` network devices: more interfaces need a
+    // VM booted with them.
+    let from_template = cfg.templates && wiring.len() <= usize::from(cfg.net_slots);
+    if cfg.templates && !from_template {
+        tracing::info!(
+            "{id}: {} network interfaces, templates have {}: cold boot (raise net_slots in \
+             the configuration to restore such sandboxes from a template)",
+            wiring.len(),
+            cfg.net_slots
+        );
+    }
+    let (mut sb, mut client) = if from_template {
         let (tpl, _) = Templates::new(cfg).ensure(false)?;
         // Without a `hostname`, a new UTS namespace keeps its parent's name:
         // the host's, as with runc.
