@@ -151,10 +151,7 @@ impl Flags {
 /// the `vessel` binary next to this one (`$VESSEL_BINARY` overrides it).
 pub fn runtime(namespace: &str) -> Result<Runtime, ShimError> {
     let cfg = Config::load(None)?;
-    let root = std::env::var_os("VESSEL_SHIM_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(STATE_ROOT))
-        .join(namespace);
+    let root = state_root(namespace);
     let exe = match std::env::var_os("VESSEL_BINARY") {
         Some(p) => PathBuf::from(p),
         None => std::env::current_exe()
@@ -171,6 +168,14 @@ pub fn runtime(namespace: &str) -> Result<Runtime, ShimError> {
         },
         systemd_cgroup: false,
     })
+}
+
+/// The runtime's `--root` for containerd namespace `namespace`.
+fn state_root(namespace: &str) -> PathBuf {
+    std::env::var_os("VESSEL_SHIM_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(STATE_ROOT))
+        .join(namespace)
 }
 
 /// The task socket of (containerd address, namespace, id), as the Go
@@ -243,6 +248,7 @@ fn delete(f: &Flags) -> Result<(), ShimError> {
     }
     mount::unmount_rootfs(&bundle);
     let _ = std::fs::remove_file(socket_path(f));
+    let _ = std::fs::remove_dir(state_root(&f.namespace));
     let mut r = DeleteResponse::new();
     r.exit_status = 137;
     r.exited_at = containerd_shim_protos::protobuf::MessageField::some(service::now());
@@ -275,6 +281,8 @@ fn serve(f: &Flags) -> Result<(), ShimError> {
     svc.wait_shutdown();
     server.shutdown();
     let _ = std::fs::remove_file(&sock);
+    // The namespace's state root, if no other shim uses it.
+    let _ = std::fs::remove_dir(state_root(&f.namespace));
     Ok(())
 }
 
