@@ -197,8 +197,7 @@ fn start(f: &Flags, args: &[OsString]) -> Result<(), ShimError> {
     std::fs::create_dir_all(SOCKET_DIR).map_err(io(format!("creating {SOCKET_DIR}")))?;
     // A stale socket of a dead shim (containerd retries `start`).
     let _ = std::fs::remove_file(&sock);
-    let listener =
-        UnixListener::bind(&sock).map_err(io(format!("binding {}", sock.display())))?;
+    let listener = UnixListener::bind(&sock).map_err(io(format!("binding {}", sock.display())))?;
     let bundle = f.bundle()?;
     let log = std::fs::OpenOptions::new()
         .create(true)

@@ -12,8 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim_protos::api::{
     ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest,
-    DeleteResponse, Empty, KillRequest, ShutdownRequest, StartRequest, StartResponse,
-    StateRequest, StateResponse, Status as TaskStatus, WaitRequest, WaitResponse,
+    DeleteResponse, Empty, KillRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest,
+    StateResponse, Status as TaskStatus, WaitRequest, WaitResponse,
 };
 use containerd_shim_protos::events::task::TaskExit;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
@@ -104,7 +104,10 @@ fn no_exec() -> ttrpc::Error {
 /// containerd passes none.
 fn open_stdio(path: &str) -> std::io::Result<OwnedFd> {
     let f: File = if path.is_empty() {
-        OpenOptions::new().read(true).write(true).open("/dev/null")?
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")?
     } else {
         OpenOptions::new().read(true).write(true).open(path)?
     };

@@ -255,7 +255,9 @@ fn ctr_runs_tasks_through_the_vessel_shim() {
     let daemon = c.child.as_ref().map(|ch| format!("process {}:", ch.id()));
     let find = || -> Vec<String> {
         let mut f = leaks::find(&tag, &[&tmp_path], &[shim_root.as_path()]);
-        f.retain(|l| daemon.as_deref().map_or(true, |d| !l.starts_with(d)));
+        if let Some(d) = &daemon {
+            f.retain(|l| !l.starts_with(d.as_str()));
+        }
         f.extend(shim_sockets(&sockets_before));
         f
     };

@@ -225,7 +225,8 @@ impl Launcher {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
         } else if let Some([i, o, e]) = stdio {
-            let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().ctx("duplicating a stdio descriptor");
+            let dup =
+                |fd: &std::os::fd::OwnedFd| fd.try_clone().ctx("duplicating a stdio descriptor");
             cmd.stdin(dup(i)?).stdout(dup(o)?).stderr(dup(e)?);
         }
         cmd.arg("--ready-fd").arg(ready.to_string());
