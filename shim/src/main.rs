@@ -310,6 +310,7 @@ impl CreateArgs {
         Ok(CreateOptions {
             pid_file: self.pid_file.clone(),
             console_socket: self.console_socket.clone(),
+            stdio: None,
             foreground,
         })
     }

@@ -26,6 +26,8 @@ pub fn all(root: &Path) -> Result<Artifacts> {
         "vessel-vmm",
         "-p",
         "vessel-shim",
+        "-p",
+        "vessel-shim-v2",
     ]))?;
     Ok(Artifacts {
         vmm: root.join("target/release/vessel-vmm"),

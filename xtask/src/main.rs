@@ -154,7 +154,7 @@ fn lint(root: &Path) -> Result<()> {
 }
 
 /// `cargo xtask install [--prefix P]`: builds everything and installs the
-/// layout `vessel` expects by default: `P/bin/{vessel,vessel-vmm}` and
+/// layout `vessel` expects by default: `P/bin/{vessel,vessel-vmm,containerd-shim-vessel-v2}` and
 /// `P/share/vessel/{vmlinux,initramfs.cpio}` (P defaults to /usr/local).
 /// Files are replaced atomically (copy next to the target, then rename), so
 /// a running VMM or container keeps its old files.
@@ -172,6 +172,11 @@ fn install(root: &Path, args: &[String]) -> Result<()> {
         (
             root.join("target/release/vessel"),
             bin.join("vessel"),
+            0o755,
+        ),
+        (
+            root.join("target/release/containerd-shim-vessel-v2"),
+            bin.join("containerd-shim-vessel-v2"),
             0o755,
         ),
         (a.kernel.clone(), share.join("vmlinux"), 0o644),

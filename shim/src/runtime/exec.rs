@@ -329,6 +329,7 @@ impl Runtime {
             let child = self.launcher.start(
                 &args,
                 a.console_socket.as_deref(),
+                None,
                 Vec::new(),
                 "exec monitor",
                 "the exec monitor exited before the process started",

@@ -208,6 +208,7 @@ impl Launcher {
         &self,
         args: &[OsString],
         console_socket: Option<&Path>,
+        stdio: Option<&[std::os::fd::OwnedFd; 3]>,
         procs: Vec<CString>,
         what: &str,
         gone: &str,
@@ -223,6 +224,10 @@ impl Launcher {
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
+        } else if let Some([i, o, e]) = stdio {
+            let dup =
+                |fd: &std::os::fd::OwnedFd| fd.try_clone().ctx("duplicating a stdio descriptor");
+            cmd.stdin(dup(i)?).stdout(dup(o)?).stderr(dup(e)?);
         }
         cmd.arg("--ready-fd").arg(ready.to_string());
         // SAFETY: runs in the child between fork and exec; setsid(2),
@@ -286,6 +291,10 @@ pub struct CreateOptions {
     /// A foreground `run`: a terminal container may use the caller's
     /// terminal instead of a console socket.
     pub foreground: bool,
+    /// The monitor's stdin, stdout and stderr (which it relays to the
+    /// container's) instead of the caller's: the containerd shim passes
+    /// the FIFOs containerd gave it. Ignored with a console socket.
+    pub stdio: Option<std::sync::Arc<[std::os::fd::OwnedFd; 3]>>,
 }
 
 /// The lifecycle over one state store and configuration.
@@ -369,6 +378,7 @@ impl Runtime {
             let c = self.launcher.start(
                 &args,
                 o.console_socket.as_deref(),
+                o.stdio.as_deref(),
                 procs,
                 "sandbox monitor",
                 "the sandbox monitor exited before the container was created",
