@@ -234,8 +234,11 @@ impl Task for Service {
         let bundle = PathBuf::from(&req.bundle);
         let rootfs_mounted = !req.rootfs.is_empty();
         if rootfs_mounted {
-            mount::mount_all(&req.rootfs, &bundle.join("rootfs"))
-                .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+            mount::mount_all(&req.rootfs, &bundle.join("rootfs")).map_err(|e| {
+                // What was mounted before the failing one comes off again.
+                mount::unmount_rootfs(&bundle);
+                status(Code::INTERNAL, e.to_string())
+            })?;
         }
         let created = (|| {
             let b = Bundle::load(&bundle).map_err(|e| rpc(e.into()))?;
