@@ -18,6 +18,7 @@ pub mod docker;
 pub mod engines;
 pub mod fsread;
 pub mod guest;
+pub mod net;
 pub mod podman;
 
 /// How long a cold boot may take on the slowest hosts we support.

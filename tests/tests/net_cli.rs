@@ -17,20 +17,20 @@
 //! network namespace and an interface vessel cannot wire (a bridge) fail
 //! with a clear error and leave nothing.
 //!
-//! Debian's busybox 1.35 `wget -T` crashes (SIGSEGV) with a static glibc:
-//! busybox `timeout` bounds each fetch instead.
+//! Fetches are bounded with busybox `timeout` (see `vessel_tests::net`).
 //!
 //! Traffic stays between namespaces the test creates. Needs /dev/kvm,
 //! iproute2 (`ip`, `tc`), nsenter and Debian's `busybox-static`.
 
 use std::fs;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vessel_tests::cli::{busybox_rootfs, runc_spec, text, CliEnv};
-use vessel_tests::engines::{poll_until, Netns};
+use vessel_tests::engines::Netns;
 use vessel_tests::kvm_available_or_skip;
+use vessel_tests::net::{fetch, HttpServer};
 
 const APPLETS: [&str; 9] = [
     "sh", "ip", "wget", "httpd", "cat", "echo", "sleep", "ping", "timeout",
@@ -49,16 +49,6 @@ fn out(c: &mut Command) -> String {
     let o = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
     assert!(o.status.success(), "{c:?}: {}", text(&o.stderr));
     text(&o.stdout)
-}
-
-/// Kills the HTTP server of the peer on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The spec of `args` in the container's namespace at `netns` (or, with
@@ -172,17 +162,7 @@ fn veth_in_the_namespace_is_wired_into_the_vm() {
         "10.77.0.1",
     ]);
     let www = env.tmp.join("peer-www");
-    fs::create_dir_all(&www).expect("peer www");
-    fs::write(www.join("index.html"), PAGE).expect("peer index");
-    let _server = Server(
-        peer.command("busybox")
-            .args(["httpd", "-f", "-p", "8080", "-h"])
-            .arg(&www)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start busybox httpd in the peer namespace"),
-    );
+    let _server = HttpServer::start(&peer, 8080, &www, PAGE);
     let want = host_view(&ctr.name, "eth0");
     let ns_path = ctr.path.to_string_lossy().into_owned();
 
@@ -227,15 +207,11 @@ fn veth_in_the_namespace_is_wired_into_the_vm() {
         ),
     );
     env.run_detached(&b, "net-serve");
-    let fetched = poll_until(Duration::from_secs(60), || {
-        let o = peer
-            .command("busybox")
-            .args(["timeout", "5", "busybox", "wget", "-q", "-O", "-"])
-            .arg("http://10.77.0.2/index.html")
-            .output()
-            .ok()?;
-        o.status.success().then(|| text(&o.stdout))
-    });
+    let fetched = fetch(
+        &peer,
+        "http://10.77.0.2/index.html",
+        Duration::from_secs(60),
+    );
     assert_eq!(fetched.as_deref(), Some(SERVED), "fetch from the guest");
     let taps = out(Command::new("ip").args(["-n", &ctr.name, "-o", "link"]));
     assert!(taps.contains("vessel-tap0"), "{taps}");

@@ -16,28 +16,19 @@
 //! busybox-static, and /dev/kvm.
 
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use vessel_tests::docker::{Dockerd, DOCKER};
 use vessel_tests::engines::{
     busybox_image_tar, leaks, poll_until, require_tools, Checks, RuntimePair,
 };
+use vessel_tests::net::{eth0_has, fetch, HttpServer};
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
 const IMAGE: &str = "vessel-busybox:1";
 /// docker0's address (docker's default bridge).
 const GATEWAY: &str = "172.17.0.1";
 const PAGE: &str = "page of the bridge host";
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The checks for runtime `rt` (`runcw` or `vessel`); `port` is its
 /// published host port.
@@ -74,16 +65,7 @@ fn network_checks(d: &Dockerd, rt: &str, port: u16, checks: &mut Checks) {
 
     checks.run(&format!("{rt}: published port"), || {
         let url = format!("http://{GATEWAY}:{port}/index.html");
-        let got = poll_until(Duration::from_secs(60), || {
-            let o = ns
-                .command("busybox")
-                .args(["timeout", "5", "busybox", "wget", "-q", "-O", "-", &url])
-                .output()
-                .ok()?;
-            o.status
-                .success()
-                .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
-        });
+        let got = fetch(ns, &url, Duration::from_secs(60));
         match got {
             Some(g) if g == want => Ok(()),
             other => Err(format!("{url}: got {other:?}, want {want:?}")),
@@ -99,13 +81,7 @@ fn network_checks(d: &Dockerd, rt: &str, port: u16, checks: &mut Checks) {
         let addr = t.ok("exec ip addr")?.stdout.clone();
         let t = d.docker(&["exec", &web, "ip", "-o", "link", "show", "eth0"], 120);
         let link = t.ok("exec ip link")?.stdout.clone();
-        let mut want = assigned.split_whitespace();
-        let (a, mac) = (want.next().unwrap_or(""), want.next().unwrap_or(""));
-        if addr.contains(&format!("inet {a} ")) && link.contains(&format!("link/ether {mac} ")) {
-            Ok(())
-        } else {
-            Err(format!("docker assigned {assigned:?}; eth0: {addr:?} {link:?}"))
-        }
+        eth0_has("docker", &assigned, &addr, &link)
     });
 
     checks.run(
@@ -169,8 +145,6 @@ fn docker_bridge_network_with_vessel_like_runc() {
     let pair = RuntimePair::write(&art, &tmp.0, &tag, &[], &[]);
     let tar = busybox_image_tar(&tmp.0);
     let www = tmp.0.join("www");
-    std::fs::create_dir_all(&www).expect("www");
-    std::fs::write(www.join("index.html"), PAGE).expect("index");
     let t0 = Instant::now();
     // docker's defaults: the docker0 bridge, iptables rules, docker-proxy.
     let d = Dockerd::start(
@@ -191,17 +165,7 @@ fn docker_bridge_network_with_vessel_like_runc() {
         120,
     );
     t.ok("docker import").unwrap_or_else(|e| panic!("{e}"));
-    let _server = Server(
-        d.ns.as_ref()
-            .expect("dockerd's netns")
-            .command("busybox")
-            .args(["httpd", "-f", "-p", "8080", "-h"])
-            .arg(&www)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start busybox httpd"),
-    );
+    let _server = HttpServer::start(d.ns.as_ref().expect("dockerd's netns"), 8080, &www, PAGE);
     let mut checks = Checks::new();
     network_checks(&d, "runcw", 18080, &mut checks);
     network_checks(&d, "vessel", 18081, &mut checks);

@@ -14,25 +14,16 @@
 //! Needs podman, conmon, netavark, runc, iproute2, nsenter, busybox-static
 //! and /dev/kvm.
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use vessel_tests::engines::{leaks, poll_until, require_tools, Checks};
+use vessel_tests::engines::{leaks, require_tools, Checks};
+use vessel_tests::net::{eth0_has, fetch, HttpServer};
 use vessel_tests::podman::{Podman, Rt, IMAGE, SHORT, START};
 use vessel_tests::{kvm_available_or_skip, Artifacts};
 
 /// podman's default network's gateway (the bridge's host address).
 const GATEWAY: &str = "10.88.0.1";
 const PAGE: &str = "page of the bridge host";
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The checks for one runtime; `port` is its published host port.
 fn network_checks(p: &Podman, rt: Rt, port: u16, checks: &mut Checks) {
@@ -67,17 +58,7 @@ fn network_checks(p: &Podman, rt: Rt, port: u16, checks: &mut Checks) {
 
     checks.run(&format!("{rn}: published port"), || {
         let url = format!("http://{GATEWAY}:{port}/index.html");
-        let got = poll_until(Duration::from_secs(60), || {
-            let o = p
-                .netns
-                .command("busybox")
-                .args(["timeout", "5", "busybox", "wget", "-q", "-O", "-", &url])
-                .output()
-                .ok()?;
-            o.status
-                .success()
-                .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
-        });
+        let got = fetch(&p.netns, &url, Duration::from_secs(60));
         match got {
             Some(g) if g == want => Ok(()),
             other => Err(format!("{url}: got {other:?}, want {want:?}")),
@@ -93,13 +74,7 @@ fn network_checks(p: &Podman, rt: Rt, port: u16, checks: &mut Checks) {
         let addr = t.ok("exec ip addr")?.stdout.clone();
         let t = p.podman(&["exec", &web, "ip", "-o", "link", "show", "eth0"], SHORT);
         let link = t.ok("exec ip link")?.stdout.clone();
-        let mut want = assigned.split_whitespace();
-        let (a, mac) = (want.next().unwrap_or(""), want.next().unwrap_or(""));
-        if addr.contains(&format!("inet {a} ")) && link.contains(&format!("link/ether {mac} ")) {
-            Ok(())
-        } else {
-            Err(format!("podman assigned {assigned:?}; eth0: {addr:?} {link:?}"))
-        }
+        eth0_has("podman", &assigned, &addr, &link)
     });
 
     checks.run(
@@ -165,18 +140,7 @@ fn podman_bridge_network_with_vessel_like_runc() {
     // The bridge host's server listens on every address of the test's
     // namespace (podman creates the bridge with the first container).
     let www = p.tmp.join("www");
-    std::fs::create_dir_all(&www).expect("www");
-    std::fs::write(www.join("index.html"), PAGE).expect("index");
-    let _server = Server(
-        p.netns
-            .command("busybox")
-            .args(["httpd", "-f", "-p", "8080", "-h"])
-            .arg(&www)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start busybox httpd"),
-    );
+    let _server = HttpServer::start(&p.netns, 8080, &www, PAGE);
     let mut checks = Checks::new();
     network_checks(&p, Rt::Runc, 18080, &mut checks);
     network_checks(&p, Rt::Vessel, 18081, &mut checks);
