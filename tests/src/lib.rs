@@ -14,6 +14,7 @@ use vessel_proto::client::{AgentClient, ClientError};
 use vessel_proto::{AGENT_PORT, READY_PORT};
 
 pub mod cli;
+pub mod containerd;
 pub mod docker;
 pub mod engines;
 pub mod fsread;

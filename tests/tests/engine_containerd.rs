@@ -29,18 +29,18 @@
 //! `iproute2`.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use vessel_tests::containerd::{Containerd, Options, IMAGE};
 use vessel_tests::engines::{
-    busybox_image_rootfs, compare, exits, leaks, output_within, poll_until, require_tools,
-    wait_within, Checks, Netns, Observed, Pty, RuntimePair, Timed, DAEMON_SCRIPT, TTY_SCRIPT,
+    compare, exits, leaks, poll_until, require_tools, wait_within, Checks, Observed, Pty,
+    RuntimePair, Timed, DAEMON_SCRIPT, TTY_SCRIPT,
 };
 use vessel_tests::{kvm_available_or_skip, Artifacts, TempDir};
 
 /// The image `ctr images import` makes of the umoci layout.
-const IMAGE: &str = "docker.io/library/vessel-busybox:1";
 /// Checks that fail with vessel and that the lead could not fix in time:
 /// reported loudly, not asserted (see /work/notes/engine-findings.md).
 const KNOWN_FAILING: &[&str] = &[];
@@ -55,128 +55,6 @@ grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb):' /proc/self/status
 echo "mem=$(cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes)"
 grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status
 exit 7"#;
-
-/// A containerd of this test: its netns, directories and process; stopped,
-/// with everything it left, on drop.
-struct Containerd {
-    tmp: TempDir,
-    sock: PathBuf,
-    child: Option<Child>,
-    tag: String,
-    ns: Option<Netns>,
-}
-
-impl Containerd {
-    fn start(tmp: TempDir, tag: &str) -> Containerd {
-        let ns = Netns::new("containerd");
-        let sock = tmp.0.join("containerd.sock");
-        let config = tmp.0.join("containerd.toml");
-        fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = {:?}\nstate = {:?}\n[grpc]\n  address = {:?}\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n",
-                tmp.0.join("root"),
-                tmp.0.join("state"),
-                sock
-            ),
-        )
-        .expect("write containerd.toml");
-        let log = fs::File::create(tmp.0.join("containerd.log")).expect("containerd.log");
-        let child = ns
-            .command("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn containerd");
-        let c = Containerd {
-            tmp,
-            sock,
-            child: Some(child),
-            tag: tag.to_string(),
-            ns: Some(ns),
-        };
-        let up = poll_until(Duration::from_secs(60), || {
-            c.ctr(&["version"], 10).ok("version").ok().map(|_| ())
-        });
-        assert!(
-            up.is_some(),
-            "containerd did not answer within 60 s; its log:\n{}",
-            c.log()
-        );
-        c
-    }
-
-    fn ctr_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ctr");
-        c.arg("--address").arg(&self.sock).args(args);
-        c
-    }
-
-    fn ctr(&self, args: &[&str], secs: u64) -> Timed {
-        output_within(&mut self.ctr_cmd(args), Duration::from_secs(secs))
-    }
-
-    fn log(&self) -> String {
-        let l = fs::read_to_string(self.tmp.0.join("containerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = l.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    /// First column of `ctr <what> ls -q`.
-    fn list(&self, what: &str) -> Vec<String> {
-        self.ctr(&[what, "ls", "-q"], 30)
-            .stdout
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// STATUS of task `id` in `task ls`, or the error.
-    fn status(&self, id: &str) -> Result<String, String> {
-        let t = self.ctr(&["task", "ls"], 30);
-        t.ok("task ls")?;
-        t.stdout
-            .lines()
-            .find_map(|l| {
-                let w: Vec<&str> = l.split_whitespace().collect();
-                (w.first() == Some(&id)).then(|| w.get(2).copied().unwrap_or("").to_string())
-            })
-            .ok_or_else(|| format!("task {id} not listed: {:?}", t.stdout))
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        // Runtime processes first: a monitor stuck on a pipe can hold the
-        // shim, and with it every ctr call on its task.
-        let killed = leaks::kill_tagged(&self.tag);
-        let tasks = self.list("task");
-        for t in &tasks {
-            let _ = self.ctr(&["task", "rm", "-f", t], 30);
-        }
-        let containers = self.list("containers");
-        for c in &containers {
-            let _ = self.ctr(&["containers", "rm", c], 30);
-        }
-        let mut killed = killed;
-        killed.extend(leaks::stop_daemon(
-            self.child.take(),
-            "containerd",
-            &self.tag,
-            &self.tmp.0,
-        ));
-        if !tasks.is_empty() || !containers.is_empty() || !killed.is_empty() {
-            eprintln!(
-                "cleanup: removed tasks {tasks:?}, containers {containers:?}, killed {killed:?}"
-            );
-        }
-        self.ns.take();
-    }
-}
 
 fn run_cmd(t: Timed, what: &str) -> Result<(), String> {
     t.ok(what).map(|_| ())
@@ -457,48 +335,6 @@ fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &
     out
 }
 
-/// The busybox image as an OCI layout tar (umoci), imported into `c`.
-fn import_image(c: &Containerd, work: &Path) {
-    let layout = work.join("layout");
-    let bundle = work.join("umoci-bundle");
-    let image = format!("{}:1", layout.display());
-    let umoci = |args: &[&str]| {
-        let t = output_within(Command::new("umoci").args(args), Duration::from_secs(120));
-        t.ok(&format!("umoci {args:?}"))
-            .map(|_| ())
-            .unwrap_or_else(|e| panic!("{e}"));
-    };
-    let l = layout.to_string_lossy().into_owned();
-    let b = bundle.to_string_lossy().into_owned();
-    umoci(&["init", "--layout", &l]);
-    umoci(&["new", "--image", &image]);
-    umoci(&["unpack", "--image", &image, &b]);
-    busybox_image_rootfs(&bundle.join("rootfs"));
-    umoci(&["repack", "--image", &image, &b]);
-    umoci(&[
-        "config",
-        "--image",
-        &image,
-        "--config.env",
-        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-    ]);
-    let tar = work.join("layout.tar");
-    vessel_tests::engines::tar_dir(&layout, &tar);
-    let t = c.ctr(
-        &[
-            "images",
-            "import",
-            "--base-name",
-            "docker.io/library/vessel-busybox",
-            &tar.to_string_lossy(),
-        ],
-        120,
-    );
-    t.ok("ctr images import").unwrap_or_else(|e| panic!("{e}"));
-    let listed = c.ctr(&["images", "ls", "-q"], 30).stdout;
-    assert!(listed.lines().any(|l| l == IMAGE), "images: {listed:?}");
-}
-
 #[test]
 fn containerd_runs_vessel_like_runc() {
     if !kvm_available_or_skip() {
@@ -527,8 +363,8 @@ fn containerd_runs_vessel_like_runc() {
 
     let t0 = Instant::now();
     let tmp_path = tmp.0.clone();
-    let c = Containerd::start(tmp, &tag);
-    import_image(&c, &work);
+    let c = Containerd::start(tmp, &tag, "containerd", &Options::default());
+    c.import_busybox(&work, "default");
 
     let runc_seen = behaviours(&c, "runc", &w_runc.path, &hostdir, &runc_root);
     let vessel_seen = behaviours(&c, "vessel", &w_vessel.path, &hostdir, &vessel_root);
