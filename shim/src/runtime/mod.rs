@@ -403,6 +403,7 @@ impl Runtime {
                 owner: String::new(),
                 annotations: b.annotations.clone(),
                 exit_status: None,
+                oom_killed: false,
                 pid_start: Some(pid_start),
                 host_cgroup: Some(cg.state().clone()),
                 hooks: b.spec.get("hooks").cloned().filter(|h| !h.is_null()),

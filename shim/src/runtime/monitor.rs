@@ -222,12 +222,16 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
     let _ = writeln!(ready, "ok");
     drop(ready);
 
+    let mut oom_killed = false;
     let status = match m
         .client
         .set_timeout(None)
         .and_then(|()| m.client.wait_process(id, None))
     {
-        Ok(exit) => exit.status,
+        Ok(exit) => {
+            oom_killed = exit.oom_killed;
+            exit.status
+        }
         // `kill ID KILL` ended the whole VM (see `Runtime::kill`).
         Err(_)
             if store
@@ -258,6 +262,7 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
             s.status = Status::Stopped;
             s.pid = 0;
             s.exit_status = Some(status);
+            s.oom_killed = oom_killed;
             if let Err(e) = store.save(&s, &lock) {
                 tracing::warn!("{id}: recording the exit: {e}");
             }
