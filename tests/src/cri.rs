@@ -34,6 +34,7 @@
 //! tests build them, `cargo xtask` (which links this library) does not, and
 //! no shipped binary ever does.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -162,6 +163,20 @@ pub mod pb {
         pub value: String,
     }
     #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LinuxContainerSecurityContext {
+        #[prost(bool, tag = "2")]
+        pub privileged: bool,
+        #[prost(message, optional, tag = "3")]
+        pub namespace_options: Option<NamespaceOption>,
+        #[prost(bool, tag = "7")]
+        pub readonly_rootfs: bool,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LinuxContainerConfig {
+        #[prost(message, optional, tag = "2")]
+        pub security_context: Option<LinuxContainerSecurityContext>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
     pub struct ContainerConfig {
         #[prost(message, optional, tag = "1")]
         pub metadata: Option<ContainerMetadata>,
@@ -183,6 +198,8 @@ pub mod pb {
         pub log_path: String,
         #[prost(bool, tag = "14")]
         pub tty: bool,
+        #[prost(message, optional, tag = "15")]
+        pub linux: Option<LinuxContainerConfig>,
     }
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct CreateContainerRequest {
@@ -414,6 +431,9 @@ pub mod pb {
     pub struct PodSandboxStatusResponse {
         #[prost(message, optional, tag = "1")]
         pub status: Option<PodSandboxStatus>,
+        /// With `verbose`: containerd's key `info`, a JSON document.
+        #[prost(map = "string, string", tag = "2")]
+        pub info: HashMap<String, String>,
     }
 
     /// ImageService's ImageStatus (field 1 an [`ImageSpec`]).
@@ -646,6 +666,20 @@ impl Cri {
             .ok_or_else(|| err(Code::Internal, "PodSandboxStatus: no status"))
     }
 
+    /// PodSandboxStatus of `pod_id` with `verbose`: its `info` map
+    /// (containerd 1.6: key `info`, JSON with `pid`, `netNamespacePath`,
+    /// `runtimeSpec`, ...).
+    pub fn pod_sandbox_info(&self, pod_id: &str) -> Result<HashMap<String, String>> {
+        let r: pb::PodSandboxStatusResponse = self.rt(
+            "PodSandboxStatus",
+            &pb::PodSandboxIdRequest {
+                pod_sandbox_id: pod_id.into(),
+                verbose: true,
+            },
+        )?;
+        Ok(r.info)
+    }
+
     /// ListPodSandbox (unfiltered).
     pub fn list_pod_sandbox(&self) -> Result<Vec<pb::PodSandbox>> {
         let r: pb::ListPodSandboxResponse =
@@ -800,10 +834,20 @@ impl Cri {
     }
 }
 
+/// Kubernetes' default namespaces: the pod's network and IPC namespaces,
+/// a PID namespace per container.
+pub fn default_namespaces() -> pb::NamespaceOption {
+    pb::NamespaceOption {
+        network: pb::NamespaceMode::Pod as i32,
+        pid: pb::NamespaceMode::Container as i32,
+        ipc: pb::NamespaceMode::Pod as i32,
+        target_id: String::new(),
+    }
+}
+
 /// A minimal pod config: metadata (`name`, `uid`, namespace `default`),
-/// `hostname`, `log_directory`, and a Linux security context with the
-/// network and IPC namespaces of the pod and a PID namespace per
-/// container (Kubernetes' defaults).
+/// `hostname`, `log_directory`, and a Linux security context with
+/// [`default_namespaces`].
 pub fn pod_config(
     name: &str,
     uid: &str,
@@ -821,12 +865,7 @@ pub fn pod_config(
         log_directory: log_directory.to_string_lossy().into_owned(),
         linux: Some(pb::LinuxPodSandboxConfig {
             security_context: Some(pb::LinuxSandboxSecurityContext {
-                namespace_options: Some(pb::NamespaceOption {
-                    network: pb::NamespaceMode::Pod as i32,
-                    pid: pb::NamespaceMode::Container as i32,
-                    ipc: pb::NamespaceMode::Pod as i32,
-                    target_id: String::new(),
-                }),
+                namespace_options: Some(default_namespaces()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -836,8 +875,10 @@ pub fn pod_config(
 }
 
 /// A minimal container config: `name`, `image`, `command` (the image's
-/// entrypoint is replaced) and `log_path` (relative to the pod's log
-/// directory).
+/// entrypoint is replaced), `log_path` (relative to the pod's log
+/// directory) and, as the kubelet sends them, the container's namespace
+/// options ([`default_namespaces`]: CRI reads the container's, not the
+/// pod's, and without them joins the sandbox's PID namespace).
 pub fn container_config(
     name: &str,
     image: &str,
@@ -854,6 +895,12 @@ pub fn container_config(
         }),
         command: command.iter().map(|s| s.to_string()).collect(),
         log_path: log_path.into(),
+        linux: Some(pb::LinuxContainerConfig {
+            security_context: Some(pb::LinuxContainerSecurityContext {
+                namespace_options: Some(default_namespaces()),
+                ..Default::default()
+            }),
+        }),
         ..Default::default()
     }
 }

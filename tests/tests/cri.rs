@@ -72,8 +72,6 @@ struct PodEnv<'a> {
     bridge: String,
     /// host-local's lease directory.
     ipam_dir: PathBuf,
-    /// `/run/netns` entries before the pod.
-    netns_before: BTreeSet<String>,
     /// `/var/lib/cni/results` entries before the pod.
     results_before: BTreeSet<String>,
 }
@@ -212,6 +210,13 @@ fn pod_checks(cri: &Cri, handler: &str, env: &PodEnv<'_>) -> Vec<String> {
         }
     };
     steps.done("RunPodSandbox");
+    // CRI's network namespace of the pod (a bind mount under /run/netns),
+    // which the leak check expects gone afterwards.
+    let netns = pod_netns(cri, &pod);
+    match &netns {
+        Ok(p) if p.exists() => eprintln!("pod {pod}: netns {}", p.display()),
+        other => fail(format!("the pod's network namespace: {other:?}")),
+    }
 
     let web_cmd = format!(
         "echo serving; mkdir -p /tmp/www && echo {PAGE} > /tmp/www/index.html \
@@ -252,6 +257,7 @@ fn pod_checks(cri: &Cri, handler: &str, env: &PodEnv<'_>) -> Vec<String> {
             Ok(()) => {}
             Err(e) => fail(e),
         }
+        steps.done("log");
     }
 
     // Bad input.
@@ -289,7 +295,7 @@ fn pod_checks(cri: &Cri, handler: &str, env: &PodEnv<'_>) -> Vec<String> {
         Err(e) => fail(format!("RemovePodSandbox: {e}")),
     }
     steps.total("pod-lifetime");
-    for l in leftovers(cri, env) {
+    for l in leftovers(cri, env, netns.ok().as_deref()) {
         fail(l);
     }
     failures
@@ -367,6 +373,15 @@ fn container_checks(
         fail,
     );
 
+    // Each container has its own PID namespace (Kubernetes' default).
+    let pid_ns = |id: &str| exec(id, &["readlink", "/proc/self/ns/pid"]).map(|r| r.stdout);
+    match (pid_ns(web), pid_ns(idle)) {
+        (Ok(a), Ok(b)) if a != b && !a.trim().is_empty() => {}
+        other => fail(format!(
+            "PID namespaces: {other:?}, want two different ones"
+        )),
+    }
+
     // The pod's IP: from the bridge's subnet, and the containers' eth0.
     match cri.pod_sandbox_status(pod) {
         Ok(s) => {
@@ -390,15 +405,6 @@ fn container_checks(
             }
         }
         Err(e) => fail(format!("PodSandboxStatus: {e}")),
-    }
-    // CRI's network namespace of the pod, the one the leak check expects
-    // gone afterwards.
-    let netns = dir_entries(Path::new("/run/netns"));
-    let pod_netns: Vec<_> = netns.difference(&env.netns_before).collect();
-    if pod_netns.len() != 1 {
-        fail(format!(
-            "new entries in /run/netns: {pod_netns:?}, want the pod's"
-        ));
     }
     if let Some(ns) = env.c.netns() {
         let inside = output_within(
@@ -466,8 +472,28 @@ fn container_checks(
     steps.done("ContainerStats");
 }
 
-/// What the pod left behind, one line each (polled for 20 s).
-fn leftovers(cri: &Cri, env: &PodEnv<'_>) -> Vec<String> {
+/// The network namespace path in the verbose PodSandboxStatus of `pod`.
+fn pod_netns(cri: &Cri, pod: &str) -> Result<PathBuf, String> {
+    let info = cri.pod_sandbox_info(pod).map_err(|e| e.to_string())?;
+    let json = info.get("info").ok_or("no `info` in the verbose status")?;
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("info: {e}"))?;
+    // containerd 1.6: the network namespace of the sandbox's runtime spec.
+    v.pointer("/runtimeSpec/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .into_iter()
+        .flatten()
+        .find(|n| n.get("type").and_then(|t| t.as_str()) == Some("network"))
+        .and_then(|n| n.get("path"))
+        .and_then(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        // /var/run is /run: the mount table names the latter.
+        .map(|p| fs::canonicalize(p).unwrap_or_else(|_| PathBuf::from(p)))
+        .ok_or_else(|| format!("no network namespace path in {json:.300}"))
+}
+
+/// What the pod (whose network namespace was `netns`) left behind, one
+/// line each (polled for 20 s).
+fn leftovers(cri: &Cri, env: &PodEnv<'_>, netns: Option<&Path>) -> Vec<String> {
     let find = || -> Vec<String> {
         let mut f = Vec::new();
         match cri.list_containers("") {
@@ -491,12 +517,16 @@ fn leftovers(cri: &Cri, env: &PodEnv<'_>) -> Vec<String> {
             l.retain(|x| !x.starts_with(d.as_str()));
         }
         f.extend(l);
-        let netns = dir_entries(Path::new("/run/netns"));
-        f.extend(
-            netns
-                .difference(&env.netns_before)
-                .map(|n| format!("netns /run/netns/{n}")),
-        );
+        if let Some(n) = netns {
+            if n.exists() {
+                f.push(format!("netns {}", n.display()));
+            }
+            f.extend(
+                leaks::mounts_under(&[n])
+                    .into_iter()
+                    .map(|m| format!("mount {m}")),
+            );
+        }
         let results = dir_entries(Path::new("/var/lib/cni/results"));
         f.extend(
             results
@@ -675,8 +705,6 @@ fn cri_pod_with_runc_and_vessel() {
     };
     let t0 = Instant::now();
     let c = Containerd::start(tmp, &tag, "cri", &opts);
-    // After containerd's own network namespace is made.
-    let netns_before = dir_entries(Path::new("/run/netns"));
     let results_before = dir_entries(Path::new("/var/lib/cni/results"));
     eprintln!(
         "cri-timing step=containerd-start ms={}",
@@ -716,7 +744,6 @@ fn cri_pod_with_runc_and_vessel() {
         release: String::new(),
         bridge,
         ipam_dir,
-        netns_before,
         results_before,
     };
     let mut handlers = vec![("runc", host_release())];
@@ -727,7 +754,17 @@ fn cri_pod_with_runc_and_vessel() {
     }
     for (handler, release) in handlers {
         env.release = release;
-        let f = pod_checks(&client, handler, &env);
+        // A VM boots in each sandbox: minutes on the slowest hosts.
+        let slow;
+        let cri = if handler == "vessel" {
+            slow = Cri::connect(&c.sock)
+                .unwrap_or_else(|e| panic!("CRI connect: {e}"))
+                .with_timeout(Duration::from_secs(300));
+            &slow
+        } else {
+            &client
+        };
+        let f = pod_checks(cri, handler, &env);
         failures.extend(f.into_iter().map(|f| format!("[{handler}] {f}")));
     }
     if !failures.is_empty() {
