@@ -28,7 +28,9 @@
 //! network namespaces, the pod's IP comes from the CNI bridge's subnet and
 //! is the containers' `eth0`, one shim process serves the pod (and with
 //! `vessel` one `vessel-vmm`), ContainerStats reports memory, the log file
-//! is in CRI's format (`<RFC3339Nano> stdout F <line>`); bad input (ExecSync
+//! is in CRI's format (`<RFC3339Nano> stdout F <line>`); StopContainer of
+//! the idle one (SIGKILL after its grace period: 137) and RemoveContainer
+//! (then NotFound); bad input (ExecSync
 //! in an unknown container: NotFound; CreateContainer in a sandbox that
 //! does not exist: an error, nothing created); StopPodSandbox,
 //! RemovePodSandbox, and then no container, sandbox, task, shim, mount,
@@ -270,6 +272,35 @@ fn pod_checks(cri: &Cri, handler: &str, env: &PodEnv<'_>) -> Vec<String> {
             Err(e) => fail(e),
         }
         steps.done("log");
+
+        // One container stopped and removed on its own: `sleep` as PID 1
+        // ignores SIGTERM, so SIGKILL ends it after the 1 s grace period.
+        let idle = ids.pop().unwrap_or_default();
+        match cri.stop_container(&idle, 1) {
+            Ok(()) => steps.done("StopContainer"),
+            Err(e) => fail(format!("StopContainer idle: {e}")),
+        }
+        match cri.container_status(&idle) {
+            Ok(s)
+                if s.state == pb::ContainerState::ContainerExited as i32 && s.exit_code == 137 => {}
+            other => fail(format!(
+                "idle after StopContainer: {other:?}, want exited, 137"
+            )),
+        }
+        match cri.remove_container(&idle) {
+            Ok(()) => steps.done("RemoveContainer"),
+            Err(e) => fail(format!("RemoveContainer idle: {e}")),
+        }
+        match cri.container_status(&idle) {
+            Err(e) if e.code == Code::NotFound => {}
+            other => fail(format!(
+                "idle after RemoveContainer: {other:?}, want NotFound"
+            )),
+        }
+        match cri.list_containers(&pod) {
+            Ok(l) if l.iter().map(|c| &c.id).eq(ids.iter()) => {}
+            other => fail(format!("containers of the pod: {other:?}, want {ids:?}")),
+        }
     }
 
     // Bad input.
