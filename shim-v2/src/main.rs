@@ -217,7 +217,7 @@ fn start(f: &Flags, args: &[OsString]) -> Result<(), ShimError> {
     std::fs::create_dir_all(SOCKET_DIR).map_err(io(format!("creating {SOCKET_DIR}")))?;
     if UnixStream::connect(&sock).is_ok() {
         // The pod's shim runs: containerd talks to it for this task too.
-        return print_address(&sock);
+        return print_address(&bundle, &sock);
     }
     // A stale socket of a dead shim (containerd retries `start`).
     let _ = std::fs::remove_file(&sock);
@@ -253,13 +253,20 @@ fn start(f: &Flags, args: &[OsString]) -> Result<(), ShimError> {
     // The daemon inherits the listener under the same number.
     cmd.env("VESSEL_SHIM_LISTEN_FD", fd.to_string());
     cmd.spawn().map_err(io("starting the shim daemon"))?;
-    print_address(&sock)
+    print_address(&bundle, &sock)
 }
 
-/// Tells containerd where the shim listens.
-fn print_address(sock: &Path) -> Result<(), ShimError> {
+/// Tells containerd where the shim listens: on stdout, and in the
+/// bundle's `address` file, which a restarted containerd reads to connect
+/// to the running shims again (as the Go shims write it).
+fn print_address(bundle: &Path, sock: &Path) -> Result<(), ShimError> {
+    let address = format!("unix://{}", sock.display());
+    let tmp = bundle.join(".address.tmp");
+    std::fs::write(&tmp, &address)
+        .and_then(|()| std::fs::rename(&tmp, bundle.join("address")))
+        .map_err(io("writing the bundle's address file"))?;
     let mut out = std::io::stdout().lock();
-    write!(out, "unix://{}", sock.display())
+    write!(out, "{address}")
         .and_then(|()| out.flush())
         .map_err(io("writing the address"))
 }

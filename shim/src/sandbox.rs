@@ -365,6 +365,22 @@ impl Sandbox {
         }
     }
 
+    /// Whether the VMM has exited (it is reaped then), waiting up to
+    /// `grace` for it: the agent's connection can close a moment before
+    /// the process is gone.
+    pub fn vmm_exited(&mut self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends one request line to the VMM's control socket.
     pub fn api(&self, request: &str) -> Result<String, SandboxError> {
         use std::io::{BufRead, BufReader, Write};

@@ -42,6 +42,27 @@ pub struct Containerd {
     /// The test's tag (see [`TAG_VAR`]).
     pub tag: String,
     ns: Option<Netns>,
+    env: Vec<(String, String)>,
+}
+
+/// Starts containerd in `ns` with the config in `dir`, its output
+/// appended to `dir/containerd.log`.
+fn spawn(ns: &Netns, dir: &Path, env: &[(String, String)]) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .expect("containerd.log");
+    let mut cmd = ns.command("containerd");
+    cmd.arg("--config").arg(dir.join("containerd.toml"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn containerd")
 }
 
 impl Containerd {
@@ -64,11 +85,13 @@ impl Containerd {
             ),
         )
         .expect("write containerd.toml");
-        let log = fs::File::create(tmp.0.join("containerd.log")).expect("containerd.log");
-        let mut cmd = ns.command("containerd");
-        cmd.arg("--config").arg(&config);
+        let mut env: Vec<(String, String)> = o
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         if o.tagged {
-            cmd.env(TAG_VAR, tag);
+            env.push((TAG_VAR.to_string(), tag.to_string()));
         }
         if let Some(bin) = o.bin {
             let path = format!(
@@ -76,33 +99,47 @@ impl Containerd {
                 bin.display(),
                 std::env::var("PATH").unwrap_or_default()
             );
-            cmd.env("PATH", path);
+            env.push(("PATH".to_string(), path));
         }
-        for (k, v) in &o.env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn containerd");
+        let child = spawn(&ns, &tmp.0, &env);
         let c = Containerd {
             tmp,
             sock,
             child: Some(child),
             tag: tag.to_string(),
             ns: Some(ns),
+            env,
         };
+        c.wait_up();
+        c
+    }
+
+    /// Stops containerd (SIGTERM; its shims and tasks live on) and starts
+    /// it again with the same configuration, as after an upgrade.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill with a pid and a signal number only.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            if crate::engines::wait_within(&mut child, Duration::from_secs(30)).is_none() {
+                eprintln!("containerd did not stop on SIGTERM within 30 s: killed");
+            }
+        }
+        let ns = self.ns.as_ref().expect("containerd's netns");
+        self.child = Some(spawn(ns, &self.tmp.0, &self.env));
+        self.wait_up();
+    }
+
+    fn wait_up(&self) {
         let up = poll_until(Duration::from_secs(60), || {
-            c.ctr(&["version"], 10).ok("version").ok().map(|_| ())
+            self.ctr(&["version"], 10).ok("version").ok().map(|_| ())
         });
         assert!(
             up.is_some(),
             "containerd did not answer within 60 s; its log:\n{}",
-            c.log()
+            self.log()
         );
-        c
     }
 
     /// containerd's pid.

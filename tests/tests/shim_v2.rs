@@ -1,8 +1,16 @@
 //! containerd 1.6 (Debian's `containerd`) runs vessel through its own shim
 //! v2, `containerd-shim-vessel-v2` (runtime `io.containerd.vessel.v2`):
 //! `ctr run --rm --runtime io.containerd.vessel.v2` of `uname -r` prints
-//! the guest kernel's release, `sh -c 'exit 3'` exits 3, and afterwards no
-//! task, container, shim, `vessel-vmm`, monitor, socket or state is left.
+//! the guest kernel's release, `sh -c 'exit 3'` exits 3; stdin reaches the
+//! task and its EOF too; a `binary://` logger gets stdout and stderr; an
+//! OOM kill shows as `/tasks/oom` in `ctr events`; `task ps`; an exec id
+//! used twice and a kill of a stopped task are refused with containerd's
+//! codes; a VM killed under a task gives exit 137; a task survives a
+//! containerd restart; a shim killed with SIGKILL is cleaned up by
+//! containerd's `shim delete`. Afterwards no task, container, shim,
+//! `vessel-vmm`, monitor, socket or state is left. (The behaviours shared
+//! with runc, exec with and without a pty, metrics, pause/resume, kill,
+//! are compared with runc's in `engine_containerd`.)
 //!
 //! The test starts its own containerd in a network namespace with its own
 //! root, state and socket (as `engine_containerd` does), with the shim on
@@ -244,6 +252,132 @@ fn shim_specifics(c: &Containerd, failures: &mut Vec<String>) {
     let _ = events.wait();
 }
 
+/// Lifetime and failure: the VM dying under a task (exit 137), a
+/// containerd restart (the shim and its task live on and answer), and a
+/// shim killed with SIGKILL (containerd's `shim delete` cleans up).
+fn lifetime_and_failure(c: &mut Containerd, failures: &mut Vec<String>) {
+    let tag = c.tag.clone();
+    let procs = |needles: &[&str]| -> Vec<i32> {
+        leaks::tagged_processes(&tag)
+            .into_iter()
+            .filter(|(_, l)| needles.iter().all(|n| l.contains(n)))
+            .map(|(p, _)| p)
+            .collect()
+    };
+    let kill9 = |pids: &[i32]| {
+        for &p in pids {
+            // SAFETY: kill with a pid and a signal number only.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    };
+    let stopped = |c: &Containerd, id: &str| {
+        poll_until(Duration::from_secs(60), || {
+            (c.status(id).ok()? == "STOPPED").then_some(())
+        })
+        .is_some()
+    };
+    let run_d = |c: &Containerd, id: &str| -> Result<(), String> {
+        c.ctr(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                id,
+                "sleep",
+                "1000",
+            ],
+            300,
+        )
+        .ok("run -d")
+        .map(|_| ())
+    };
+
+    // The VM dies (its VMM killed): the task exits 137.
+    match run_d(c, "vmdie") {
+        Err(e) => failures.push(format!("vmdie: {e}")),
+        Ok(()) => {
+            let vmms = procs(&["vessel-vmm"]);
+            kill9(&vmms);
+            let st = stopped(c, "vmdie");
+            let rm = c.ctr(&["task", "rm", "vmdie"], 60);
+            if vmms.len() != 1 || !st || !rm.stderr.contains("137") {
+                failures.push(format!(
+                    "VM killed under a task: vmms {vmms:?}, stopped {st}, {}",
+                    rm.describe("task rm")
+                ));
+            }
+            let _ = c.ctr(&["containers", "rm", "vmdie"], 60);
+        }
+    }
+
+    // containerd restarts: the task runs on and answers.
+    match run_d(c, "keep") {
+        Err(e) => failures.push(format!("keep: {e}")),
+        Ok(()) => {
+            c.restart();
+            let status = c.status("keep");
+            let exec = c.ctr(
+                &[
+                    "task",
+                    "exec",
+                    "--exec-id",
+                    "after",
+                    "keep",
+                    "echo",
+                    "still-here",
+                ],
+                60,
+            );
+            let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", "keep"], 60);
+            let st = stopped(c, "keep");
+            let rm = c.ctr(&["task", "rm", "keep"], 60);
+            if status.as_deref() != Ok("RUNNING")
+                || exec.stdout.trim() != "still-here"
+                || !st
+                || rm.code() != 0
+            {
+                let log = fs::read_to_string(c.tmp.0.join("containerd.log")).unwrap_or_default();
+                let about: Vec<&str> = log.lines().filter(|l| l.contains("keep")).collect();
+                failures.push(format!(
+                    "after a containerd restart: status {status:?}, {}, stopped {st}, {}; \
+                     containerd's log about it:\n{}",
+                    exec.describe("exec"),
+                    rm.describe("task rm"),
+                    about.join("\n")
+                ));
+            }
+            let _ = c.ctr(&["containers", "rm", "keep"], 60);
+        }
+    }
+
+    // The shim is killed: containerd runs `shim delete`, which ends the
+    // task's VM and monitor.
+    match run_d(c, "orphan") {
+        Err(e) => failures.push(format!("orphan: {e}")),
+        Ok(()) => {
+            let shim = procs(&["containerd-shim-vessel-v2", "-id orphan", "serve"]);
+            kill9(&shim);
+            let gone = poll_until(Duration::from_secs(60), || {
+                (c.status("orphan").ok().as_deref() != Some("RUNNING")).then_some(())
+            });
+            let _ = c.ctr(&["task", "rm", "-f", "orphan"], 60);
+            let _ = c.ctr(&["containers", "rm", "orphan"], 60);
+            let vmm_gone = poll_until(Duration::from_secs(30), || {
+                procs(&["vessel-vmm"]).is_empty().then_some(())
+            });
+            if shim.len() != 1 || gone.is_none() || vmm_gone.is_none() {
+                failures.push(format!(
+                    "shim killed: shim {shim:?}, task gone {gone:?}, VMM gone {vmm_gone:?}; \
+                     processes {:?}",
+                    leaks::tagged_processes(&tag)
+                ));
+            }
+        }
+    }
+}
+
 #[test]
 fn ctr_runs_tasks_through_the_vessel_shim() {
     if !kvm_available_or_skip() {
@@ -287,7 +421,7 @@ fn ctr_runs_tasks_through_the_vessel_shim() {
         tagged: true,
         ..Options::default()
     };
-    let c = Containerd::start(tmp, &tag, "shimv2", &opts);
+    let mut c = Containerd::start(tmp, &tag, "shimv2", &opts);
     c.import_busybox(&work, "default");
 
     let run = |id: &str, cmd: &[&str]| -> Timed {
@@ -314,6 +448,7 @@ fn ctr_runs_tasks_through_the_vessel_shim() {
         ));
     }
     shim_specifics(&c, &mut failures);
+    lifetime_and_failure(&mut c, &mut failures);
     let (tasks, containers) = (c.list("task"), c.list("containers"));
     if !tasks.is_empty() || !containers.is_empty() {
         failures.push(format!("left: tasks {tasks:?}, containers {containers:?}"));

@@ -240,6 +240,12 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
         {
             128 + libc::SIGKILL
         }
+        // The VM died under the container (its VMM killed, a guest kernel
+        // panic): every process in it is gone, as after SIGKILL.
+        Err(e) if m.sb.vmm_exited(Duration::from_secs(2)) => {
+            tracing::warn!("{id}: the VM stopped under the container ({e})");
+            128 + libc::SIGKILL
+        }
         Err(e) => {
             tracing::error!("{id}: waiting for the container: {e}");
             255
