@@ -6,9 +6,12 @@
 //! systems (a file written on the host in the second rootfs is seen by the
 //! second container only); its files are mounted in the VMM's mount
 //! namespace only, and unmounted by its delete; kill + delete of the
-//! second container leaves the sandbox running; a sandbox that does not
-//! exist is a clear error that leaves nothing; at the end no VMM, state,
-//! socket or mount is left.
+//! second container leaves the sandbox running; its bind mounts, pause,
+//! resume and ps work; a third container joins the sandbox's pid and
+//! network namespaces and exits with 137 when the sandbox's VM is killed;
+//! a sandbox that does not exist, or one that is itself a member, is a
+//! clear error that leaves nothing; at the end no VMM, state, socket or
+//! mount is left.
 //!
 //! Needs Debian's `busybox-static` (`/bin/busybox`).
 
@@ -81,6 +84,17 @@ fn a_second_container_runs_in_the_sandbox_vm() {
     // name is the sandbox's: no hostname of its own), a mount and pid
     // namespace of its own.
     s2.as_object_mut().unwrap().remove("hostname");
+    // Host bind mounts of its own (engines give /etc/hosts and volumes so).
+    let (vol, greeting) = (env.tmp.join("vol"), env.tmp.join("greeting"));
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(&greeting, "hello bind\n").unwrap();
+    let mounts = s2["mounts"].as_array_mut().unwrap();
+    mounts.push(json!({"destination": "/vol", "type": "bind", "source": vol,
+                       "options": ["rbind", "rw"]}));
+    mounts.push(
+        json!({"destination": "/etc/greeting", "type": "bind", "source": greeting,
+                       "options": ["bind", "ro"]}),
+    );
     s2["linux"]["namespaces"] = json!([
         {"type": "pid"}, {"type": "mount"}, {"type": "network"},
         {"type": "ipc", "path": format!("/proc/{sb_pid}/ns/ipc")},
@@ -124,6 +138,25 @@ fn a_second_container_runs_in_the_sandbox_vm() {
     assert_eq!(exec(&env, "c2", &["cat", "/tmp/from-host"]), "hello pod");
     let o = env.output(&["exec", "sb", "cat", "/tmp/from-host"]);
     assert!(!o.status.success(), "the sandbox sees c2's file");
+    // Its bind mounts: read-only and read-write, written through to the host.
+    assert_eq!(exec(&env, "c2", &["cat", "/etc/greeting"]), "hello bind");
+    exec(&env, "c2", &["sh", "-c", "echo from-c2 > /vol/out"]);
+    assert_eq!(
+        std::fs::read_to_string(vol.join("out")).unwrap(),
+        "from-c2\n"
+    );
+    let o = env.output(&["exec", "c2", "sh", "-c", "echo x > /etc/greeting"]);
+    assert!(!o.status.success(), "a read-only bind is writable");
+    // Pause, resume and ps reach the member in the sandbox's VM.
+    env.ok(&["pause", "c2"]);
+    assert_eq!(env.state("c2")["status"], "paused");
+    env.ok(&["resume", "c2"]);
+    let (ps, _) = env.ok(&["ps", "--format", "json", "c2"]);
+    let pids: Vec<i32> = serde_json::from_str(&ps).expect("ps JSON");
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // A member cannot be a sandbox.
+    let e = env.fails(&["create", "--sandbox", "c2", "--bundle", &b_bad, "c9"]);
+    assert!(e.contains("runs in the sandbox of sb"), "{e}");
 
     // Killing and deleting the second container leaves the sandbox running.
     env.ok(&["kill", "c2", "KILL"]);
@@ -139,9 +172,45 @@ fn a_second_container_runs_in_the_sandbox_vm() {
     assert_eq!(exec(&env, "sb", &["cat", "/proc/self/comm"]), "cat");
     assert_eq!(env.vmms(), vmms);
 
-    // The whole pod goes.
+    // A third container joins the sandbox's pid namespace (a pod sharing
+    // its process namespace) and the pod's network namespace, given as CRI
+    // does (a CNI path on the host): its pid 1 is the sandbox's init.
+    let mut s3 = runc_spec(&r2, &["sleep", "1000"]);
+    s3.as_object_mut().unwrap().remove("hostname");
+    s3["linux"]["namespaces"] = json!([
+        {"type": "mount"}, {"type": "uts"}, {"type": "ipc"},
+        {"type": "pid", "path": format!("/proc/{sb_pid}/ns/pid")},
+        {"type": "network", "path": "/var/run/netns/cni-pod-test"},
+    ]);
+    let b3 = env.write_bundle("b-c3", &s3);
+    let c3_pidfile = env.tmp.join("c3.pid");
+    let (st, err) = env.detached(&[
+        "create",
+        "--sandbox",
+        "sb",
+        "--bundle",
+        &b3,
+        "--pid-file",
+        &c3_pidfile.to_string_lossy(),
+        "c3",
+    ]);
+    assert!(st.success(), "create --sandbox sb c3: {err}");
+    env.ok(&["start", "c3"]);
+    let c3_pid = read_pid(&c3_pidfile);
+    assert_eq!(
+        exec(&env, "c3", &["cat", "/proc/1/cmdline"]),
+        "sleep\u{0}1000\u{0}".trim()
+    );
+    assert_eq!(ns("sb", "pid"), ns("c3", "pid"));
+    assert_eq!(ns("sb", "net"), ns("c3", "net"));
+    assert_ne!(ns("sb", "ipc"), ns("c3", "ipc"));
+
+    // The whole pod goes: ending the VM ends the member too (137).
     env.ok(&["kill", "sb", "KILL"]);
     assert_eq!(reap(sb_pid, Duration::from_secs(60)), 137);
+    assert_eq!(reap(c3_pid, Duration::from_secs(60)), 137);
+    assert_eq!(env.state("c3")["status"], "stopped");
+    env.ok(&["delete", "c3"]);
     env.ok(&["delete", "sb"]);
     assert!(env.vmms().is_empty(), "VMMs left behind");
     assert!(env.root_entries().is_empty(), "{:?}", env.root_entries());
