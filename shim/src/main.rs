@@ -192,8 +192,11 @@ enum Command {
         #[arg(long)]
         console_socket: Option<PathBuf>,
         /// A pod member: the sandbox container whose VM runs it.
-        #[arg(long)]
+        #[arg(long, requires = "stage")]
         sandbox: Option<String>,
+        /// A pod member: its directory in the sandbox's share of mounts.
+        #[arg(long, requires = "sandbox")]
+        stage: Option<String>,
     },
     /// Internal: runs one detached exec (started by `exec --detach`).
     #[command(hide = true)]
@@ -367,13 +370,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ready_fd,
             console_socket,
             sandbox,
+            stage,
         } => {
             let console = console_socket.as_deref();
-            Ok(ExitCode::from(match sandbox {
-                Some(sb) => {
-                    vessel_shim::runtime::pod::run_member(&rt, id, sb, bundle, console, *ready_fd)
+            Ok(ExitCode::from(match (sandbox, stage) {
+                (Some(sandbox), Some(stage)) => {
+                    let pod = vessel_shim::state::PodMember {
+                        sandbox: sandbox.clone(),
+                        stage: stage.clone(),
+                    };
+                    vessel_shim::runtime::pod::run_member(&rt, id, &pod, bundle, console, *ready_fd)
                 }
-                None => monitor::run(&rt, id, bundle, console, *ready_fd),
+                _ => monitor::run(&rt, id, bundle, console, *ready_fd),
             }))
         }
         Command::ExecMonitor(a) => Ok(ExitCode::from(exec::monitor(

@@ -123,7 +123,11 @@ fn a_second_container_runs_in_the_sandbox_vm() {
     assert_eq!(env.state("c2")["status"], "running");
     assert_eq!(env.vmms(), vmms, "one VMM for the pod");
     // Its files are mounted in the VMM's mount namespace, not in ours.
-    let stage = format!("/sb/mounts/c{c2_pid}/rootfs");
+    let stage = env.state("c2")["pod"]["stage"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stage = format!("/sb/mounts/{stage}/rootfs");
     assert_eq!(mounts_of(vmms[0], &stage).len(), 1, "{stage}");
     assert!(mounts_of(std::process::id() as i32, &stage).is_empty());
 

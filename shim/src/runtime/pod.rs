@@ -16,7 +16,7 @@
 //! devices, and a template fixes the tags, so a member's files go through
 //! the sandbox's existing share of host bind mounts ([`MOUNTS_TAG`], the
 //! staging directory `<root>/<sandbox>/mounts`): the member gets the
-//! directory `<stage>/c<monitor pid>/` there, with `rootfs/` and `m/<n>`
+//! directory `<stage>/c<pid>-<time>/` there, with `rootfs/` and `m/<n>`
 //! (its bind mounts) as mount points. The sources are mounted on them
 //! *only in the VMM's private mount namespace* (where its FUSE server
 //! resolves paths): `open_tree(OPEN_TREE_CLONE)` in ours, then a forked
@@ -27,7 +27,7 @@
 //! directory. No shared-propagation mount is needed. The guest mounts the
 //! share at [`GUEST_MOUNTS`] once (recorded by
 //! [`super::monitor::GUEST_MOUNTS_FILE`]) and the agent pivots into
-//! `/run/vessel/mounts/c<pid>/rootfs`. Members get no DAX window (the
+//! `/run/vessel/mounts/<that name>/rootfs`. Members get no DAX window (the
 //! rootfs share's window is the sandbox's).
 //!
 //! **Namespaces.** A member's `linux.namespaces[].path` that names the
@@ -69,9 +69,16 @@ use crate::binds;
 use crate::bundle::Bundle;
 use crate::state::{self, ContainerState, PodMember, StateError, Status};
 
-/// The name of a member's directory in the sandbox's staging directory.
-fn stage_name(monitor_pid: u32) -> String {
-    format!("c{monitor_pid}")
+/// A new name for a member's directory in the sandbox's staging
+/// directory: never the name of an earlier member (the guest may have
+/// cached entries of that one), known before the monitor starts (so a
+/// failed create can remove what the monitor made).
+fn new_stage_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("c{}-{nanos:x}", std::process::id())
 }
 
 /// The `/proc/PID/ns/` file of namespace type `typ` (spec names).
@@ -213,6 +220,10 @@ impl Runtime {
         crate::hooks::refuse_in_container(&b.spec)?;
         self.sandbox_of(sandbox)?;
         let (_dir, lock) = self.store.create(id)?;
+        let pod = PodMember {
+            sandbox: sandbox.into(),
+            stage: new_stage_name(),
+        };
         let mut child: Option<Child> = None;
         let result = (|| -> Result<()> {
             let args = vec![
@@ -222,6 +233,8 @@ impl Runtime {
                 b.dir.clone().into(),
                 "--sandbox".into(),
                 sandbox.into(),
+                "--stage".into(),
+                pod.stage.clone().into(),
             ];
             let c = self.launcher.start(
                 &args,
@@ -232,11 +245,7 @@ impl Runtime {
                 "the monitor exited before the container was created",
             )?;
             let c = child.insert(c);
-            let pod = PodMember {
-                sandbox: sandbox.into(),
-                stage: stage_name(c.id()),
-            };
-            self.save_created(id, b, o, c.id(), &lock, None, Some(pod))
+            self.save_created(id, b, o, c.id(), &lock, None, Some(pod.clone()))
         })();
         match (result, child) {
             (Ok(()), Some(c)) => Ok(c),
@@ -245,13 +254,9 @@ impl Runtime {
                 if let Some(mut c) = c {
                     let _ = c.kill();
                     let _ = c.wait();
-                    // It said `ok`: the container exists in the guest.
-                    let pod = PodMember {
-                        sandbox: sandbox.into(),
-                        stage: stage_name(c.id()),
-                    };
-                    self.remove_member(id, &pod);
                 }
+                // Whatever a monitor that said `ok`, or died half-way, left.
+                self.remove_member(id, &pod);
                 let _ = self.store.remove(id, lock);
                 Err(e)
             }
@@ -372,10 +377,13 @@ impl Runtime {
 fn setup_member(
     rt: &Runtime,
     id: &str,
-    sandbox: &str,
+    pod: &PodMember,
     bundle: &Path,
     console: Option<&Path>,
 ) -> Result<Member> {
+    let sandbox = pod.sandbox.as_str();
+    // One plain name (the same rule as ids).
+    state::validate_id(&pod.stage)?;
     let t0 = Instant::now();
     let b = Bundle::load(bundle)?;
     let (sb, vmm) = rt.sandbox_of(sandbox)?;
@@ -394,11 +402,7 @@ fn setup_member(
     if b.readonly {
         binds::make_mount_points(&spec, &b.dir, &b.rootfs)?;
     }
-    let pod = PodMember {
-        sandbox: sandbox.into(),
-        stage: stage_name(std::process::id()),
-    };
-    let stage = rt.member_stage(&pod)?;
+    let stage = rt.member_stage(pod)?;
     let guest = format!("{GUEST_MOUNTS}/{}", pod.stage);
     let made = (|| -> Result<stdio::Relays> {
         let _ = std::fs::remove_dir_all(&stage);
@@ -447,27 +451,28 @@ fn setup_member(
     match made {
         Ok(relays) => Ok(Member { client, relays }),
         Err(e) => {
-            rt.remove_member(id, &pod);
+            rt.remove_member(id, pod);
             Err(e)
         }
     }
 }
 
-/// The hidden `vessel monitor ID --sandbox SB` command: creates member
-/// `id` in `sandbox`'s VM, reports on `ready_fd`, waits for its init and
-/// returns its exit code (137 when the VM went away).
+/// The hidden `vessel monitor ID --sandbox SB --stage NAME` command:
+/// creates member `id` in `pod`'s VM, reports on `ready_fd`, waits for
+/// its init and returns its exit code (137 when the VM went away).
 pub fn run_member(
     rt: &Runtime,
     id: &str,
-    sandbox: &str,
+    pod: &PodMember,
     bundle: &Path,
     console: Option<&Path>,
     ready_fd: std::os::fd::RawFd,
 ) -> u8 {
+    let sandbox = &pod.sandbox;
     let Some(ready) = take_ready_fd(ready_fd) else {
         return 1;
     };
-    let Some(mut m) = report_ready(ready, setup_member(rt, id, sandbox, bundle, console)) else {
+    let Some(mut m) = report_ready(ready, setup_member(rt, id, pod, bundle, console)) else {
         return 1;
     };
     let status = match m
