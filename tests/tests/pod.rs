@@ -9,6 +9,7 @@
 //! second container leaves the sandbox running; its bind mounts, pause,
 //! resume and ps work; a third container joins the sandbox's pid and
 //! network namespaces and exits with 137 when the sandbox's VM is killed;
+//! a member the guest refuses after its files were mounted leaves nothing;
 //! a sandbox that does not exist, or one that is itself a member, is a
 //! clear error that leaves nothing; at the end no VMM, state, socket or
 //! mount is left.
@@ -158,6 +159,27 @@ fn a_second_container_runs_in_the_sandbox_vm() {
     let (ps, _) = env.ok(&["ps", "--format", "json", "c2"]);
     let pids: Vec<i32> = serde_json::from_str(&ps).expect("ps JSON");
     assert_eq!(pids.len(), 1, "{pids:?}");
+    // A member the guest refuses (after its files were mounted in the
+    // VMM): a clear error, and nothing of it is left.
+    let mut bad = runc_spec(&r2, &["true"]);
+    bad["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "/vol", "type": "bind", "source": vol,
+                     "options": ["rbind", "rw"]}));
+    bad["linux"]["sysctl"] = json!({"vm.overcommit_memory": "1"});
+    let b_refused = env.write_bundle("b-refused", &bad);
+    let e = env.fails(&["create", "--sandbox", "sb", "--bundle", &b_refused, "c4"]);
+    assert!(e.contains("not in a separate kernel namespace"), "{e}");
+    let mut left = env.root_entries();
+    left.sort();
+    assert_eq!(left, ["c2", "sb"]);
+    let staged: Vec<_> = std::fs::read_dir(env.root.join("sb/mounts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    assert_eq!(mounts_of(vmms[0], "/sb/mounts/").len(), 3);
     // A member cannot be a sandbox.
     let e = env.fails(&["create", "--sandbox", "c2", "--bundle", &b_bad, "c9"]);
     assert!(e.contains("runs in the sandbox of sb"), "{e}");
