@@ -296,6 +296,21 @@ impl Runtime {
         }
     }
 
+    /// The ids of the members of sandbox `sandbox` that still exist
+    /// (whatever their status), sorted.
+    pub fn members(&self, sandbox: &str) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .ids()?
+            .into_iter()
+            .filter(|id| {
+                self.store
+                    .load(id)
+                    .is_ok_and(|s| s.pod.is_some_and(|p| p.sandbox == sandbox))
+            })
+            .collect())
+    }
+
     /// The host directory of member `pod`'s mount points.
     fn member_stage(&self, pod: &PodMember) -> Result<PathBuf> {
         Ok(self
@@ -494,6 +509,66 @@ pub fn run_member(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn members_are_the_entries_naming_the_sandbox() {
+        let root = std::env::temp_dir().join(format!("vessel-pod-members-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let store = state::Store::with_run_dir(&root, root.join("run"));
+        let rt = Runtime {
+            store: store.clone(),
+            cfg: crate::config::Config::defaults(Path::new("/nonexistent")),
+            launcher: super::super::Launcher {
+                exe: "/nonexistent".into(),
+                globals: Vec::new(),
+            },
+            systemd_cgroup: false,
+        };
+        for (id, sandbox) in [
+            ("sb", None),
+            ("a", Some("sb")),
+            ("b", Some("other")),
+            ("c", Some("sb")),
+        ] {
+            let (_, lock) = store.create(id).unwrap();
+            let s = ContainerState {
+                oci_version: state::OCI_VERSION.into(),
+                id: id.into(),
+                pid: 0,
+                status: Status::Stopped,
+                bundle: "/b".into(),
+                rootfs: "/b/rootfs".into(),
+                created: String::new(),
+                owner: String::new(),
+                annotations: Default::default(),
+                exit_status: None,
+                pid_start: None,
+                host_cgroup: None,
+                hooks: None,
+                pod: sandbox.map(|sb| PodMember {
+                    sandbox: sb.into(),
+                    stage: format!("c-{id}"),
+                }),
+            };
+            store.save(&s, &lock).unwrap();
+        }
+        assert_eq!(rt.members("sb").unwrap(), ["a", "c"]);
+        assert!(rt.members("a").unwrap().is_empty());
+        // A member's agent is its sandbox's.
+        assert_eq!(rt.vsock_path("a").unwrap(), rt.vsock_path("sb").unwrap());
+        assert_ne!(rt.vsock_path("b").unwrap(), rt.vsock_path("sb").unwrap());
+        // An unknown sandbox is its own error.
+        assert!(matches!(
+            rt.sandbox_of("nosuch"),
+            Err(RuntimeError::NoSandbox(_))
+        ));
+        assert!(rt
+            .sandbox_of("a")
+            .unwrap_err()
+            .to_string()
+            .contains("runs in the sandbox of sb"));
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn namespace_paths_of_the_sandbox_become_guest_paths() {
