@@ -20,11 +20,13 @@
 
 mod mount;
 mod service;
+mod stdio;
 
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -178,11 +180,28 @@ fn state_root(namespace: &str) -> PathBuf {
         .join(namespace)
 }
 
-/// The task socket of (containerd address, namespace, id), as the Go
-/// shims derive theirs.
-fn socket_path(f: &Flags) -> PathBuf {
+/// The annotation CRI puts on every container of a pod (the sandbox's
+/// own included): the pod's sandbox id.
+const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// The id a task's shim is shared by: its pod's sandbox id when CRI
+/// created it (so one shim serves the whole pod, as containerd's runc
+/// shim groups them), else its own.
+fn group_id(f: &Flags, bundle: &Path) -> String {
+    let spec = std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    spec.as_ref()
+        .and_then(|s| s["annotations"][SANDBOX_ID_ANNOTATION].as_str())
+        .filter(|g| vessel_shim::state::validate_id(g).is_ok())
+        .map_or_else(|| f.id.clone(), str::to_string)
+}
+
+/// The task socket of (containerd address, namespace, group id), as the
+/// Go shims derive theirs.
+fn socket_path(f: &Flags, group: &str) -> PathBuf {
     let mut h = Sha256::new();
-    h.update(format!("{}/{}/{}", f.address, f.namespace, f.id));
+    h.update(format!("{}/{}/{}", f.address, f.namespace, group));
     let hex: String = h.finalize()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -193,12 +212,16 @@ fn socket_path(f: &Flags) -> PathBuf {
 /// `start`: binds the socket, spawns the daemon with it, prints the
 /// address.
 fn start(f: &Flags, args: &[OsString]) -> Result<(), ShimError> {
-    let sock = socket_path(f);
+    let bundle = f.bundle()?;
+    let sock = socket_path(f, &group_id(f, &bundle));
     std::fs::create_dir_all(SOCKET_DIR).map_err(io(format!("creating {SOCKET_DIR}")))?;
+    if UnixStream::connect(&sock).is_ok() {
+        // The pod's shim runs: containerd talks to it for this task too.
+        return print_address(&sock);
+    }
     // A stale socket of a dead shim (containerd retries `start`).
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).map_err(io(format!("binding {}", sock.display())))?;
-    let bundle = f.bundle()?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -230,11 +253,15 @@ fn start(f: &Flags, args: &[OsString]) -> Result<(), ShimError> {
     // The daemon inherits the listener under the same number.
     cmd.env("VESSEL_SHIM_LISTEN_FD", fd.to_string());
     cmd.spawn().map_err(io("starting the shim daemon"))?;
+    print_address(&sock)
+}
+
+/// Tells containerd where the shim listens.
+fn print_address(sock: &Path) -> Result<(), ShimError> {
     let mut out = std::io::stdout().lock();
     write!(out, "unix://{}", sock.display())
         .and_then(|()| out.flush())
-        .map_err(io("writing the address"))?;
-    Ok(())
+        .map_err(io("writing the address"))
 }
 
 /// `delete`: what is left of a task whose shim died: the container (its
@@ -246,7 +273,10 @@ fn delete(f: &Flags) -> Result<(), ShimError> {
         tracing::warn!("{}: {e}", f.id);
     }
     mount::unmount_rootfs(&bundle);
-    let _ = std::fs::remove_file(socket_path(f));
+    let sock = socket_path(f, &group_id(f, &bundle));
+    if UnixStream::connect(&sock).is_err() {
+        let _ = std::fs::remove_file(sock);
+    }
     let _ = std::fs::remove_dir(state_root(&f.namespace));
     let mut r = DeleteResponse::new();
     r.exit_status = 137;
@@ -271,7 +301,13 @@ fn serve(f: &Flags) -> Result<(), ShimError> {
         .clone()
         .ok_or_else(|| ShimError::Usage("serve needs -socket".into()))?;
     let rt = runtime(&f.namespace)?;
-    let svc = service::Service::new(rt, f.namespace.clone(), sock.clone());
+    // The socket file this daemon owns: once it is gone (Shutdown), a new
+    // shim for the same id may bind the path again, and ours must not
+    // take that one away.
+    let ino = std::fs::metadata(&sock)
+        .map_err(io(format!("reading {}", sock.display())))?
+        .ino();
+    let svc = service::Service::new(rt, f.namespace.clone(), sock.clone(), ino);
     let methods = containerd_shim_protos::create_task(std::sync::Arc::new(svc.clone()));
     let mut server = containerd_shim_protos::ttrpc::Server::new()
         .add_listener(fd)?
@@ -279,7 +315,7 @@ fn serve(f: &Flags) -> Result<(), ShimError> {
     server.start()?;
     svc.wait_shutdown();
     server.shutdown();
-    let _ = std::fs::remove_file(&sock);
+    svc.remove_socket();
     // The namespace's state root, if no other shim uses it.
     let _ = std::fs::remove_dir(state_root(&f.namespace));
     Ok(())

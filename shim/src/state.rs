@@ -191,6 +191,9 @@ pub struct ContainerState {
     /// vessel: the container init's exit status once stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// vessel: the init was killed by the OOM killer of its cgroup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom_killed: bool,
     /// vessel: the start time of `pid` (field 22 of `/proc/PID/stat`), so
     /// a recycled pid is never taken for the container's monitor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -501,6 +504,7 @@ mod tests {
             owner: String::new(),
             annotations: Default::default(),
             exit_status: None,
+            oom_killed: false,
             pid_start: None,
             host_cgroup: None,
             hooks: None,

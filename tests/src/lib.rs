@@ -15,6 +15,8 @@ use vessel_proto::{AGENT_PORT, READY_PORT};
 
 pub mod cli;
 pub mod containerd;
+#[cfg(feature = "cri")]
+pub mod cri;
 pub mod docker;
 pub mod engines;
 pub mod fsread;

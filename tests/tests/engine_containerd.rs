@@ -1,7 +1,10 @@
 //! containerd 1.6 (Debian's `containerd`) with its default configuration
 //! runs vessel through `ctr run --runc-binary <wrapper>`: every behaviour
 //! below is run once with runc and once with vessel, and the two are
-//! compared: same stdout, same exit status, same task states.
+//! compared: same stdout, same exit status, same task states. The same
+//! behaviours are then run through vessel's own shim v2
+//! (`ctr run --runtime io.containerd.vessel.v2`, the shim found on
+//! containerd's PATH) and compared with runc's again.
 //!
 //! The test starts its own containerd inside a network namespace it
 //! created (entered with `nsenter --net`, see `engines::Netns`) with its
@@ -116,22 +119,20 @@ fn on_pty(mut cmd: Command, secs: u64) -> Result<String, String> {
     Ok(format!("{} exit={code}", lines.join("|")))
 }
 
-/// Every behaviour with the runtime binary `bin` (a wrapper); `rt` names
-/// it in ids and file names.
-fn behaviours(c: &Containerd, rt: &str, bin: &Path, hostdir: &Path, runc_root: &Path) -> Observed {
+/// Every behaviour with the runtime that `ctr run` flags `runtime` select
+/// (the runc shim with a wrapper as its runc binary, or vessel's shim v2);
+/// `rt` names it in ids and file names.
+fn behaviours(c: &Containerd, rt: &str, runtime: &[String], hostdir: &Path) -> Observed {
     let mut out: Observed = Vec::new();
-    let bin_s = bin.to_string_lossy().into_owned();
-    let root_s = runc_root.to_string_lossy().into_owned();
-    let runtime = ["--runc-binary", &bin_s, "--runc-root", &root_s];
     let bind = format!(
         "type=bind,src={},dst=/x,options=rbind:ro",
         hostdir.display()
     );
     let with = |pre: &[&str], post: &[&str]| -> Vec<String> {
         pre.iter()
-            .chain(runtime.iter())
-            .chain(post.iter())
             .map(|s| s.to_string())
+            .chain(runtime.iter().cloned())
+            .chain(post.iter().map(|s| s.to_string()))
             .collect()
     };
 
@@ -361,17 +362,62 @@ fn containerd_runs_vessel_like_runc() {
     let work = tmp.0.join("image");
     fs::create_dir_all(&work).expect("mkdir image");
 
+    // containerd finds vessel's shim v2 on its PATH; the shim runs the
+    // `vessel` next to it with the wrapper pair's configuration. The tag
+    // in containerd's environment reaches every shim and what they start.
+    let release = vessel_tests::workspace_root().join("target/release");
+    let shim = release.join("containerd-shim-vessel-v2");
+    assert!(
+        shim.exists(),
+        "{} missing (run `cargo xtask build`)",
+        shim.display()
+    );
+    let bin = tmp.0.join("bin");
+    fs::create_dir_all(&bin).expect("mkdir bin");
+    std::os::unix::fs::symlink(&shim, bin.join("containerd-shim-vessel-v2")).expect("symlink");
+    let shim_root = tmp.0.join("shim-root");
+
     let t0 = Instant::now();
     let tmp_path = tmp.0.clone();
-    let c = Containerd::start(tmp, &tag, "containerd", &Options::default());
+    let opts = Options {
+        bin: Some(&bin),
+        env: vec![
+            ("VESSEL_CONFIG", pair.config.display().to_string()),
+            ("VESSEL_SHIM_ROOT", shim_root.display().to_string()),
+        ],
+        tagged: true,
+        ..Options::default()
+    };
+    let c = Containerd::start(tmp, &tag, "containerd", &opts);
     c.import_busybox(&work, "default");
 
-    let runc_seen = behaviours(&c, "runc", &w_runc.path, &hostdir, &runc_root);
-    let vessel_seen = behaviours(&c, "vessel", &w_vessel.path, &hostdir, &vessel_root);
+    let shim_flags = |bin: &Path, root: &Path| -> Vec<String> {
+        vec![
+            "--runc-binary".into(),
+            bin.display().to_string(),
+            "--runc-root".into(),
+            root.display().to_string(),
+        ]
+    };
+    let runc_seen = behaviours(&c, "runc", &shim_flags(&w_runc.path, &runc_root), &hostdir);
+    let vessel_seen = behaviours(
+        &c,
+        "vessel",
+        &shim_flags(&w_vessel.path, &vessel_root),
+        &hostdir,
+    );
+    let v2 = [
+        "--runtime".to_string(),
+        "io.containerd.vessel.v2".to_string(),
+    ];
+    let v2_seen = behaviours(&c, "v2", &v2, &hostdir);
 
     let mut checks = Checks::new();
     for ((name, r), (_, v)) in runc_seen.iter().zip(vessel_seen.iter()) {
         checks.record(name, compare(r, v));
+    }
+    for ((name, r), (_, v)) in runc_seen.iter().zip(v2_seen.iter()) {
+        checks.record(&format!("shim v2: {name}"), compare(r, v));
     }
     checks.run("ctr containers and tasks empty", || {
         let (t, k) = (c.list("task"), c.list("containers"));
@@ -381,12 +427,18 @@ fn containerd_runs_vessel_like_runc() {
     });
     // The shim passes --root <runc-root>/<namespace>.
     let vroot = vessel_root.join("default");
+    // containerd itself carries the tag.
+    let daemon = c.pid().map(|p| format!("process {p}:"));
+    let find = || {
+        let mut f = leaks::find(&tag, &[], &[&vroot, &shim_root.join("default")]);
+        if let Some(d) = &daemon {
+            f.retain(|l| !l.starts_with(d.as_str()));
+        }
+        f
+    };
     checks.run("nothing left behind", || {
-        let found = poll_until(Duration::from_secs(20), || {
-            let f = leaks::find(&tag, &[], &[&vroot]);
-            f.is_empty().then_some(())
-        });
-        found.ok_or_else(|| format!("{:?}", leaks::find(&tag, &[], &[&vroot])))
+        let found = poll_until(Duration::from_secs(20), || find().is_empty().then_some(()));
+        found.ok_or_else(|| format!("{:?}", find()))
     });
     eprintln!("vessel verbs the shim used: {:?}", w_vessel.verbs());
     for call in w_vessel.calls() {

@@ -13,10 +13,11 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vessel_tests::containerd::{Containerd, Options, IMAGE};
-use vessel_tests::engines::{leaks, poll_until, require_tools, Timed};
+use vessel_tests::engines::{leaks, poll_until, require_tools, wait_within, Timed};
 use vessel_tests::{kvm_available_or_skip, workspace_root, Artifacts, TempDir};
 
 const RUNTIME: &str = "io.containerd.vessel.v2";
@@ -48,6 +49,199 @@ fn shim_sockets(known: &[String]) -> Vec<String> {
         .map(|p| format!("socket {p}"))
         .filter(|s| !known.contains(s))
         .collect()
+}
+
+/// Runs `cmd` with `input` on its stdin (then closed), output captured,
+/// for at most `secs`.
+fn with_stdin(mut cmd: Command, input: &str, secs: u64) -> Result<(i32, String), String> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(input.as_bytes());
+    }
+    let mut out = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(o) = out.as_mut() {
+            let _ = std::io::Read::read_to_string(o, &mut s);
+        }
+        s
+    });
+    let st = wait_within(&mut child, Duration::from_secs(secs))
+        .ok_or_else(|| format!("did not exit within {secs} s"))?;
+    let out = reader.join().unwrap_or_default();
+    Ok((st.code().unwrap_or(-1), out))
+}
+
+/// What only the shim v2 path has (the behaviours shared with runc are
+/// compared in `engine_containerd`): stdin EOF, a `binary://` logger, a
+/// TaskOOM event, `task ps`, and the errors of bad requests.
+fn shim_specifics(c: &Containerd, failures: &mut Vec<String>) {
+    let events_log = c.tmp.0.join("events.log");
+    let mut events = c
+        .ctr_cmd(&["events"])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&events_log).expect("events.log"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ctr events");
+
+    // stdin: ctr closes its end of the FIFO at EOF of its own; cat ends.
+    let cmd = c.ctr_cmd(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "stdin",
+        "sh",
+        "-c",
+        "cat; echo after-eof",
+    ]);
+    match with_stdin(cmd, "from-stdin\n", 300) {
+        Ok((0, out)) if out == "from-stdin\nafter-eof\n" => {}
+        other => failures.push(format!("run with stdin then EOF: {other:?}")),
+    }
+
+    // binary:// logger: fd 3 and 4 are the task's stdout and stderr.
+    let logger = c.tmp.0.join("logger.sh");
+    let logged = c.tmp.0.join("logged");
+    fs::write(
+        &logger,
+        "#!/bin/sh\ncat <&3 5>&- > \"$2.out\" &\ncat <&4 5>&- > \"$2.err\" &\nexec 5>&-\nwait\n",
+    )
+    .expect("write logger");
+    fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod logger");
+    let uri = format!("binary://{}?path={}", logger.display(), logged.display());
+    let t = c.ctr(
+        &[
+            "run",
+            "--rm",
+            "--log-uri",
+            &uri,
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "logged",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2",
+        ],
+        300,
+    );
+    let read = |ext: &str| fs::read_to_string(logged.with_extension(ext)).unwrap_or_default();
+    let got = poll_until(Duration::from_secs(10), || {
+        (read("out") == "to-out\n" && read("err") == "to-err\n").then_some(())
+    });
+    if t.code() != 0 || got.is_none() {
+        failures.push(format!(
+            "binary:// logger: {}; out {:?} err {:?}",
+            t.describe("run"),
+            read("out"),
+            read("err")
+        ));
+    }
+
+    // OOM: a shell that doubles a string until its 32 MiB limit kills it.
+    let t = c.ctr(
+        &[
+            "run",
+            "--rm",
+            "--memory-limit",
+            "33554432",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "oom",
+            "sh",
+            "-c",
+            "x=aaaaaaaa; while :; do x=$x$x; done",
+        ],
+        300,
+    );
+    let oom = poll_until(Duration::from_secs(10), || {
+        let l = fs::read_to_string(&events_log).unwrap_or_default();
+        l.lines()
+            .any(|l| l.contains("/tasks/oom") && l.contains("\"oom\""))
+            .then_some(())
+    });
+    if t.code() != 137 || oom.is_none() {
+        failures.push(format!(
+            "OOM kill: {} (want 137); events: {:?}",
+            t.describe("run"),
+            fs::read_to_string(&events_log).unwrap_or_default()
+        ));
+    }
+
+    // A running task: a duplicate exec id, `task ps`, then kill of the
+    // stopped task. (ctr 1.6 has no `task update`: Update is driven by
+    // the CRI test.)
+    let t = c.ctr(
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "upd",
+            "sleep",
+            "1000",
+        ],
+        300,
+    );
+    if let Err(e) = t.ok("run -d") {
+        failures.push(e);
+    } else {
+        let first = c.ctr(
+            &[
+                "task",
+                "exec",
+                "-d",
+                "--exec-id",
+                "dup",
+                "upd",
+                "sleep",
+                "100",
+            ],
+            60,
+        );
+        let second = c.ctr(
+            &["task", "exec", "-d", "--exec-id", "dup", "upd", "true"],
+            60,
+        );
+        if first.code() != 0 || second.code() == 0 || !second.stderr.contains("already exists") {
+            failures.push(format!(
+                "exec id used twice: first {}, second {}",
+                first.describe("exec"),
+                second.describe("exec")
+            ));
+        }
+        let ps = c.ctr(&["task", "ps", "upd"], 60);
+        if ps.code() != 0 || ps.stdout.lines().count() < 3 {
+            failures.push(format!("task ps: {}", ps.describe("ps")));
+        }
+        let _ = c.ctr(&["task", "kill", "-s", "SIGKILL", "upd"], 60);
+        let stopped = poll_until(Duration::from_secs(60), || {
+            (c.status("upd").ok()? == "STOPPED").then_some(())
+        });
+        let again = c.ctr(&["task", "kill", "-s", "SIGTERM", "upd"], 60);
+        if stopped.is_none() || again.code() == 0 || !again.stderr.contains("not found") {
+            failures.push(format!(
+                "kill of a stopped task: stopped {stopped:?}, {}",
+                again.describe("kill")
+            ));
+        }
+        let _ = c.ctr(&["task", "rm", "-f", "upd"], 60);
+        let _ = c.ctr(&["containers", "rm", "upd"], 60);
+    }
+    let _ = events.kill();
+    let _ = events.wait();
 }
 
 #[test]
@@ -119,6 +313,7 @@ fn ctr_runs_tasks_through_the_vessel_shim() {
             t.status, t.stderr
         ));
     }
+    shim_specifics(&c, &mut failures);
     let (tasks, containers) = (c.list("task"), c.list("containers"));
     if !tasks.is_empty() || !containers.is_empty() {
         failures.push(format!("left: tasks {tasks:?}, containers {containers:?}"));

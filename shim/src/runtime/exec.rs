@@ -19,6 +19,7 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
@@ -307,6 +308,34 @@ impl Runtime {
     /// Starts an exec-monitor for a detached exec and returns its pid once
     /// the process runs.
     fn detach(&self, id: &str, a: &ExecOptions, exec_id: &str, process: &Value) -> Result<u32> {
+        // Not waited for: it outlives us (reparented), like runc's process.
+        let child = self.exec_monitored(id, exec_id, process, a.console_socket.as_deref(), None)?;
+        Ok(child.id())
+    }
+
+    /// Starts process `exec_id` (the OCI `process` object) in running
+    /// container `id` under an exec-monitor, in a session of its own, and
+    /// returns the monitor once the process runs: it lives as long as the
+    /// process and exits with its status (the containerd shim's exec). Its
+    /// stdio is `stdio` (else ours), or a pty whose master goes to
+    /// `console_socket` for a terminal process.
+    pub fn exec_monitored(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &Value,
+        console_socket: Option<&Path>,
+        stdio: Option<&[OwnedFd; 3]>,
+    ) -> Result<Child> {
+        crate::state::validate_id(exec_id)?;
+        self.state(id)?.status.check(Op::Exec, id)?;
+        let terminal = process["terminal"].as_bool().unwrap_or(false);
+        if terminal && console_socket.is_none() {
+            return invalid("a terminal exec needs a console socket");
+        }
+        if !terminal && console_socket.is_some() {
+            return invalid("cannot use a console socket without a terminal");
+        }
         let dir = self.store.dir(id)?;
         let file = dir.join(format!("{exec_id}.process.json"));
         let written = std::fs::OpenOptions::new()
@@ -316,28 +345,23 @@ impl Runtime {
             .open(&file)
             .and_then(|mut f| f.write_all(process.to_string().as_bytes()));
         written.with_ctx(|| format!("writing {}", file.display()))?;
-        let result = (|| -> Result<u32> {
-            let args: Vec<OsString> = vec![
-                "exec-monitor".into(),
-                id.into(),
-                "--exec-id".into(),
-                exec_id.into(),
-                "--process-file".into(),
-                file.clone().into(),
-            ];
-            // The exec-monitor stays in our cgroup: it only relays.
-            let child = self.launcher.start(
-                &args,
-                a.console_socket.as_deref(),
-                None,
-                Vec::new(),
-                "exec monitor",
-                "the exec monitor exited before the process started",
-            )?;
-            // Not waited for: it outlives us (reparented), like runc's
-            // process.
-            Ok(child.id())
-        })();
+        let args: Vec<OsString> = vec![
+            "exec-monitor".into(),
+            id.into(),
+            "--exec-id".into(),
+            exec_id.into(),
+            "--process-file".into(),
+            file.clone().into(),
+        ];
+        // The exec-monitor stays in our cgroup: it only relays.
+        let result = self.launcher.start(
+            &args,
+            console_socket,
+            stdio,
+            Vec::new(),
+            "exec monitor",
+            "the exec monitor exited before the process started",
+        );
         let _ = std::fs::remove_file(&file);
         result
     }

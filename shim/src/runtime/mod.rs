@@ -466,6 +466,7 @@ impl Runtime {
             owner: String::new(),
             annotations: b.annotations.clone(),
             exit_status: None,
+            oom_killed: false,
             pid_start: Some(pid_start),
             host_cgroup,
             hooks: b.spec.get("hooks").cloned().filter(|h| !h.is_null()),

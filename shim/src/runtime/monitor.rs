@@ -242,12 +242,16 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
         return 1;
     };
 
+    let mut oom_killed = false;
     let status = match m
         .client
         .set_timeout(None)
         .and_then(|()| m.client.wait_process(id, None))
     {
-        Ok(exit) => exit.status,
+        Ok(exit) => {
+            oom_killed = exit.oom_killed;
+            exit.status
+        }
         // `kill ID KILL` ended the whole VM (see `Runtime::kill`).
         Err(_)
             if store
@@ -274,7 +278,7 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
         let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
         let _ = std::fs::remove_file(dir.join(GUEST_MOUNTS_FILE));
     }
-    record_exit(store, id, status)
+    record_exit(store, id, status, oom_killed)
 }
 
 /// The monitor's end of the ready pipe (`--ready-fd`), if it is one.
@@ -306,13 +310,20 @@ pub(super) fn report_ready<T>(mut ready: std::fs::File, r: Result<T>) -> Option<
     }
 }
 
-/// Records that `id` stopped with `status`; the monitor's exit code.
-pub(super) fn record_exit(store: &crate::state::Store, id: &str, status: i32) -> u8 {
+/// Records that `id` stopped with `status` (its init killed by the OOM
+/// killer when `oom_killed`); the monitor's exit code.
+pub(super) fn record_exit(
+    store: &crate::state::Store,
+    id: &str,
+    status: i32,
+    oom_killed: bool,
+) -> u8 {
     if let Ok(lock) = store.lock(id) {
         if let Ok(mut s) = store.load(id) {
             s.status = Status::Stopped;
             s.pid = 0;
             s.exit_status = Some(status);
+            s.oom_killed = oom_killed;
             if let Err(e) = store.save(&s, &lock) {
                 tracing::warn!("{id}: recording the exit: {e}");
             }

@@ -490,19 +490,19 @@ pub fn run_member(
     let Some(mut m) = report_ready(ready, setup_member(rt, id, pod, bundle, console)) else {
         return 1;
     };
-    let status = match m
+    let (status, oom_killed) = match m
         .client
         .set_timeout(None)
         .and_then(|()| m.client.wait_process(id, None))
     {
-        Ok(exit) => exit.status,
+        Ok(exit) => (exit.status, exit.oom_killed),
         Err(e) => {
             tracing::info!("{id}: the VM of sandbox {sandbox} is gone ({e}): exit 137");
-            128 + libc::SIGKILL
+            (128 + libc::SIGKILL, false)
         }
     };
     m.relays.drain(stdio::DRAIN_TIMEOUT);
-    record_exit(&rt.store, id, status)
+    record_exit(&rt.store, id, status, oom_killed)
 }
 
 #[cfg(test)]
@@ -542,6 +542,7 @@ mod tests {
                 owner: String::new(),
                 annotations: Default::default(),
                 exit_status: None,
+                oom_killed: false,
                 pid_start: None,
                 host_cgroup: None,
                 hooks: None,
