@@ -174,6 +174,91 @@ impl HostBind {
     }
 }
 
+/// `OPEN_TREE_CLONE` of `open_tree(2)`.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+/// `MOVE_MOUNT_F_EMPTY_PATH` of `move_mount(2)`.
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// A detached copy of the mount at `src` (and, with `recursive`, of the
+/// mounts below it), read-only when `readonly`: `open_tree(2)` with
+/// `OPEN_TREE_CLONE`, made in the caller's mount namespace, to be attached
+/// in another one with [`attach_tree`] (how a pod container's rootfs and
+/// binds reach the mount namespace of a VMM that already runs).
+pub fn clone_tree(src: &CStr, recursive: bool, readonly: bool) -> std::io::Result<OwnedFd> {
+    let rec = if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: open_tree with a C string; returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | rec,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd) };
+    if readonly {
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: mount_setattr on our descriptor with an empty path and
+        // a pointer to a live mount_attr of the size we pass.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint | rec,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(tree)
+}
+
+/// Attaches the detached tree `tree` ([`clone_tree`]) on `dst` in the
+/// caller's mount namespace. Only a system call: safe in a forked child.
+pub fn attach_tree(tree: &OwnedFd, dst: &CStr) -> std::io::Result<()> {
+    // SAFETY: move_mount from our descriptor (empty path) onto a C string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl HostBind {
+    /// A detached copy of this bind's source ([`clone_tree`]) and the
+    /// mount point it goes on.
+    pub fn clone_tree(&self) -> std::io::Result<(OwnedFd, &CStr)> {
+        Ok((
+            clone_tree(&self.src, self.recursive, self.readonly)?,
+            &self.dst,
+        ))
+    }
+}
+
 /// `openat2(dirfd, path, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`:
 /// `path` resolved as if `dirfd` were `/` (symlinks and `..` cannot leave it).
 fn open_in_root(root: &OwnedFd, path: &Path) -> std::io::Result<OwnedFd> {

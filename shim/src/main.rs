@@ -80,6 +80,11 @@ struct CreateArgs {
     /// Pass N extra file descriptors (3..3+N) to the container.
     #[arg(long, default_value_t = 0)]
     preserve_fds: u32,
+    /// vessel: create the container inside the VM of this running
+    /// container (a pod: shared VM, namespace paths of the spec naming the
+    /// sandbox's /proc/PID/ns are joined in the guest).
+    #[arg(long, value_name = "ID")]
+    sandbox: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +191,12 @@ enum Command {
         /// Unix socket that receives the pty master.
         #[arg(long)]
         console_socket: Option<PathBuf>,
+        /// A pod member: the sandbox container whose VM runs it.
+        #[arg(long, requires = "stage")]
+        sandbox: Option<String>,
+        /// A pod member: its directory in the sandbox's share of mounts.
+        #[arg(long, requires = "sandbox")]
+        stage: Option<String>,
     },
     /// Internal: runs one detached exec (started by `exec --detach`).
     #[command(hide = true)]
@@ -312,6 +323,7 @@ impl CreateArgs {
             console_socket: self.console_socket.clone(),
             stdio: None,
             foreground,
+            sandbox: self.sandbox.clone(),
         })
     }
 }
@@ -357,11 +369,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bundle,
             ready_fd,
             console_socket,
+            sandbox,
+            stage,
         } => {
             let console = console_socket.as_deref();
-            Ok(ExitCode::from(monitor::run(
-                &rt, id, bundle, console, *ready_fd,
-            )))
+            Ok(ExitCode::from(match (sandbox, stage) {
+                (Some(sandbox), Some(stage)) => {
+                    let pod = vessel_shim::state::PodMember {
+                        sandbox: sandbox.clone(),
+                        stage: stage.clone(),
+                    };
+                    vessel_shim::runtime::pod::run_member(&rt, id, &pod, bundle, console, *ready_fd)
+                }
+                _ => monitor::run(&rt, id, bundle, console, *ready_fd),
+            }))
         }
         Command::ExecMonitor(a) => Ok(ExitCode::from(exec::monitor(
             &rt,

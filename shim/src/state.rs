@@ -205,6 +205,21 @@ pub struct ContainerState {
     /// vessel: the spec's `hooks`, for `poststart` and `poststop`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks: Option<serde_json::Value>,
+    /// vessel: a container created inside another container's VM (a pod
+    /// member, see `runtime::pod`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodMember>,
+}
+
+/// Where a pod member lives: its sandbox container (whose VM runs it) and
+/// the name of its directory in the sandbox's share of host mounts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMember {
+    /// The sandbox container's id.
+    pub sandbox: String,
+    /// `<root>/<sandbox>/mounts/<stage>` holds the member's rootfs and
+    /// binds (mounted in the VMM's mount namespace only).
+    pub stage: String,
 }
 
 /// The start time (clock ticks since boot) of a live, non-zombie process.
@@ -493,6 +508,7 @@ mod tests {
             pid_start: None,
             host_cgroup: None,
             hooks: None,
+            pod: None,
         }
     }
 

@@ -9,6 +9,13 @@
 //! namespaces through that pidfd (`setns`, one call for all of them) and
 //! starts in the container's cgroup the same way. Exit statuses come from
 //! the [`crate::reaper::Reaper`].
+//!
+//! A pod container joins its sandbox's namespaces by path
+//! (`linux.namespaces[].path`, ipc/uts/pid/network/cgroup): the paths are
+//! opened and checked (`NS_GET_NSTYPE`) first, then a short-lived thread
+//! `setns`es into them and clones the init, which so starts inside them
+//! (pid included, as `setns(CLONE_NEWPID)` applies to the thread's
+//! children: no double fork as in runc's nsexec).
 
 pub mod cgroup;
 pub mod child;
@@ -374,6 +381,13 @@ impl Containers {
                 let _ = nix::mount::umount2(path.as_str(), nix::mount::MntFlags::MNT_DETACH);
             }
         };
+        let joins = match open_joins(&plan.joins) {
+            Ok(j) => j,
+            Err(e) => {
+                undo_mount(&rootfs_mount);
+                return Err(e);
+            }
+        };
         let t_parsed = crate::init::boottime_ms();
         let cgroup = match Cgroup::create(&id, &plan.cgroup_writes) {
             Ok(c) => c,
@@ -383,7 +397,8 @@ impl Containers {
             }
         };
         let t_cgroup = crate::init::boottime_ms();
-        let spawned = spawn_init(&plan, taken, &cgroup);
+        let spawned = spawn_init(&plan, &joins, taken, &cgroup);
+        drop(joins);
         if crate::init::debug() {
             crate::init::log_fmt(format_args!(
                 "container {id}: parse+mount {} ms, cgroup {} ms, clone+set-up {} ms (at {} ms), seccomp {} instructions",
@@ -402,7 +417,9 @@ impl Containers {
                 return Err(e);
             }
         };
-        let mut join_flags = (plan.clone_flags as libc::c_int) & !libc::CLONE_NEWPID;
+        // An exec enters the init's namespaces, joined ones included.
+        let joined = plan.joins.iter().fold(0, |f, (t, _)| f | t);
+        let mut join_flags = (plan.clone_flags as libc::c_int | joined) & !libc::CLONE_NEWPID;
         if plan.cgroup_ns {
             join_flags |= libc::CLONE_NEWCGROUP;
         }
@@ -411,7 +428,8 @@ impl Containers {
             init,
             pidfd,
             join_flags,
-            pid_ns: plan.clone_flags & libc::CLONE_NEWPID as u64 != 0,
+            pid_ns: plan.clone_flags & libc::CLONE_NEWPID as u64 != 0
+                || joined & libc::CLONE_NEWPID != 0,
             userns: plan.userns.is_some(),
             cgroup,
             rootfs_mount,
@@ -814,6 +832,7 @@ fn stdio_fds(
 /// reported ready.
 fn spawn_init(
     plan: &InitPlan,
+    joins: &[(libc::c_int, OwnedFd)],
     mut taken: stdio::Taken,
     cgroup: &Cgroup,
 ) -> Result<(Proc, OwnedFd, OwnedFd, OwnedFd), ErrorReply> {
@@ -833,18 +852,47 @@ fn spawn_init(
         userns_sync: userns_sync.as_ref().map(|(r, _)| r.as_raw_fd()),
         pty_sock: pty_sock.as_ref().map(|(_, c)| c.as_raw_fd()),
     };
-    let ptrs = ExecPtrs::new(&plan.process);
-    let (pid, pidfd, exit) = {
+    let clone_init = || -> Result<(libc::pid_t, RawFd, Arc<ExitCell>), String> {
+        let ptrs = ExecPtrs::new(&plan.process);
         let mut watch = reaper.lock();
         // SAFETY: the child runs only `child::run_init`, which neither
         // allocates nor locks, and never returns.
         let (pid, pidfd) = unsafe { child::clone3(plan.clone_flags, Some(cgroup.fd())) }
-            .map_err(|e| internal(format!("cannot create the container process: {e}")))?;
+            .map_err(|e| format!("cannot create the container process: {e}"))?;
         if pid == 0 {
             child::run_init(plan, &fds, &ptrs);
         }
-        (pid, pidfd, watch.watch(pid))
+        Ok((pid, pidfd, watch.watch(pid)))
     };
+    let (pid, pidfd, exit) = if joins.is_empty() {
+        clone_init()
+    } else {
+        // Namespaces to join: a thread of its own enters them (ipc, uts,
+        // network and cgroup for itself, pid for its children) and clones
+        // the init, which inherits them all, before its mounts; the thread
+        // then ends, and the agent's other threads never were in them.
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .stack_size(EXEC_THREAD_STACK)
+                .spawn_scoped(s, || {
+                    for (typ, fd) in joins {
+                        // SAFETY: setns on a namespace descriptor we hold,
+                        // of the type we checked; it changes this thread.
+                        if unsafe { libc::setns(fd.as_raw_fd(), *typ) } != 0 {
+                            return Err(format!(
+                                "cannot join the {} namespace: {}",
+                                ns_name(*typ),
+                                std::io::Error::last_os_error()
+                            ));
+                        }
+                    }
+                    clone_init()
+                })
+                .map_err(|e| format!("cannot start a thread: {e}"))
+                .and_then(|h| h.join().map_err(|_| "init thread panicked".to_string())?)
+        })
+    }
+    .map_err(internal)?;
     // SAFETY: clone3 stored a new pidfd that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let term_conn = taken.terminal.take();
@@ -892,6 +940,60 @@ fn spawn_init(
         start_w,
         OwnedFd::from(status),
     ))
+}
+
+/// `NS_GET_NSTYPE` (linux/nsfs.h): the `CLONE_NEW*` type of a namespace
+/// file.
+const NS_GET_NSTYPE: u32 = 0xb703;
+
+/// The spec's name of namespace type `typ`.
+fn ns_name(typ: libc::c_int) -> &'static str {
+    match typ {
+        libc::CLONE_NEWIPC => "ipc",
+        libc::CLONE_NEWUTS => "uts",
+        libc::CLONE_NEWPID => "pid",
+        libc::CLONE_NEWNET => "network",
+        libc::CLONE_NEWCGROUP => "cgroup",
+        libc::CLONE_NEWNS => "mount",
+        libc::CLONE_NEWUSER => "user",
+        _ => "unknown",
+    }
+}
+
+/// Opens the namespaces a container joins (`linux.namespaces[].path`),
+/// checking that each is a namespace of the type the spec says: two
+/// system calls per path, and nothing is entered yet.
+fn open_joins(
+    joins: &[(libc::c_int, std::ffi::CString)],
+) -> Result<Vec<(libc::c_int, OwnedFd)>, ErrorReply> {
+    joins
+        .iter()
+        .map(|(typ, path)| {
+            let fail = |why: String| {
+                reply(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "cannot join the {} namespace at {}: {why}",
+                        ns_name(*typ),
+                        path.to_string_lossy()
+                    ),
+                )
+            };
+            // SAFETY: open(2) of a NUL-terminated path we own.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            if fd < 0 {
+                return Err(fail(std::io::Error::last_os_error().to_string()));
+            }
+            // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: an ioctl without argument on a descriptor we own.
+            let got = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
+            if got != *typ {
+                return Err(fail(format!("not a {} namespace", ns_name(*typ))));
+            }
+            Ok((*typ, fd))
+        })
+        .collect()
 }
 
 /// The `net.*` sysctls of a network namespace the container shares with
@@ -1044,6 +1146,30 @@ fn spawn_exec(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joined_namespaces_are_checked() {
+        let ipc = c"/proc/self/ns/ipc".to_owned();
+        let fds = open_joins(&[(libc::CLONE_NEWIPC, ipc.clone())]).unwrap();
+        assert_eq!(fds.len(), 1);
+        for (typ, path, why) in [
+            (libc::CLONE_NEWUTS, ipc, "not a uts namespace"),
+            (
+                libc::CLONE_NEWPID,
+                c"/nonexistent/ns".to_owned(),
+                "No such file",
+            ),
+            (
+                libc::CLONE_NEWNET,
+                c"/proc/self/status".to_owned(),
+                "not a network namespace",
+            ),
+        ] {
+            let e = open_joins(&[(typ, path)]).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest);
+            assert!(e.message.contains(why), "{}", e.message);
+        }
+    }
 
     #[test]
     fn reports_are_described() {

@@ -213,8 +213,9 @@ pub struct Namespace {
     /// pid, network, mount, ipc, uts, user, cgroup, time.
     #[serde(rename = "type")]
     pub typ: String,
-    /// Join this namespace instead of creating one (refused: a path names
-    /// a host namespace, which a guest cannot enter).
+    /// Join this namespace instead of creating one: a guest path (the
+    /// host translates a pod container's paths to its sandbox's
+    /// `/proc/<guest pid>/ns/<type>`); ipc, uts, pid, network and cgroup.
     pub path: Option<String>,
 }
 

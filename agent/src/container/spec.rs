@@ -163,6 +163,11 @@ pub struct InitPlan {
     pub clone_flags: u64,
     /// Unshare a cgroup namespace once inside the container's cgroup.
     pub cgroup_ns: bool,
+    /// Namespaces to join instead of creating (`linux.namespaces[].path`,
+    /// a pod container joining its sandbox's): (CLONE_NEW* type, path),
+    /// entered with `setns` before the init is cloned (see
+    /// `container::spawn_init`).
+    pub joins: Vec<(libc::c_int, CString)>,
     /// A user namespace (`CLONE_NEWUSER` is in `clone_flags`).
     pub userns: Option<UserNs>,
     /// The root filesystem (absolute guest path).
@@ -874,6 +879,7 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
 
     let mut clone_flags = 0u64;
     let mut cgroup_ns = false;
+    let mut joins: Vec<(libc::c_int, CString)> = Vec::new();
     let mut seen = HashMap::new();
     for ns in linux.namespaces.iter().flatten() {
         let typ = ns.typ.as_str();
@@ -881,9 +887,29 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
             return Err(invalid(format!("namespace {typ} listed twice")));
         }
         if let Some(p) = &ns.path {
-            return Err(SpecError::Unsupported(format!(
-                "joining the {typ} namespace at {p}"
-            )));
+            // Joined before the init is cloned, so the init itself is in
+            // them (a pid namespace too: setns(CLONE_NEWPID) applies to
+            // the children of the thread that made it).
+            let flag = match typ {
+                "ipc" => libc::CLONE_NEWIPC,
+                "uts" => libc::CLONE_NEWUTS,
+                "pid" => libc::CLONE_NEWPID,
+                "network" => libc::CLONE_NEWNET,
+                "cgroup" => libc::CLONE_NEWCGROUP,
+                "mount" | "user" | "time" => {
+                    return Err(SpecError::Unsupported(format!(
+                        "joining the {typ} namespace at {p}"
+                    )))
+                }
+                other => return Err(invalid(format!("unknown namespace type {other:?}"))),
+            };
+            if !p.starts_with('/') {
+                return Err(invalid(format!(
+                    "the path of the {typ} namespace {p:?} is not absolute"
+                )));
+            }
+            joins.push((flag, cstring("namespace path", p)?));
+            continue;
         }
         let flag = match typ {
             "mount" => libc::CLONE_NEWNS,
@@ -907,6 +933,12 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
         };
         clone_flags |= u64::try_from(flag).unwrap_or(0);
     }
+    // Namespaces the container has, made or joined (what sysctls and the
+    // host name need).
+    let ns_flags = joins
+        .iter()
+        .fold(clone_flags, |f, (t, _)| f | u64::try_from(*t).unwrap_or(0));
+    let joined_cgroup = joins.iter().any(|(t, _)| *t == libc::CLONE_NEWCGROUP);
     let userns = if clone_flags & libc::CLONE_NEWUSER as u64 != 0 {
         Some(UserNs {
             uid_map: id_map("uid", linux.uid_mappings.as_deref())?,
@@ -952,8 +984,7 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
     }
     let hostname = spec.hostname.as_deref().filter(|h| !h.is_empty());
     let domainname = spec.domainname.as_deref().filter(|h| !h.is_empty());
-    if (hostname.is_some() || domainname.is_some()) && clone_flags & libc::CLONE_NEWUTS as u64 == 0
-    {
+    if (hostname.is_some() || domainname.is_some()) && ns_flags & libc::CLONE_NEWUTS as u64 == 0 {
         return Err(invalid("hostname needs a uts namespace"));
     }
     for (name, v) in [("hostname", hostname), ("domainname", domainname)] {
@@ -1121,7 +1152,7 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
                     "sysctl {k:?}: the value contains a NUL byte"
                 )));
             }
-            match sysctl_target(&name, clone_flags, private_netns)? {
+            match sysctl_target(&name, ns_flags, private_netns)? {
                 SysctlTarget::Child => {
                     sysctls.push((cstring("sysctl", &path)?, cstring("sysctl value", v)?));
                 }
@@ -1179,7 +1210,9 @@ pub fn init_plan(spec: &Spec, rootfs: &str) -> Result<InitPlan, SpecError> {
 
     Ok(InitPlan {
         clone_flags,
-        cgroup_ns,
+        // A joined cgroup namespace is kept as it is.
+        cgroup_ns: cgroup_ns && !joined_cgroup,
+        joins,
         userns,
         rootfs: cstring("rootfs", rootfs)?,
         rootfs_propagation,
@@ -1339,6 +1372,39 @@ mod tests {
     }
 
     #[test]
+    fn namespace_paths_are_joined() {
+        let mut v = base();
+        v["linux"]["namespaces"] = json!([
+            {"type": "pid", "path": "/proc/7/ns/pid"}, {"type": "mount"},
+            {"type": "uts", "path": "/proc/7/ns/uts"}, {"type": "ipc", "path": "/proc/7/ns/ipc"},
+            {"type": "network", "path": "/proc/7/ns/net"},
+            {"type": "cgroup", "path": "/proc/7/ns/cgroup"}
+        ]);
+        v["linux"]["sysctl"] = json!({"kernel.shmmax": "1000"});
+        let p = plan(v).unwrap();
+        // Only the mount namespace is new; the others are joined in order.
+        assert_eq!(p.clone_flags, libc::CLONE_NEWNS as u64);
+        let types: Vec<_> = p.joins.iter().map(|(t, _)| *t).collect();
+        assert_eq!(
+            types,
+            [
+                libc::CLONE_NEWPID,
+                libc::CLONE_NEWUTS,
+                libc::CLONE_NEWIPC,
+                libc::CLONE_NEWNET,
+                libc::CLONE_NEWCGROUP
+            ]
+        );
+        assert_eq!(p.joins[2].1.as_c_str(), c"/proc/7/ns/ipc");
+        // A joined cgroup namespace is not replaced by a new one, even with
+        // a cgroup mount; the hostname and ipc sysctls go to the joined ones.
+        assert!(!p.cgroup_ns);
+        assert_eq!(p.hostname.as_deref(), Some(c"box"));
+        assert_eq!(p.sysctls.len(), 1);
+        assert!(p.ignored.is_empty(), "{:?}", p.ignored);
+    }
+
+    #[test]
     fn a_user_namespace_becomes_id_maps() {
         let mut v = base();
         merge(
@@ -1463,8 +1529,16 @@ mod tests {
                      "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_XX"}]}]}}}),
             ),
             (
-                "joining",
-                json!({"linux": {"namespaces": [{"type": "mount"}, {"type": "network", "path": "/proc/1/ns/net"}]}}),
+                "joining the mount namespace at /proc/1/ns/mnt",
+                json!({"linux": {"namespaces": [{"type": "mount", "path": "/proc/1/ns/mnt"}]}}),
+            ),
+            (
+                "joining the user namespace",
+                json!({"linux": {"namespaces": [{"type": "mount"}, {"type": "user", "path": "/proc/1/ns/user"}]}}),
+            ),
+            (
+                "is not absolute",
+                json!({"linux": {"namespaces": [{"type": "mount"}, {"type": "ipc", "path": "ns/ipc"}]}}),
             ),
             (
                 "twice",

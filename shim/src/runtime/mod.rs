@@ -28,6 +28,7 @@
 
 pub mod exec;
 pub mod monitor;
+pub mod pod;
 mod stdio;
 pub mod tty;
 
@@ -127,6 +128,9 @@ pub enum RuntimeError {
     /// The sandbox monitor reported a failure (its message).
     #[error("{0}")]
     Monitor(String),
+    /// A pod container names a sandbox container that does not exist.
+    #[error("sandbox container {0:?} does not exist")]
+    NoSandbox(String),
 }
 
 /// Results of the lifecycle.
@@ -295,6 +299,9 @@ pub struct CreateOptions {
     /// container's) instead of the caller's: the containerd shim passes
     /// the FIFOs containerd gave it. Ignored with a console socket.
     pub stdio: Option<std::sync::Arc<[std::os::fd::OwnedFd; 3]>>,
+    /// Create the container inside the VM of this running container (a
+    /// pod member, see [`pod`]) instead of a VM of its own.
+    pub sandbox: Option<String>,
 }
 
 /// The lifecycle over one state store and configuration.
@@ -312,9 +319,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// The sandbox of `id`'s vsock socket.
+    /// The vsock socket of `id`'s VM: its own, or its sandbox's for a pod
+    /// member.
     pub fn vsock_path(&self, id: &str) -> Result<PathBuf> {
-        Ok(self.store.sandbox_dir(id)?.join("vsock.sock"))
+        let vm = match self.store.load(id) {
+            Ok(ContainerState { pod: Some(p), .. }) => p.sandbox,
+            _ => id.to_string(),
+        };
+        Ok(self.store.sandbox_dir(&vm)?.join("vsock.sock"))
     }
 
     /// A control connection to `id`'s agent.
@@ -345,17 +357,15 @@ impl Runtime {
     /// `create`: starts the monitor, which creates the container in its
     /// VM; returns the monitor (still our child). A terminal container
     /// needs a console socket unless it runs in the foreground.
+    ///
+    /// With [`CreateOptions::sandbox`], [`Runtime::create_in`] that one.
     pub fn create(&self, id: &str, b: &Bundle, o: &CreateOptions) -> Result<Child> {
+        if let Some(sb) = &o.sandbox {
+            return self.create_in(sb, id, b, o);
+        }
         state::validate_id(id)?;
         self.cfg.check_artifacts()?;
-        if b.terminal && o.console_socket.is_none() && !o.foreground {
-            return invalid(
-                "cannot allocate tty if vessel will detach without setting console socket",
-            );
-        }
-        if !b.terminal && o.console_socket.is_some() {
-            return invalid("cannot use console socket if vessel will not detach or allocate tty");
-        }
+        self.check_stdio(b, o)?;
         crate::hooks::refuse_in_container(&b.spec)?;
         let (dir, lock) = self.store.create(id)?;
         let mut child: Option<Child> = None;
@@ -384,35 +394,7 @@ impl Runtime {
                 "the sandbox monitor exited before the container was created",
             )?;
             let c = child.insert(c);
-            let pid = c.id();
-            let pid_i = i32::try_from(pid)
-                .map_err(|_| RuntimeError::Monitor(format!("pid {pid} out of range")))?;
-            let pid_start = state::process_start(pid_i).ok_or_else(|| {
-                RuntimeError::Monitor(
-                    "the sandbox monitor exited right after creating the container".into(),
-                )
-            })?;
-            let st = ContainerState {
-                oci_version: OCI_VERSION.into(),
-                id: id.into(),
-                pid: pid_i,
-                status: Status::Created,
-                bundle: b.dir.clone(),
-                rootfs: b.rootfs.clone(),
-                created: state::rfc3339(SystemTime::now()),
-                owner: String::new(),
-                annotations: b.annotations.clone(),
-                exit_status: None,
-                oom_killed: false,
-                pid_start: Some(pid_start),
-                host_cgroup: Some(cg.state().clone()),
-                hooks: b.spec.get("hooks").cloned().filter(|h| !h.is_null()),
-            };
-            self.store.save(&st, &lock)?;
-            if let Some(p) = &o.pid_file {
-                write_pid_file(p, pid)?;
-            }
-            Ok(())
+            self.save_created(id, b, o, c.id(), &lock, Some(cg.state().clone()), None)
         })();
         match (result, child) {
             (Ok(()), Some(c)) => Ok(c),
@@ -440,6 +422,61 @@ impl Runtime {
                 Err(e)
             }
         }
+    }
+
+    /// Refuses stdio options that do not fit the bundle (runc's words).
+    fn check_stdio(&self, b: &Bundle, o: &CreateOptions) -> Result<()> {
+        if b.terminal && o.console_socket.is_none() && !o.foreground {
+            return invalid(
+                "cannot allocate tty if vessel will detach without setting console socket",
+            );
+        }
+        if !b.terminal && o.console_socket.is_some() {
+            return invalid("cannot use console socket if vessel will not detach or allocate tty");
+        }
+        Ok(())
+    }
+
+    /// Writes the state of a container just created by monitor `pid`, and
+    /// the pid file.
+    #[allow(clippy::too_many_arguments)]
+    fn save_created(
+        &self,
+        id: &str,
+        b: &Bundle,
+        o: &CreateOptions,
+        pid: u32,
+        lock: &state::Lock,
+        host_cgroup: Option<crate::cgroup::HostCgroupState>,
+        pod: Option<state::PodMember>,
+    ) -> Result<()> {
+        let pid_i = i32::try_from(pid)
+            .map_err(|_| RuntimeError::Monitor(format!("pid {pid} out of range")))?;
+        let pid_start = state::process_start(pid_i).ok_or_else(|| {
+            RuntimeError::Monitor("the monitor exited right after creating the container".into())
+        })?;
+        let st = ContainerState {
+            oci_version: OCI_VERSION.into(),
+            id: id.into(),
+            pid: pid_i,
+            status: Status::Created,
+            bundle: b.dir.clone(),
+            rootfs: b.rootfs.clone(),
+            created: state::rfc3339(SystemTime::now()),
+            owner: String::new(),
+            annotations: b.annotations.clone(),
+            exit_status: None,
+            oom_killed: false,
+            pid_start: Some(pid_start),
+            host_cgroup,
+            hooks: b.spec.get("hooks").cloned().filter(|h| !h.is_null()),
+            pod,
+        };
+        self.store.save(&st, lock)?;
+        if let Some(p) = &o.pid_file {
+            write_pid_file(p, pid)?;
+        }
+        Ok(())
     }
 
     /// `start`.
@@ -480,7 +517,8 @@ impl Runtime {
     pub fn kill(&self, id: &str, signal: i32, all: bool) -> Result<()> {
         let s = self.state(id)?;
         s.status.check(Op::Kill, id)?;
-        if signal == libc::SIGKILL {
+        // A pod member shares its VM: only its own processes get the signal.
+        if signal == libc::SIGKILL && s.pod.is_none() {
             // Every process of the container lives in its VM: ending the
             // VM kills them all at once, with no guest kernel work (which
             // is slow where it is emulated; engines wait only a few
@@ -534,9 +572,15 @@ impl Runtime {
         // The monitor takes the lock to record `stopped`: let it.
         drop(lock);
         let dir = self.store.dir(id)?;
+        let pod = s.as_ref().and_then(|s| s.pod.clone());
         if let Some(s) = s.filter(|s| s.status != Status::Stopped) {
             let alive = || monitor_alive(&s);
-            if let Err(e) = self.kill_sandbox(id) {
+            let stopped = match &pod {
+                // Its VM is its sandbox's: only its processes end.
+                Some(_) => self.signal(id, None, libc::SIGKILL, true),
+                None => self.kill_sandbox(id),
+            };
+            if let Err(e) = stopped {
                 tracing::warn!("{id}: {}", error_chain(&e));
             }
             if !wait_until(STOP_TIMEOUT, || !alive()) {
@@ -546,6 +590,9 @@ impl Runtime {
             }
         }
         kill_vmm(&dir);
+        if let Some(p) = &pod {
+            self.remove_member(id, p);
+        }
         let lock = self.store.lock(id)?;
         if let Ok(mut s) = self.store.load(id) {
             if let Some(cg) = s.host_cgroup.take() {
@@ -744,15 +791,16 @@ fn write_vmm_pid(dir: &Path, pid: u32) -> Result<()> {
     std::fs::write(dir.join(VMM_PID_FILE), format!("{pid} {start}\n")).ctx("writing vmm.pid")
 }
 
+/// The VMM's pid and start time recorded in `dir` (`vmm.pid`).
+fn read_vmm_pid(dir: &Path) -> Option<(i32, u64)> {
+    let s = std::fs::read_to_string(dir.join(VMM_PID_FILE)).ok()?;
+    let (p, t) = s.trim().split_once(' ')?;
+    Some((p.parse::<i32>().ok()?, t.parse::<u64>().ok()?))
+}
+
 /// Kills the VMM of `dir` (from `vmm.pid`) if that very process still runs.
 fn kill_vmm(dir: &Path) {
-    let Some((pid, start)) = std::fs::read_to_string(dir.join(VMM_PID_FILE))
-        .ok()
-        .and_then(|s| {
-            let (p, t) = s.trim().split_once(' ')?;
-            Some((p.parse::<i32>().ok()?, t.parse::<u64>().ok()?))
-        })
-    else {
+    let Some((pid, start)) = read_vmm_pid(dir) else {
         return;
     };
     if state::same_process(pid, start) {

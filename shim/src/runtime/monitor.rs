@@ -21,7 +21,10 @@ use crate::state::Status;
 /// Where the agent mounts the rootfs share in the guest.
 const GUEST_ROOTFS: &str = "/run/vessel/rootfs";
 /// Where the agent mounts the share of host bind mount sources.
-const GUEST_MOUNTS: &str = "/run/vessel/mounts";
+pub(super) const GUEST_MOUNTS: &str = "/run/vessel/mounts";
+/// In a sandbox's state directory while its guest has the share of host
+/// bind mounts mounted at [`GUEST_MOUNTS`] (pod members need it too).
+pub(super) const GUEST_MOUNTS_FILE: &str = "guest-mounts";
 
 /// The pieces of a created container the monitor keeps.
 struct Monitored {
@@ -136,51 +139,22 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
                 .set_timeout(Some(AGENT_TIMEOUT))
                 .and_then(|()| client.mount(MOUNTS_TAG, GUEST_MOUNTS, false))
                 .ctx("mounting the bind mount share in the guest")?;
+            std::fs::write(dir.join(GUEST_MOUNTS_FILE), b"")
+                .ctx("recording the guest's mount of the bind mount share")?;
         }
-        let (mut end, mut size) = (None, None);
-        if b.terminal {
-            let given = spec["process"]["consoleSize"]
-                .as_object()
-                .and_then(|s| Some((s.get("height")?.as_u64()?, s.get("width")?.as_u64()?)))
-                .and_then(|(h, w)| Some((u16::try_from(h).ok()?, u16::try_from(w).ok()?)));
-            match console {
-                Some(sock) => {
-                    size = given;
-                    end = Some(tty::HostEnd::Console(tty::send_console(sock, size)?));
-                }
-                None => {
-                    size = tty::caller_winsize().or(given);
-                    end = Some(tty::HostEnd::Caller);
-                }
-            }
-            if let Some((rows, cols)) = size {
-                spec["process"]["consoleSize"] = serde_json::json!({"height": rows, "width": cols});
-            }
-        }
-        let attached = stdio::Attached::attach(&sb.uds, id, None, b.terminal)?;
-        client
-            .set_timeout(Some(AGENT_TIMEOUT))
-            .ctx("setting the agent timeout")?;
-        let c = client
-            .create_container(CreateContainerRequest {
-                id: id.into(),
-                rootfs: RootfsSource {
-                    tag: Some(ROOTFS_TAG.into()),
-                    path: GUEST_ROOTFS.into(),
-                },
-                spec,
-                stdio: attached.spec(),
-            })
-            .ctx("creating the container")?;
-        tracing::debug!(
-            "{id}: container created after {:?} (in the guest: {} ms)",
-            t0.elapsed(),
-            c.elapsed_us / 1000
-        );
-        if !c.ignored.is_empty() {
-            tracing::info!("{id}: not applied in the guest: {}", c.ignored.join(", "));
-        }
-        attached.relay(end, size, stdio::Resizer::new(&sb.uds, id, None))
+        create_in_guest(
+            &mut client,
+            &sb.uds,
+            id,
+            spec,
+            b.terminal,
+            console,
+            RootfsSource {
+                tag: Some(ROOTFS_TAG.into()),
+                path: GUEST_ROOTFS.into(),
+            },
+            t0,
+        )
     })();
     match created {
         Ok(relays) => Ok(Monitored {
@@ -198,29 +172,75 @@ fn setup(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>) -> Resul
     }
 }
 
+/// Creates container `id` in the guest of `client` (vsock socket `uds`):
+/// its terminal (console socket or the caller's) or stdio streams, then
+/// `CreateContainer` with `rootfs`; returns the running relays. `t0` is
+/// when the creation began (for the debug log).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn create_in_guest(
+    client: &mut AgentClient,
+    uds: &Path,
+    id: &str,
+    mut spec: serde_json::Value,
+    terminal: bool,
+    console: Option<&Path>,
+    rootfs: RootfsSource,
+    t0: Instant,
+) -> Result<stdio::Relays> {
+    let (mut end, mut size) = (None, None);
+    if terminal {
+        let given = spec["process"]["consoleSize"]
+            .as_object()
+            .and_then(|s| Some((s.get("height")?.as_u64()?, s.get("width")?.as_u64()?)))
+            .and_then(|(h, w)| Some((u16::try_from(h).ok()?, u16::try_from(w).ok()?)));
+        match console {
+            Some(sock) => {
+                size = given;
+                end = Some(tty::HostEnd::Console(tty::send_console(sock, size)?));
+            }
+            None => {
+                size = tty::caller_winsize().or(given);
+                end = Some(tty::HostEnd::Caller);
+            }
+        }
+        if let Some((rows, cols)) = size {
+            spec["process"]["consoleSize"] = serde_json::json!({"height": rows, "width": cols});
+        }
+    }
+    let attached = stdio::Attached::attach(uds, id, None, terminal)?;
+    client
+        .set_timeout(Some(AGENT_TIMEOUT))
+        .ctx("setting the agent timeout")?;
+    let c = client
+        .create_container(CreateContainerRequest {
+            id: id.into(),
+            rootfs,
+            spec,
+            stdio: attached.spec(),
+        })
+        .ctx("creating the container")?;
+    tracing::debug!(
+        "{id}: container created after {:?} (in the guest: {} ms)",
+        t0.elapsed(),
+        c.elapsed_us / 1000
+    );
+    if !c.ignored.is_empty() {
+        tracing::info!("{id}: not applied in the guest: {}", c.ignored.join(", "));
+    }
+    attached.relay(end, size, stdio::Resizer::new(uds, id, None))
+}
+
 /// The hidden `vessel monitor` command (see the module documentation):
 /// creates the container, reports on `ready_fd`, waits for it, and
 /// returns its exit code (the monitor's own).
 pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_fd: RawFd) -> u8 {
     let store = &rt.store;
-    // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
-    if ready_fd < 3 || unsafe { libc::fcntl(ready_fd, libc::F_GETFD) } < 0 {
-        tracing::error!("monitor: --ready-fd {ready_fd} is not an open descriptor");
+    let Some(ready) = take_ready_fd(ready_fd) else {
         return 1;
-    }
-    // SAFETY: the descriptor is open (checked above) and is the pipe's
-    // write end `vessel create` left to us alone; we take ownership once.
-    let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ready_fd) });
-    let mut m = match setup(rt, id, bundle, console) {
-        Ok(m) => m,
-        Err(e) => {
-            let msg = super::error_chain(&e).replace('\n', " ");
-            let _ = writeln!(ready, "error {msg}");
-            return 1;
-        }
     };
-    let _ = writeln!(ready, "ok");
-    drop(ready);
+    let Some(mut m) = report_ready(ready, setup(rt, id, bundle, console)) else {
+        return 1;
+    };
 
     let mut oom_killed = false;
     let status = match m
@@ -262,7 +282,48 @@ pub fn run(rt: &Runtime, id: &str, bundle: &Path, console: Option<&Path>, ready_
     tracing::debug!("{id}: sandbox stopped");
     if let Ok(dir) = store.dir(id) {
         let _ = std::fs::remove_file(dir.join(VMM_PID_FILE));
+        let _ = std::fs::remove_file(dir.join(GUEST_MOUNTS_FILE));
     }
+    record_exit(store, id, status, oom_killed)
+}
+
+/// The monitor's end of the ready pipe (`--ready-fd`), if it is one.
+pub(super) fn take_ready_fd(ready_fd: RawFd) -> Option<std::fs::File> {
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor's flags.
+    if ready_fd < 3 || unsafe { libc::fcntl(ready_fd, libc::F_GETFD) } < 0 {
+        tracing::error!("monitor: --ready-fd {ready_fd} is not an open descriptor");
+        return None;
+    }
+    // SAFETY: the descriptor is open (checked above) and is the pipe's
+    // write end `vessel create` left to us alone; we take ownership once.
+    Some(std::fs::File::from(unsafe {
+        OwnedFd::from_raw_fd(ready_fd)
+    }))
+}
+
+/// Says `ok` or `error MESSAGE` on the ready pipe (and closes it).
+pub(super) fn report_ready<T>(mut ready: std::fs::File, r: Result<T>) -> Option<T> {
+    match r {
+        Ok(v) => {
+            let _ = writeln!(ready, "ok");
+            Some(v)
+        }
+        Err(e) => {
+            let msg = super::error_chain(&e).replace('\n', " ");
+            let _ = writeln!(ready, "error {msg}");
+            None
+        }
+    }
+}
+
+/// Records that `id` stopped with `status` (its init killed by the OOM
+/// killer when `oom_killed`); the monitor's exit code.
+pub(super) fn record_exit(
+    store: &crate::state::Store,
+    id: &str,
+    status: i32,
+    oom_killed: bool,
+) -> u8 {
     if let Ok(lock) = store.lock(id) {
         if let Ok(mut s) = store.load(id) {
             s.status = Status::Stopped;
