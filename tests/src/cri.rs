@@ -30,9 +30,9 @@
 //!   20 s more (load average about 3: two other builds shared the cores).
 //!
 //! They are optional dependencies of `vessel-tests` behind its `cri`
-//! feature, which only the crate's dev-dependency on itself switches on: the
-//! tests build them, `cargo xtask` (which links this library) does not, and
-//! no shipped binary ever does.
+//! feature, which the crate's dev-dependency on itself and `xtask` (for
+//! `cargo xtask bench shim`) switch on: the tests and xtask build them, no
+//! shipped binary ever does.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -903,6 +903,107 @@ pub fn container_config(
         }),
         ..Default::default()
     }
+}
+
+/// containerd namespace of CRI's images and containers.
+pub const K8S_NS: &str = "k8s.io";
+
+/// The sandbox ("pause") image [`import_pause`] builds and imports.
+pub const PAUSE_IMAGE: &str = "docker.io/library/vessel-pause:pause";
+
+/// The CRI plugin's configuration (inside its table, for
+/// `containerd::Options::extra_config`): [`PAUSE_IMAGE`] as the sandbox
+/// image, the runtime handlers `runc` (`io.containerd.runc.v2`, the
+/// default) and `vessel` (`io.containerd.vessel.v2`), CNI plugins from
+/// Debian's `/usr/lib/cni` with the conflists of `cni_conf`.
+pub fn containerd_config(cni_conf: &Path) -> String {
+    format!(
+        r#"  sandbox_image = "{PAUSE_IMAGE}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.vessel]
+      runtime_type = "io.containerd.vessel.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{}"
+"#,
+        cni_conf.display()
+    )
+}
+
+/// A CNI conflist named `name`: a `bridge` (created in the network
+/// namespace of containerd, gateway, no masquerading, no port mappings) on
+/// `subnet` (`10.89.0.0/24`) with `host-local` leases in `ipam_dir`.
+pub fn cni_conflist(name: &str, bridge: &str, subnet: &str, ipam_dir: &Path) -> String {
+    format!(
+        r#"{{
+  "cniVersion": "0.4.0",
+  "name": "{name}",
+  "plugins": [
+    {{
+      "type": "bridge",
+      "bridge": "{bridge}",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": false,
+      "ipam": {{
+        "type": "host-local",
+        "ranges": [[{{ "subnet": "{subnet}" }}]],
+        "routes": [{{ "dst": "0.0.0.0/0" }}],
+        "dataDir": "{}"
+      }}
+    }}
+  ]
+}}
+"#,
+        ipam_dir.display()
+    )
+}
+
+/// Builds the pause image from the busybox layout that
+/// `Containerd::import_busybox(work, ..)` left in `work` (its image with
+/// `sleep` as the entrypoint, tagged `pause`) and imports it into
+/// namespace [`K8S_NS`] as [`PAUSE_IMAGE`].
+pub fn import_pause(
+    c: &crate::containerd::Containerd,
+    work: &Path,
+) -> std::result::Result<(), String> {
+    use crate::engines::output_within;
+    let layout = work.join("layout");
+    let image = format!("{}:1", layout.display());
+    output_within(
+        std::process::Command::new("umoci").args([
+            "config",
+            "--image",
+            &image,
+            "--tag",
+            "pause",
+            "--config.entrypoint",
+            "/bin/sleep",
+            "--config.cmd",
+            "1000000000",
+        ]),
+        Duration::from_secs(60),
+    )
+    .ok("umoci config")?;
+    let tar = work.join("pause.tar");
+    crate::engines::tar_dir(&layout, &tar);
+    c.ctr(
+        &[
+            "-n",
+            K8S_NS,
+            "images",
+            "import",
+            "--base-name",
+            "docker.io/library/vessel-pause",
+            &tar.to_string_lossy(),
+        ],
+        120,
+    )
+    .ok("ctr images import")?;
+    Ok(())
 }
 
 /// `grpc-timeout` of `d`: milliseconds, at most 8 digits.

@@ -76,9 +76,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             crate::bench_net::run(root, secs)
         }
+        Some("shim") => {
+            let runs = match args.get(1) {
+                Some(n) => n.parse().context("number of rounds")?,
+                None => 5,
+            };
+            crate::bench_shim::run(root, runs)
+        }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, podman, engines, net)"
+                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, podman, engines, net, shim)"
             )
         }
     }
@@ -292,7 +299,7 @@ fn symbolize(symbols: &[(u64, String)], rip: u64) -> &str {
 }
 
 /// One `/proc/PID/smaps_rollup` field, in KiB.
-fn smaps_kib(pid: u32, field: &str) -> Option<f64> {
+pub(crate) fn smaps_kib(pid: u32, field: &str) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     text.lines()
         .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))

@@ -18,6 +18,7 @@
 //! cargo xtask bench podman [N]           `podman run --rm IMG true`, vessel vs runc, same podman
 //! cargo xtask bench engines [N]          podman, docker and ctr `run --rm true`: vessel vs runc, one run
 //! cargo xtask bench net [SECONDS]       iperf3 both ways and ping, container <-> bridge: vessel vs runc
+//! cargo xtask bench shim [N]            containerd: `ctr run --rm true` and CRI pods of 1 and 3, shim v2 vs runc
 //! ```
 
 mod bench;
@@ -26,6 +27,7 @@ mod bench_fs;
 mod bench_net;
 mod bench_podman;
 mod bench_run;
+mod bench_shim;
 mod build;
 mod demo;
 mod initramfs;
@@ -36,7 +38,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|podman|engines|net]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|podman|engines|net|shim]>";
 
 fn main() {
     if let Err(e) = run() {
