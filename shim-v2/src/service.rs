@@ -1,7 +1,9 @@
 //! The `containerd.task.v2.Task` service over [`Runtime`]: one container
 //! per task, each a `vessel monitor` child of this daemon whose exit status
 //! is the container's (so Wait is a `waitpid`); each exec a `vessel
-//! exec-monitor` child likewise. Events go to containerd in order through
+//! exec-monitor` child likewise. A CRI pod's tasks share one shim: the
+//! sandbox (pause) container's Create starts the pod's VM, and each later
+//! container of the pod is created inside that VM (`CreateOptions::sandbox`). Events go to containerd in order through
 //! one publisher thread.
 
 use std::collections::HashMap;
@@ -161,6 +163,7 @@ fn rpc(e: RuntimeError) -> ttrpc::Error {
         RuntimeError::State(StateError::InvalidId(_))
         | RuntimeError::Bundle(_)
         | RuntimeError::Invalid(_) => Code::INVALID_ARGUMENT,
+        RuntimeError::NoSandbox(_) => Code::NOT_FOUND,
         _ => Code::INTERNAL,
     };
     status(code, error_chain(&e))
@@ -414,6 +417,20 @@ impl Service {
     }
 }
 
+/// CRI's annotations: what a container is, and its pod's sandbox id.
+const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// The sandbox whose VM a CRI pod's container is created in (its pod's
+/// sandbox container, a task of this shim: `start` groups a pod's tasks
+/// in one shim); `None` for a sandbox or a container outside a pod.
+fn pod_sandbox(b: &Bundle) -> Option<String> {
+    let a = &b.spec["annotations"];
+    (a[CONTAINER_TYPE].as_str() == Some("container"))
+        .then(|| a[SANDBOX_ID].as_str().map(str::to_string))
+        .flatten()
+}
+
 /// A task's cgroup statistics as containerd's cgroup v2 `Metrics`
 /// (`io.containerd.cgroups.v2.Metrics`; the protos crate only generates
 /// the v1 message, so it is encoded here, field numbers from containerd's
@@ -552,6 +569,7 @@ impl Task for Service {
             let o = CreateOptions {
                 stdio: prepared.fds.clone(),
                 console_socket: prepared.console_socket.clone(),
+                sandbox: pod_sandbox(&b),
                 ..CreateOptions::default()
             };
             let mut child = self.inner.rt.create(&req.id, &b, &o).map_err(rpc)?;
