@@ -90,6 +90,22 @@ impl Artifacts {
     }
 }
 
+/// The release in the guest kernel's `Linux version X (...)` banner.
+pub fn guest_release(vmlinux: &Path) -> String {
+    let bytes = fs::read(vmlinux).expect("read vmlinux");
+    let needle = b"Linux version ";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("no version banner in vmlinux")
+        + needle.len();
+    let end = bytes[at..]
+        .iter()
+        .position(|&b| b == b' ')
+        .map_or(bytes.len(), |e| at + e);
+    String::from_utf8_lossy(&bytes[at..end]).into_owned()
+}
+
 /// True when KVM tests should run. Panics (fails the test loudly) when
 /// `/dev/kvm` is missing, unless `VESSEL_SKIP_KVM=1` asks to skip.
 pub fn kvm_available_or_skip() -> bool {

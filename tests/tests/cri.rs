@@ -45,14 +45,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vessel_tests::containerd::{Containerd, Options, IMAGE};
-use vessel_tests::cri::{self, pb, Code, Cri};
-use vessel_tests::engines::{leaks, output_within, poll_until, require_tools, tar_dir};
+use vessel_tests::cri::{self, pb, Code, Cri, K8S_NS, PAUSE_IMAGE};
+use vessel_tests::engines::{leaks, output_within, poll_until, require_tools};
 use vessel_tests::{kvm_available_or_skip, workspace_root, Artifacts, TempDir};
 
 /// containerd namespace of CRI's images and containers.
-const K8S_NS: &str = "k8s.io";
 /// The sandbox ("pause") image the test builds and imports.
-const PAUSE_IMAGE: &str = "docker.io/library/vessel-pause:pause";
 /// The CNI network's name (also the prefix of its cached results).
 const CNI_NET: &str = "vessel-cri";
 /// The pod subnet of the bridge, inside the test's network namespace only.
@@ -120,22 +118,6 @@ impl Steps {
 
 fn dir_entries(dir: &Path) -> BTreeSet<String> {
     leaks::entries(dir).into_iter().collect()
-}
-
-/// The release in the guest kernel's `Linux version X (...)` banner.
-fn guest_release(vmlinux: &Path) -> String {
-    let bytes = fs::read(vmlinux).expect("read vmlinux");
-    let needle = b"Linux version ";
-    let at = bytes
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("no version banner in vmlinux")
-        + needle.len();
-    let end = bytes[at..]
-        .iter()
-        .position(|&b| b == b' ')
-        .map_or(bytes.len(), |e| at + e);
-    String::from_utf8_lossy(&bytes[at..end]).into_owned()
 }
 
 fn host_release() -> String {
@@ -600,89 +582,6 @@ fn leftovers(cri: &Cri, env: &PodEnv<'_>, netns: Option<&Path>) -> Vec<String> {
     }
 }
 
-/// The pause image: the busybox layout's image with `sleep` as its
-/// entrypoint, tagged `pause` and imported as [`PAUSE_IMAGE`].
-fn import_pause(c: &Containerd, work: &Path) {
-    let layout = work.join("layout");
-    let image = format!("{}:1", layout.display());
-    let t = output_within(
-        Command::new("umoci").args([
-            "config",
-            "--image",
-            &image,
-            "--tag",
-            "pause",
-            "--config.entrypoint",
-            "/bin/sleep",
-            "--config.cmd",
-            "1000000000",
-        ]),
-        Duration::from_secs(60),
-    );
-    t.ok("umoci config").unwrap_or_else(|e| panic!("{e}"));
-    let tar = work.join("pause.tar");
-    tar_dir(&layout, &tar);
-    let t = c.ctr(
-        &[
-            "-n",
-            K8S_NS,
-            "images",
-            "import",
-            "--base-name",
-            "docker.io/library/vessel-pause",
-            &tar.to_string_lossy(),
-        ],
-        120,
-    );
-    t.ok("ctr images import").unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// The CRI plugin's configuration (inside its table) for a CNI conf dir.
-fn cri_config(cni_conf: &Path) -> String {
-    format!(
-        r#"  sandbox_image = "{PAUSE_IMAGE}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.vessel]
-      runtime_type = "io.containerd.vessel.v2"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{}"
-"#,
-        cni_conf.display()
-    )
-}
-
-/// A bridge + host-local conflist: no masquerading, no port mappings,
-/// leases in `ipam_dir`.
-fn cni_conflist(bridge: &str, ipam_dir: &Path) -> String {
-    format!(
-        r#"{{
-  "cniVersion": "0.4.0",
-  "name": "{CNI_NET}",
-  "plugins": [
-    {{
-      "type": "bridge",
-      "bridge": "{bridge}",
-      "isGateway": true,
-      "ipMasq": false,
-      "hairpinMode": false,
-      "ipam": {{
-        "type": "host-local",
-        "ranges": [[{{ "subnet": "{SUBNET_PREFIX}0/24" }}]],
-        "routes": [{{ "dst": "0.0.0.0/0" }}],
-        "dataDir": "{}"
-      }}
-    }}
-  ]
-}}
-"#,
-        ipam_dir.display()
-    )
-}
-
 #[test]
 fn cri_pod_with_runc_and_vessel() {
     require_tools(&[
@@ -710,7 +609,7 @@ fn cri_pod_with_runc_and_vessel() {
     fs::create_dir_all(&cni_conf).expect("mkdir cni-conf");
     fs::write(
         cni_conf.join("10-vessel-cri.conflist"),
-        cni_conflist(&bridge, &ipam_dir),
+        cri::cni_conflist(CNI_NET, &bridge, &format!("{SUBNET_PREFIX}0/24"), &ipam_dir),
     )
     .expect("write conflist");
 
@@ -730,7 +629,7 @@ fn cri_pod_with_runc_and_vessel() {
             fs::write(&config, art.vessel_config(&dir.join("templates"), "")).expect("vessel.toml");
             shim_env.push(("VESSEL_CONFIG", config.display().to_string()));
             shim_env.push(("VESSEL_SHIM_ROOT", shim_root.display().to_string()));
-            guest = Some(guest_release(&art.kernel));
+            guest = Some(vessel_tests::guest_release(&art.kernel));
         }
         other => {
             let why = other
@@ -743,7 +642,7 @@ fn cri_pod_with_runc_and_vessel() {
     let opts = Options {
         bin: Some(&bin),
         env: shim_env,
-        extra_config: cri_config(&cni_conf),
+        extra_config: cri::containerd_config(&cni_conf),
         tagged: true,
     };
     let t0 = Instant::now();
@@ -756,7 +655,7 @@ fn cri_pod_with_runc_and_vessel() {
     let work = dir.join("image");
     fs::create_dir_all(&work).expect("mkdir image");
     c.import_busybox(&work, K8S_NS);
-    import_pause(&c, &work);
+    cri::import_pause(&c, &work).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("cri-timing step=images ms={}", t0.elapsed().as_millis());
 
     let client = Cri::connect(&c.sock).unwrap_or_else(|e| panic!("CRI connect: {e}"));

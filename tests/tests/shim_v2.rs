@@ -20,7 +20,6 @@
 //! Needs Debian's `containerd`, `umoci`, `busybox-static` and `iproute2`.
 
 use std::fs;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -29,22 +28,6 @@ use vessel_tests::engines::{leaks, poll_until, require_tools, wait_within, Timed
 use vessel_tests::{kvm_available_or_skip, workspace_root, Artifacts, TempDir};
 
 const RUNTIME: &str = "io.containerd.vessel.v2";
-
-/// The release in the guest kernel's `Linux version X (...)` banner.
-fn guest_release(vmlinux: &Path) -> String {
-    let bytes = fs::read(vmlinux).expect("read vmlinux");
-    let needle = b"Linux version ";
-    let at = bytes
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .expect("no version banner in vmlinux")
-        + needle.len();
-    let end = bytes[at..]
-        .iter()
-        .position(|&b| b == b' ')
-        .map_or(bytes.len(), |e| at + e);
-    String::from_utf8_lossy(&bytes[at..end]).into_owned()
-}
 
 /// Task sockets in the shim's socket directory, except `known`.
 fn shim_sockets(known: &[String]) -> Vec<String> {
@@ -408,7 +391,7 @@ fn ctr_runs_tasks_through_the_vessel_shim() {
     let shim_root = tmp.0.join("shim-root");
     let work = tmp.0.join("image");
     fs::create_dir_all(&work).expect("mkdir image");
-    let want = guest_release(&art.kernel);
+    let want = vessel_tests::guest_release(&art.kernel);
     let tmp_path = tmp.0.clone();
 
     let sockets_before = shim_sockets(&[]);
