@@ -232,6 +232,26 @@ pub mod pb {
         #[prost(bool, tag = "2")]
         pub verbose: bool,
     }
+    /// The Linux resources UpdateContainerResources sets (the fields the
+    /// tests use).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct LinuxContainerResources {
+        #[prost(int64, tag = "1")]
+        pub cpu_period: i64,
+        #[prost(int64, tag = "2")]
+        pub cpu_quota: i64,
+        #[prost(int64, tag = "3")]
+        pub cpu_shares: i64,
+        #[prost(int64, tag = "4")]
+        pub memory_limit_in_bytes: i64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct UpdateContainerResourcesRequest {
+        #[prost(string, tag = "1")]
+        pub container_id: String,
+        #[prost(message, optional, tag = "2")]
+        pub linux: Option<LinuxContainerResources>,
+    }
     /// Every response without fields the tests read.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Empty {}
@@ -750,6 +770,22 @@ impl Cri {
     /// SIGKILL).
     pub fn stop_container(&self, id: &str, timeout_s: i64) -> Result<()> {
         self.container_call("StopContainer", id, timeout_s)
+    }
+
+    /// UpdateContainerResources with new Linux resources.
+    pub fn update_container_resources(
+        &self,
+        id: &str,
+        linux: pb::LinuxContainerResources,
+    ) -> Result<()> {
+        let _: pb::Empty = self.rt(
+            "UpdateContainerResources",
+            &pb::UpdateContainerResourcesRequest {
+                container_id: id.into(),
+                linux: Some(linux),
+            },
+        )?;
+        Ok(())
     }
 
     /// RemoveContainer.

@@ -496,6 +496,28 @@ fn container_checks(
         }
     }
     steps.done("ContainerStats");
+
+    // UpdateContainerResources: a new memory limit, seen in the
+    // container's own cgroup.
+    let limit: i64 = 48 << 20;
+    let updated = cri.update_container_resources(
+        idle,
+        pb::LinuxContainerResources {
+            memory_limit_in_bytes: limit,
+            ..Default::default()
+        },
+    );
+    // The container's own cgroup: v2 in the guest; v1 or v2 as the host
+    // has it with runc.
+    let max =
+        "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes";
+    match (updated, exec(idle, &["sh", "-c", max])) {
+        (Ok(()), Ok(r)) if r.stdout.trim() == limit.to_string() => {}
+        other => fail(format!(
+            "UpdateContainerResources memory {limit}: {other:?}"
+        )),
+    }
+    steps.done("UpdateContainerResources");
 }
 
 /// The network namespace path in the verbose PodSandboxStatus of `pod`.

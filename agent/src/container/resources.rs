@@ -184,7 +184,13 @@ pub fn update_writes(
                         "memory+swap limit {s} is less than the memory limit {mem}"
                     ));
                 }
-                out.push(w("memory.swap.max", (s - mem).to_string()));
+                // No swap at all (memory+swap = memory, what containerd's
+                // CRI asks with every memory limit) holds in a guest
+                // without swap accounting: skipped there, as at create.
+                out.push(Write {
+                    optional: s == mem,
+                    ..w("memory.swap.max", (s - mem).to_string())
+                });
             }
             // runc: an unlimited memory limit lifts the swap limit too.
             None if mem.is_some_and(|l| l < 0) => out.push(Write {
@@ -473,6 +479,21 @@ mod tests {
         let ws = update_writes(&swap_only, |_| Some("524288\n".into())).unwrap();
         assert_eq!(files(&ws), vec![("memory.swap.max", "524288")]);
         assert!(update_writes(&swap_only, |_| Some("4194304\n".into())).is_err());
+        // memory+swap equal to memory: zero swap, optional.
+        let no_swap = ResourcesUpdate {
+            memory: Some(MemoryUpdate {
+                limit: Some(1 << 20),
+                swap: Some(1 << 20),
+                ..MemoryUpdate::default()
+            }),
+            ..ResourcesUpdate::default()
+        };
+        let ws = update_writes(&no_swap, |_| None).unwrap();
+        assert_eq!(
+            files(&ws),
+            vec![("memory.max", "1048576"), ("memory.swap.max", "0")]
+        );
+        assert!(ws[1].optional && !ws[0].optional);
         for cpus in ["0\n1", "a", "0;1", &"1".repeat(300)] {
             let r = ResourcesUpdate {
                 cpu: Some(CpuUpdate {
