@@ -132,6 +132,18 @@ struct TaskEntry {
     execs: HashMap<String, Proc>,
 }
 
+impl TaskEntry {
+    /// Process `exec_id` ("" = the init); the caller checked it exists
+    /// (see `Service::with_proc`).
+    fn proc(&self, exec_id: &str) -> &Proc {
+        if exec_id.is_empty() {
+            &self.init
+        } else {
+            &self.execs[exec_id]
+        }
+    }
+}
+
 /// The service's state, shared with the ttrpc server threads.
 #[derive(Clone)]
 pub struct Service {
@@ -643,13 +655,7 @@ impl Task for Service {
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
-        let exit = self.with_proc(&req.id, &req.exec_id, |t, e| {
-            Ok(if e.is_empty() {
-                t.init.exit.clone()
-            } else {
-                t.execs[e].exit.clone()
-            })
-        })?;
+        let exit = self.with_proc(&req.id, &req.exec_id, |t, e| Ok(t.proc(e).exit.clone()))?;
         let e = exit.wait();
         let mut r = WaitResponse::new();
         r.exit_status = e.status;
@@ -663,7 +669,7 @@ impl Task for Service {
             .filter(|s| (1..=64).contains(s))
             .ok_or_else(|| status(Code::INVALID_ARGUMENT, format!("bad signal {}", req.signal)))?;
         let (exited, started) = self.with_proc(&req.id, &req.exec_id, |t, e| {
-            let p = if e.is_empty() { &t.init } else { &t.execs[e] };
+            let p = t.proc(e);
             Ok((p.exit.get().is_some(), p.started))
         })?;
         if exited {
@@ -757,7 +763,7 @@ impl Task for Service {
             None
         };
         self.with_proc(&req.id, &req.exec_id, |t, e| {
-            let p = if e.is_empty() { &t.init } else { &t.execs[e] };
+            let p = t.proc(e);
             let mut r = StateResponse::new();
             r.id = if e.is_empty() {
                 req.id.clone()
@@ -825,7 +831,7 @@ impl Task for Service {
 
     fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
         let io = self.with_proc(&req.id, &req.exec_id, |t, e| {
-            let p = if e.is_empty() { &t.init } else { &t.execs[e] };
+            let p = t.proc(e);
             p.io.clone()
                 .ok_or_else(|| status(Code::FAILED_PRECONDITION, "the process is not started"))
         })?;
@@ -841,7 +847,7 @@ impl Task for Service {
 
     fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
         let io = self.with_proc(&req.id, &req.exec_id, |t, e| {
-            let p = if e.is_empty() { &t.init } else { &t.execs[e] };
+            let p = t.proc(e);
             Ok(p.io.clone())
         })?;
         if let Some(io) = io.filter(|_| req.stdin) {
