@@ -18,6 +18,8 @@
 //! net_slots = 1       # network devices of a template VM (a sandbox with more interfaces is cold-booted)
 //! net_offload = true  # virtio-net checksum/TSO offloads (off: for measurements)
 //! run_dir = "/run/vessel-vm"   # sandbox sockets (keep it short: Unix socket paths)
+//! guest_cmdline = "vessel.debug"  # appended to the guest kernel command line (part of the template key)
+//! profile_dir = "/tmp/vessel-profiles"  # debugging: each VMM samples guest rip into DIR/<sandbox>.rip
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -70,6 +72,8 @@ struct File {
     net_slots: Option<u8>,
     net_offload: Option<bool>,
     run_dir: Option<PathBuf>,
+    profile_dir: Option<PathBuf>,
+    guest_cmdline: Option<String>,
 }
 
 /// Most network interfaces a sandbox can have.
@@ -112,6 +116,14 @@ pub struct Config {
     pub net_offload: bool,
     /// Where sandboxes keep their sockets ([`crate::state::Store::sandbox_dir`]).
     pub run_dir: PathBuf,
+    /// Appended to the guest kernel's command line at a cold boot (so also
+    /// part of every template built with it), e.g. `vessel.debug` for the
+    /// agent's step timings on the console.
+    pub guest_cmdline: String,
+    /// Debugging: every VMM runs with `--profile-rip DIR/<sandbox>.rip`
+    /// (guest rip sampled once per ms per vCPU, written when the VM stops;
+    /// `cargo xtask bench profile-run` reads them).
+    pub profile_dir: Option<PathBuf>,
     /// The file these came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -135,6 +147,8 @@ impl Config {
             net_slots: 1,
             net_offload: true,
             run_dir: PathBuf::from(crate::state::DEFAULT_RUN_DIR),
+            profile_dir: None,
+            guest_cmdline: String::new(),
             source: None,
         }
     }
@@ -233,6 +247,17 @@ impl Config {
         }
         if let Some(o) = f.net_offload {
             self.net_offload = o;
+        }
+        if let Some(c) = f.guest_cmdline {
+            if c.len() > 512 || c.contains(|ch: char| ch.is_ascii_control()) {
+                return Err(ConfigError::Invalid(
+                    "guest_cmdline must be at most 512 bytes on one line".into(),
+                ));
+            }
+            self.guest_cmdline = c;
+        }
+        if let Some(p) = f.profile_dir {
+            self.profile_dir = Some(abs(p));
         }
         self.source = Some(path.to_path_buf());
         Ok(())

@@ -96,6 +96,8 @@ pub fn template_key(cfg: &Config) -> Result<String, SandboxError> {
         u8::from(cfg.net_offload),
     ]);
     h.update(cfg.rootfs_dax_mib.to_le_bytes());
+    h.update(cfg.guest_cmdline.as_bytes());
+    h.update([0]);
     for tag in [ROOTFS_TAG, MOUNTS_TAG] {
         h.update(tag.as_bytes());
         h.update([0]);
@@ -181,6 +183,11 @@ fn vmm_command(cfg: &Config, dirs: Dirs<'_>, host: &HostSide) -> Command {
     for n in &host.nets {
         cmd.arg("--net").arg(n);
     }
+    if let (Some(pd), Some(name)) = (&cfg.profile_dir, dir.file_name()) {
+        let mut file = name.to_os_string();
+        file.push(".rip");
+        cmd.arg("--profile-rip").arg(pd.join(file));
+    }
     let binds = host.binds.clone();
     let stage = host.stage.clone();
     // SAFETY: the closure runs in the child between fork and exec and only
@@ -236,6 +243,9 @@ impl Sandbox {
             .arg(cfg.mem_mib.to_string())
             .arg("--vcpus")
             .arg(cfg.vcpus.to_string());
+        if !cfg.guest_cmdline.is_empty() {
+            cmd.arg("--cmdline").arg(&cfg.guest_cmdline);
+        }
         if cfg.balloon {
             cmd.arg("--balloon");
         }
