@@ -54,11 +54,17 @@ fn run() {
     let init_started_ms = init::boottime_ms();
     let debug = init::setup();
     init::DEBUG.store(debug, std::sync::atomic::Ordering::Relaxed);
+    container::trace::open(debug);
     if let Err(e) = reaper::install() {
         init::log_error(&e);
     }
     net::loopback_up();
     net::tune_tcp();
+    // Before the snapshot of a template: what every container's cgroup
+    // needs is then done once.
+    if let Err(e) = container::cgroup::prepare() {
+        init::log_fmt(format_args!("cgroups: {e}"));
+    }
     let Some(listener) = listen(debug) else {
         init::log("fatal: no vsock listener, powering off");
         return;

@@ -176,6 +176,7 @@ fn reaper_thread(wake: OwnedFd) {
             crate::init::log_fmt(format_args!("reaper: read: {}", Errno::last()));
             std::thread::sleep(std::time::Duration::from_secs(1));
         }
+        crate::container::trace::mark("reaper");
         let Ok(reaper) = Reaper::get() else { continue };
         loop {
             let mut raw: libc::c_int = 0;

@@ -16,8 +16,19 @@ use nix::errno::Errno;
 /// Parent of every container's cgroup.
 pub const ROOT: &str = "/sys/fs/cgroup/vessel";
 
-/// Controllers handed down to containers when the kernel has them.
-const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "io", "memory", "pids"];
+/// Controllers handed down to every container when the kernel has them:
+/// those of its statistics and OOM events.
+const CONTROLLERS: [&str; 2] = ["memory", "pids"];
+
+/// Controllers handed down on first use of one of their files (a limit at
+/// create or update, e.g. `cpu.max`, `cpuset.cpus`, `io.weight`). Each
+/// enabled controller adds its files to every new cgroup (a `mkdir` costs
+/// more), and with `cpu` every container is a scheduling group of its own,
+/// so each wake-up and sleep updates the load of every level of the
+/// hierarchy: about a fifth of the guest kernel's time during a container
+/// start on PVM hosts, where guest kernel code is emulated. Containers
+/// without such limits need none of them (`cpu.stat` is always there).
+const LAZY: [&str; 3] = ["cpu", "cpuset", "io"];
 
 /// Errors of cgroup handling.
 #[derive(Debug, thiserror::Error)]
@@ -43,33 +54,61 @@ fn io_err(what: &'static str, path: &str, source: std::io::Error) -> CgroupError
     }
 }
 
-/// Enables the controllers for [`ROOT`] and its children, once.
-fn setup_root() -> Result<(), String> {
+/// Writes `+CONTROLLER ...` for those of `wanted` the kernel has into the
+/// root's and [`ROOT`]'s `cgroup.subtree_control`.
+fn enable(wanted: &[&str]) -> Result<(), String> {
+    let available = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .map_err(|e| format!("cannot read /sys/fs/cgroup/cgroup.controllers: {e}"))?;
+    let line = wanted
+        .iter()
+        .filter(|c| available.split_whitespace().any(|a| a == **c))
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if !line.is_empty() {
+        for dir in ["/sys/fs/cgroup", ROOT] {
+            let path = format!("{dir}/cgroup.subtree_control");
+            std::fs::write(&path, &line)
+                .map_err(|e| format!("cannot write {line:?} to {path}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates [`ROOT`] with the controllers of [`CONTROLLERS`], once. The
+/// agent calls it at start-up (so a template has it done); a failure there
+/// is reported again by the first container's creation.
+pub fn prepare() -> Result<(), String> {
     static DONE: OnceLock<Result<(), String>> = OnceLock::new();
     DONE.get_or_init(|| {
-        let available = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
-            .map_err(|e| format!("cannot read /sys/fs/cgroup/cgroup.controllers: {e}"))?;
-        let enable: Vec<String> = CONTROLLERS
-            .iter()
-            .filter(|c| available.split_whitespace().any(|a| a == **c))
-            .map(|c| format!("+{c}"))
-            .collect();
-        let line = enable.join(" ");
         match std::fs::create_dir(ROOT) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(format!("cannot create {ROOT}: {e}")),
         }
-        if !line.is_empty() {
-            for dir in ["/sys/fs/cgroup", ROOT] {
-                let path = format!("{dir}/cgroup.subtree_control");
-                std::fs::write(&path, &line)
-                    .map_err(|e| format!("cannot write {line:?} to {path}: {e}"))?;
-            }
-        }
-        Ok(())
+        enable(&CONTROLLERS)
     })
     .clone()
+}
+
+/// The controller of [`LAZY`] that `file` belongs to, if any (not for the
+/// files every cgroup has: `cpu.stat`, `*.pressure`).
+fn lazy_controller(file: &str) -> Option<usize> {
+    let (controller, rest) = file.split_once('.')?;
+    if rest == "pressure" || file == "cpu.stat" {
+        return None;
+    }
+    LAZY.iter().position(|c| *c == controller)
+}
+
+/// Hands controller `LAZY[i]` down, once.
+fn enable_lazy(i: usize) -> std::io::Result<()> {
+    static DONE: [OnceLock<Result<(), String>>; LAZY.len()] =
+        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    DONE[i]
+        .get_or_init(|| enable(&[LAZY[i]]))
+        .clone()
+        .map_err(std::io::Error::other)
 }
 
 /// One container's cgroup.
@@ -85,7 +124,7 @@ impl Cgroup {
     /// An existing directory (left by a crashed earlier container of the
     /// same id) is an error.
     pub fn create(id: &str, limits: &[(String, String)]) -> Result<Cgroup, CgroupError> {
-        setup_root().map_err(|m| io_err("cannot set up", ROOT, std::io::Error::other(m)))?;
+        prepare().map_err(|m| io_err("cannot set up", ROOT, std::io::Error::other(m)))?;
         let path = format!("{ROOT}/{id}");
         std::fs::create_dir(&path).map_err(|e| io_err("cannot create", &path, e))?;
         let dir = match open_dir(&path) {
@@ -121,6 +160,9 @@ impl Cgroup {
 
     /// Opens one file of the cgroup (`O_CLOEXEC` is added).
     pub fn open_at(&self, file: &str, flags: libc::c_int) -> std::io::Result<std::fs::File> {
+        if let Some(i) = lazy_controller(file) {
+            enable_lazy(i)?;
+        }
         let name =
             CString::new(file).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: openat relative to our directory fd with a NUL-terminated
@@ -213,6 +255,20 @@ pub fn oom_kills(events: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limit_files_enable_their_controller() {
+        let lazy = |f| lazy_controller(f).map(|i| LAZY[i]);
+        assert_eq!(lazy("cpu.weight"), Some("cpu"));
+        assert_eq!(lazy("cpu.max"), Some("cpu"));
+        assert_eq!(lazy("cpuset.cpus"), Some("cpuset"));
+        assert_eq!(lazy("io.weight"), Some("io"));
+        assert_eq!(lazy("cpu.stat"), None);
+        assert_eq!(lazy("cpu.pressure"), None);
+        assert_eq!(lazy("memory.max"), None);
+        assert_eq!(lazy("pids.max"), None);
+        assert_eq!(lazy("cgroup.procs"), None);
+    }
 
     #[test]
     fn oom_kill_count_is_parsed() {

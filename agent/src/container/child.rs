@@ -637,6 +637,7 @@ const USERNS_BIND_FALLBACKS: [(&CStr, &CStr); 3] = [
 /// exec. Never returns.
 pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     let st = fds.status;
+    super::trace::mark("child");
     if let Some(sync) = fds.userns_sync {
         become_userns_root(st, sync);
     }
@@ -650,6 +651,7 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
         }
     }
     setup_stdio(fds, true);
+    super::trace::mark("stdio");
     let root = plan.rootfs.as_c_str();
     if let Err(e) = mount(
         std::ptr::null(),
@@ -679,10 +681,12 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     ) {
         fail(st, Step::RootBind, 0, e);
     }
+    super::trace::mark("rootfs");
     for (i, m) in plan.mounts.iter().enumerate() {
         if let Err((step, e)) = do_mount(m, fds.userns) {
             fail(st, step, i, e);
         }
+        super::trace::mark("mount");
     }
     for (i, d) in plan.devices.iter().enumerate() {
         if fds.userns {
@@ -720,6 +724,7 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
             fail(st, Step::DevSymlink, i, errno());
         }
     }
+    super::trace::mark("devices");
     // pivot_root(".", ".") then detach the old root stacked below: no
     // directory for the old root is needed (runc's way).
     // SAFETY: system calls on NUL-terminated literals and plan strings.
@@ -764,7 +769,9 @@ pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
         );
         check(st, Step::PivotRoot, 3, libc::chdir(c"/".as_ptr()));
     }
+    super::trace::mark("pivot");
     for step in AFTER_PIVOT {
+        super::trace::mark("finish");
         match step {
             Finish::Hostname => set_name(st, Step::Hostname, plan.hostname.as_deref(), false),
             Finish::Domainname => {
@@ -1066,6 +1073,7 @@ fn container_pty(fds: &ChildFds) {
 /// (init) report ready and wait for start, then execve.
 fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs, limits: bool) -> ! {
     let st = fds.status;
+    super::trace::mark("process");
     container_pty(fds);
     if limits {
         apply_limits(st, p);
@@ -1126,6 +1134,7 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs, limits: bool) -
         libc::umask(p.umask);
         check(st, Step::Cwd, 0, libc::chdir(p.cwd.as_ptr()));
     }
+    super::trace::mark("credentials");
     let mut chosen = None;
     let mut last_err = libc::ENOENT;
     for (i, c) in p.exec_candidates.iter().enumerate() {
@@ -1159,6 +1168,7 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs, limits: bool) -
             unsafe { libc::_exit(0) };
         }
     }
+    super::trace::mark("exec");
     report(
         st,
         Report {

@@ -25,6 +25,7 @@ pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod stdio;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -354,6 +355,7 @@ impl Containers {
         req: CreateContainerRequest,
     ) -> Result<(Container, ContainerCreated), ErrorReply> {
         let started = Instant::now();
+        trace::mark("create");
         let t0 = crate::init::boottime_ms();
         let id = req.id;
         let spec = spec::parse_spec(req.spec).map_err(from_spec)?;
@@ -388,6 +390,7 @@ impl Containers {
                 return Err(e);
             }
         };
+        trace::mark("parsed");
         let t_parsed = crate::init::boottime_ms();
         let cgroup = match Cgroup::create(&id, &plan.cgroup_writes) {
             Ok(c) => c,
@@ -396,6 +399,7 @@ impl Containers {
                 return Err(internal(crate::container::chain(&e)));
             }
         };
+        trace::mark("cgroup");
         let t_cgroup = crate::init::boottime_ms();
         let spawned = spawn_init(&plan, &joins, taken, &cgroup);
         drop(joins);
@@ -442,6 +446,7 @@ impl Containers {
                 paused: false,
             }),
         };
+        trace::mark("created");
         let created = ContainerCreated {
             pid: c.init.pid,
             ignored: plan.ignored.clone(),
@@ -469,6 +474,7 @@ impl Containers {
         };
         inner.started = true;
         let mut start = File::from(start);
+        trace::mark("start");
         start
             .write_all(&[1])
             .map_err(|e| internal(format!("cannot start the container: {e}")))?;
@@ -855,6 +861,7 @@ fn spawn_init(
     let clone_init = || -> Result<(libc::pid_t, RawFd, Arc<ExitCell>), String> {
         let ptrs = ExecPtrs::new(&plan.process);
         let mut watch = reaper.lock();
+        trace::mark("clone");
         // SAFETY: the child runs only `child::run_init`, which neither
         // allocates nor locks, and never returns.
         let (pid, pidfd) = unsafe { child::clone3(plan.clone_flags, Some(cgroup.fd())) }
