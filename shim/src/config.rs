@@ -79,6 +79,15 @@ struct File {
 /// Most network interfaces a sandbox can have.
 pub const MAX_NET_SLOTS: u8 = 8;
 
+/// Default `rootfs_dax_mib`: a DAX window for the root file system share.
+/// Executables and libraries are then mapped from the host's page cache
+/// instead of being copied through FUSE into the guest's: on PVM hosts,
+/// where each FUSE round trip costs the guest ~20 ms of emulated kernel
+/// time, `vessel run true` took a quarter less (`cargo xtask bench run`).
+/// 64 MiB: 32 files (2 MiB ranges) mapped at once; the guest's page
+/// structures for it take 1 MiB.
+pub const DEFAULT_ROOTFS_DAX_MIB: u64 = 64;
+
 /// Largest `rootfs_dax_mib` (the VMM's limit is 8x the guest's memory).
 pub const MAX_ROOTFS_DAX_MIB: u64 = 64 << 10;
 
@@ -143,7 +152,7 @@ impl Config {
             templates: true,
             template_dir: PathBuf::from("/var/lib/vessel/templates"),
             balloon: true,
-            rootfs_dax_mib: 0,
+            rootfs_dax_mib: DEFAULT_ROOTFS_DAX_MIB,
             net_slots: 1,
             net_offload: true,
             run_dir: PathBuf::from(crate::state::DEFAULT_RUN_DIR),
