@@ -1,15 +1,16 @@
 //! The cloned child: applies a plan to itself and executes the process.
 //!
-//! The agent is multi-threaded, and the child is created with a raw
-//! `clone3` (namespaces, cgroup and a pidfd in one system call), so in the
-//! child another thread may have held the allocator's or any other lock at
-//! the moment of the clone. The child therefore never allocates, never
-//! locks, never panics and never unwinds: it only reads the plan the parent
-//! built (C strings, flag words) and makes raw system calls. Failures are
-//! reported to the parent as a fixed-size [`Report`] on the status pipe,
-//! followed by `_exit(127)`; right before `execve` the child reports
-//! [`REPORT_EXEC`], and a successful `execve` closes the (close-on-exec)
-//! pipe, which the parent sees as EOF.
+//! The child is created with a raw `clone3` (namespaces, cgroup and a
+//! pidfd in one system call) that shares the agent's memory, vfork-style
+//! ([`spawn_vfork`]): it runs on a stack of its own while the thread that
+//! created it sleeps, and the agent's other threads go on in the same
+//! memory. The child therefore never allocates, never locks, never panics
+//! and never unwinds, and writes nothing but its stack: it only reads the
+//! plan the parent built (C strings, flag words) and makes raw system
+//! calls. Failures are reported to the parent as a fixed-size [`Report`]
+//! on the status pipe, followed by `_exit(127)`; right before `execve` the
+//! child reports [`REPORT_EXEC`], and a successful `execve` closes the
+//! (close-on-exec) pipe, which the parent sees as EOF.
 
 use std::ffi::CStr;
 use std::os::fd::RawFd;
@@ -158,6 +159,9 @@ pub const REPORT_ERROR: u32 = 2;
 /// Report kind: everything applied, `execve` comes next. EOF without it
 /// means the child died before (e.g. a signal).
 pub const REPORT_EXEC: u32 = 3;
+/// Report kind: an init in a new user namespace runs and waits for the
+/// agent's id maps (the agent learns its pid then).
+pub const REPORT_STARTED: u32 = 4;
 
 /// What the child writes on the status pipe.
 #[repr(C)]
@@ -248,41 +252,143 @@ impl ExecPtrs {
     }
 }
 
-/// `clone3` like fork: returns the child's pid and pidfd in the parent, and
-/// `0` in the child.
+/// The child's stack in [`spawn_vfork`]: the `run_*` functions keep their
+/// buffers small; what is never touched costs nothing.
+const VFORK_STACK: usize = 256 * 1024;
+
+/// Creates a child that shares the agent's memory (`CLONE_VM`) and runs
+/// `child` on a stack of its own, while the calling thread sleeps until
+/// the child has executed a program or exited (`CLONE_VFORK`), as
+/// `posix_spawn` does. Returns the child's pid and pidfd then.
+///
+/// Unlike a fork nothing of the agent is copied: a fork copies its page
+/// tables, every page the child then writes faults, and its `execve`
+/// tears the copy down again. On PVM hosts, where the guest kernel is
+/// emulated, fork+exit+wait costs ~280 ms in a container, vfork+exit+wait
+/// ~60 ms.
 ///
 /// # Safety
 ///
-/// In the child only the calling thread exists and locks held by other
-/// threads stay locked forever: the caller must run nothing in the child
-/// but this module's `run_*` functions, which neither allocate nor lock.
-pub unsafe fn clone3(flags: u64, cgroup: Option<RawFd>) -> std::io::Result<(libc::pid_t, RawFd)> {
-    let mut pidfd: libc::c_int = -1;
+/// `child` must not return (it executes a program or `_exit`s; a return
+/// exits with 127). It runs in the agent's memory while the agent's other threads go
+/// on: it must follow this module's rules (no allocation, no locks, no
+/// unwinding) and write nothing but its own stack, the calling thread's
+/// `errno` (that thread sleeps) and the descriptors it owns. Everything it
+/// reads must stay alive until this returns, which the sleeping caller
+/// ensures.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn spawn_vfork(
+    flags: u64,
+    cgroup: Option<RawFd>,
+    ids: &SpawnIds,
+    child: &mut dyn FnMut(),
+) -> std::io::Result<(libc::pid_t, RawFd)> {
+    // SAFETY: an anonymous private mapping; checked below.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            VFORK_STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The lowest page stays unmapped-like: an overflow faults instead of
+    // writing below the mapping.
+    // SAFETY: the first page of our own mapping.
+    unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) };
     let mut args = CloneArgs {
-        flags: flags | libc::CLONE_PIDFD as u64,
-        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        flags: flags
+            | libc::CLONE_PIDFD as u64
+            | libc::CLONE_PARENT_SETTID as u64
+            | libc::CLONE_VM as u64
+            | libc::CLONE_VFORK as u64,
+        pidfd: ids.pidfd.as_ptr() as u64,
+        parent_tid: ids.pid.as_ptr() as u64,
         exit_signal: libc::SIGCHLD as u64,
+        stack: stack as u64,
+        stack_size: VFORK_STACK as u64,
         ..CloneArgs::default()
     };
     if let Some(fd) = cgroup {
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = u64::try_from(fd).unwrap_or(0);
     }
-    // SAFETY: `args` is a valid clone_args of the size passed, `pidfd`
-    // outlives the call; with no stack given the child continues on a copy
-    // of this stack like after fork (the caller upholds the rules above).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &mut args as *mut CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
+    let mut child = child;
+    let arg: *mut &mut dyn FnMut() = &mut child;
+    let ret: i64;
+    // SAFETY: clone3 with a valid clone_args of the size passed; `ids`,
+    // `child` and the stack outlive the call (CLONE_VFORK: it returns only
+    // once the child has left this memory). In the child (rax == 0) the
+    // kernel has set rsp to the top of the new stack (16-byte aligned, so
+    // the call leaves the callee the ABI's alignment); r12/r13 survive the
+    // syscall; `vfork_entry` never returns (ud2 if it did).
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &mut args as *mut CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") vfork_entry as *const (),
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
     }
-    let pid = libc::pid_t::try_from(ret).unwrap_or(-1);
-    Ok((pid, pidfd))
+    // SAFETY: our mapping; the child no longer runs on it.
+    unsafe { libc::munmap(stack, VFORK_STACK) };
+    if ret < 0 {
+        return Err(std::io::Error::from_raw_os_error(
+            i32::try_from(-ret).unwrap_or(libc::EINVAL),
+        ));
+    }
+    Ok((
+        libc::pid_t::try_from(ret).unwrap_or(-1),
+        ids.pidfd.load(std::sync::atomic::Ordering::Acquire),
+    ))
+}
+
+/// Where [`spawn_vfork`]'s `clone3` stores the child's pid and pidfd, which
+/// the kernel does before the child runs: another thread can read them as
+/// soon as the child has said anything (e.g. on its status pipe), while the
+/// calling thread still sleeps.
+#[derive(Debug)]
+pub struct SpawnIds {
+    /// The child's pid (0 until the clone).
+    pub pid: std::sync::atomic::AtomicI32,
+    /// Its pidfd (-1 until the clone).
+    pub pidfd: std::sync::atomic::AtomicI32,
+}
+
+impl Default for SpawnIds {
+    fn default() -> Self {
+        SpawnIds {
+            pid: std::sync::atomic::AtomicI32::new(0),
+            pidfd: std::sync::atomic::AtomicI32::new(-1),
+        }
+    }
+}
+
+/// The child's first Rust frame in [`spawn_vfork`].
+extern "C" fn vfork_entry(arg: *mut &mut dyn FnMut()) -> ! {
+    // SAFETY: `arg` points at the closure reference in the sleeping
+    // parent's frame (see spawn_vfork).
+    let child = unsafe { &mut *arg };
+    child();
+    // SAFETY: _exit ends the child; `child` was to execute or exit.
+    unsafe { libc::_exit(127) }
 }
 
 fn errno() -> i32 {
@@ -578,6 +684,13 @@ fn apply_limits(st: RawFd, p: &ProcessPlan) {
 /// (mount points, device files) creates files as the container's root
 /// rather than as an unmapped id.
 fn become_userns_root(st: RawFd, sync: RawFd) {
+    report(
+        st,
+        Report {
+            kind: REPORT_STARTED,
+            ..Report::default()
+        },
+    );
     let mut b = [0u8; 1];
     // SAFETY: reads one byte into a stack buffer from a descriptor we hold.
     let n = unsafe { libc::read(sync, b.as_mut_ptr().cast(), 1) };
@@ -1087,6 +1200,7 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs, limits: bool) -
     if let Some(caps) = &p.caps {
         drop_bounding(st, caps);
     }
+    super::trace::mark("bounding");
     // Raw system calls, not libc's wrappers: musl applies setgroups and
     // setres[ug]id to every thread of the process (__synccall), and after
     // a raw clone3 its thread list still names the agent's threads, which

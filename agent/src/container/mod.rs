@@ -31,7 +31,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
 #[cfg(test)]
@@ -45,7 +46,9 @@ use vessel_proto::{ErrorCode, ErrorReply, MountRequest};
 
 use crate::reaper::{ExitCell, Reaper};
 use cgroup::Cgroup;
-use child::{ChildFds, ExecPtrs, Report, Step, REPORT_ERROR, REPORT_EXEC, REPORT_READY};
+use child::{
+    ChildFds, ExecPtrs, Report, Step, REPORT_ERROR, REPORT_EXEC, REPORT_READY, REPORT_STARTED,
+};
 use spec::{InitPlan, ProcessPlan, SpecError};
 
 /// Stack of the short-lived thread that creates an exec's process (it
@@ -359,7 +362,7 @@ impl Containers {
         let t0 = crate::init::boottime_ms();
         let id = req.id;
         let spec = spec::parse_spec(req.spec).map_err(from_spec)?;
-        let plan = spec::init_plan(&spec, &req.rootfs.path).map_err(from_spec)?;
+        let plan = Arc::new(spec::init_plan(&spec, &req.rootfs.path).map_err(from_spec)?);
         drop(spec);
         write_vm_sysctls(&plan)?;
         let taken = self
@@ -401,8 +404,7 @@ impl Containers {
         };
         trace::mark("cgroup");
         let t_cgroup = crate::init::boottime_ms();
-        let spawned = spawn_init(&plan, &joins, taken, &cgroup);
-        drop(joins);
+        let spawned = spawn_init(&plan, joins, taken, &cgroup);
         if crate::init::debug() {
             crate::init::log_fmt(format_args!(
                 "container {id}: parse+mount {} ms, cgroup {} ms, clone+set-up {} ms (at {} ms), seccomp {} instructions",
@@ -837,8 +839,8 @@ fn stdio_fds(
 /// pipe's write end and the status pipe's read end, once the init
 /// reported ready.
 fn spawn_init(
-    plan: &InitPlan,
-    joins: &[(libc::c_int, OwnedFd)],
+    plan: &Arc<InitPlan>,
+    joins: Vec<(libc::c_int, OwnedFd)>,
     mut taken: stdio::Taken,
     cgroup: &Cgroup,
 ) -> Result<(Proc, OwnedFd, OwnedFd, OwnedFd), ErrorReply> {
@@ -848,78 +850,97 @@ fn spawn_init(
     let userns_sync = plan.userns.as_ref().map(|_| pipe()).transpose()?;
     let (std, pty) = stdio_fds(&taken, &plan.process)?;
     let pty_sock = pty.as_ref().map(|_| pty_socket()).transpose()?;
+    let (sync_r, sync_w) = userns_sync.unzip();
+    let (pty_master, pty_slave) = pty.unzip();
+    let (pty_ours, pty_child) = pty_sock.unzip();
     let fds = ChildFds {
         stdio: std,
-        tty: pty.is_some(),
+        tty: pty_slave.is_some(),
         status: status_w.as_raw_fd(),
         start: Some(start_r.as_raw_fd()),
         join: None,
         userns: plan.userns.is_some(),
-        userns_sync: userns_sync.as_ref().map(|(r, _)| r.as_raw_fd()),
-        pty_sock: pty_sock.as_ref().map(|(_, c)| c.as_raw_fd()),
+        userns_sync: sync_r.as_ref().map(AsRawFd::as_raw_fd),
+        pty_sock: pty_child.as_ref().map(AsRawFd::as_raw_fd),
     };
-    let clone_init = || -> Result<(libc::pid_t, RawFd, Arc<ExitCell>), String> {
-        let ptrs = ExecPtrs::new(&plan.process);
-        let mut watch = reaper.lock();
-        trace::mark("clone");
-        // SAFETY: the child runs only `child::run_init`, which neither
-        // allocates nor locks, and never returns.
-        let (pid, pidfd) = unsafe { child::clone3(plan.clone_flags, Some(cgroup.fd())) }
-            .map_err(|e| format!("cannot create the container process: {e}"))?;
-        if pid == 0 {
-            child::run_init(plan, &fds, &ptrs);
-        }
-        Ok((pid, pidfd, watch.watch(pid)))
-    };
-    let (pid, pidfd, exit) = if joins.is_empty() {
-        clone_init()
-    } else {
-        // Namespaces to join: a thread of its own enters them (ipc, uts,
-        // network and cgroup for itself, pid for its children) and clones
-        // the init, which inherits them all, before its mounts; the thread
-        // then ends, and the agent's other threads never were in them.
-        std::thread::scope(|s| {
-            std::thread::Builder::new()
-                .stack_size(EXEC_THREAD_STACK)
-                .spawn_scoped(s, || {
-                    for (typ, fd) in joins {
-                        // SAFETY: setns on a namespace descriptor we hold,
-                        // of the type we checked; it changes this thread.
-                        if unsafe { libc::setns(fd.as_raw_fd(), *typ) } != 0 {
-                            return Err(format!(
-                                "cannot join the {} namespace: {}",
-                                ns_name(*typ),
-                                std::io::Error::last_os_error()
-                            ));
-                        }
-                    }
-                    clone_init()
-                })
-                .map_err(|e| format!("cannot start a thread: {e}"))
-                .and_then(|h| h.join().map_err(|_| "init thread panicked".to_string())?)
-        })
-    }
-    .map_err(internal)?;
-    // SAFETY: clone3 stored a new pidfd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let term_conn = taken.terminal.take();
-    drop((status_w, start_r, taken));
+    // What the child reads or inherits stays with the holder thread, which
+    // sleeps in clone3 until the child has executed the process (after
+    // start) or exited, then drops it all and ends. The child shares the
+    // agent's memory (see child::spawn_vfork): nothing of it is copied.
+    let held = (status_w, start_r, sync_r, taken, pty_slave, pty_child);
+    let ids = Arc::new(child::SpawnIds::default());
+    let clone_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let cgroup_fd = cgroup.fd();
+    // Held until the pid is watched: the reaper cannot reap the init
+    // before (its status would be lost). Released before anything waits
+    // for an exit.
+    let mut watch = reaper.lock();
+    let holder = {
+        let (plan, ids, clone_error) = (plan.clone(), ids.clone(), clone_error.clone());
+        move || {
+            let result = enter(&joins).and_then(|()| {
+                let ptrs = ExecPtrs::new(&plan.process);
+                trace::mark("clone");
+                // SAFETY: the child runs only `child::run_init`, which
+                // neither allocates nor locks, writes only its stack, and
+                // never returns; `plan`, `fds`, `ptrs` and the descriptors
+                // of `held` live in this thread, which sleeps until the
+                // child has executed the process or exited.
+                unsafe {
+                    child::spawn_vfork(plan.clone_flags, Some(cgroup_fd), &ids, &mut || {
+                        child::run_init(&plan, &fds, &ptrs)
+                    })
+                }
+                .map(drop)
+                .map_err(|e| format!("cannot create the container process: {e}"))
+            });
+            if let Err(e) = result {
+                *clone_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+            }
+            // The status pipe's last write end: the agent sees EOF after
+            // a failure, or once the process runs.
+            drop(held);
+        }
+    };
+    std::thread::Builder::new()
+        .name("init-holder".into())
+        .stack_size(EXEC_THREAD_STACK)
+        .spawn(holder)
+        .map_err(|e| internal(format!("cannot start a thread: {e}")))?;
     let mut status = File::from(status_r);
-    let released = match (&plan.userns, userns_sync) {
-        (Some(ns), Some((sync_r, sync_w))) => {
-            drop(sync_r);
-            set_up_userns(pid, ns, &plan.process).and_then(|()| {
+    // The first report (or EOF) comes after the clone, when the pid is
+    // stored.
+    let first = read_report(&mut status);
+    let pid = ids.pid.load(Ordering::Acquire);
+    if pid <= 0 {
+        drop(watch);
+        let why = clone_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        return Err(internal(why.unwrap_or_else(|| {
+            "the container process was not created".to_string()
+        })));
+    }
+    let exit = watch.watch(pid);
+    drop(watch);
+    // SAFETY: clone3 stored a new pidfd that nothing else owns (the holder
+    // only wrote it).
+    let pidfd = unsafe { OwnedFd::from_raw_fd(ids.pidfd.load(Ordering::Acquire)) };
+    let report = match (&plan.userns, sync_w, first) {
+        (Some(ns), Some(sync_w), Ok(Some(r))) if r.kind == REPORT_STARTED => {
+            match set_up_userns(pid, ns, &plan.process).and_then(|()| {
                 File::from(sync_w)
                     .write_all(&[1])
                     .map_err(|e| format!("cannot release the container process: {e}"))
-            })
+            }) {
+                // Dropping the sync pipe unread made the child exit.
+                Err(e) => Err(internal(e)),
+                Ok(()) => read_report(&mut status),
+            }
         }
-        _ => Ok(()),
-    };
-    let report = match released {
-        // Dropping the sync pipe unread made the child exit.
-        Err(e) => Err(internal(e)),
-        Ok(()) => read_report(&mut status),
+        (_, _, first) => first,
     };
     let failure = match report {
         Ok(Some(r)) if r.kind == REPORT_READY => None,
@@ -934,10 +955,10 @@ fn spawn_init(
         exit.wait();
         return Err(internal(message));
     }
-    let master = pty.map(|(agent_master, _slave)| {
-        pty_sock
+    let master = pty_master.map(|agent_master| {
+        pty_ours
             .as_ref()
-            .and_then(|(ours, _)| received_master(ours))
+            .and_then(received_master)
             .unwrap_or(agent_master)
     });
     let pty = relay_terminal(master, term_conn)?;
@@ -947,6 +968,26 @@ fn spawn_init(
         start_w,
         OwnedFd::from(status),
     ))
+}
+
+/// Enters the namespaces a container joins (ipc, uts, network and cgroup
+/// for the calling thread, pid for its children), so that the init cloned
+/// next inherits them all before its mounts. Called on the init's holder
+/// thread, which ends afterwards: the agent's other threads never are in
+/// them.
+fn enter(joins: &[(libc::c_int, OwnedFd)]) -> Result<(), String> {
+    for (typ, fd) in joins {
+        // SAFETY: setns on a namespace descriptor we hold, of the type we
+        // checked; it changes this thread.
+        if unsafe { libc::setns(fd.as_raw_fd(), *typ) } != 0 {
+            return Err(format!(
+                "cannot join the {} namespace: {}",
+                ns_name(*typ),
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `NS_GET_NSTYPE` (linux/nsfs.h): the `CLONE_NEW*` type of a namespace
@@ -1111,14 +1152,21 @@ fn spawn_exec(
                         }
                     }
                     let ptrs = ExecPtrs::new(plan);
+                    // Held until the pid is watched: the reaper cannot
+                    // reap the process before (its status would be lost).
                     let mut watch = reaper.lock();
+                    let ids = child::SpawnIds::default();
                     // SAFETY: the child runs only `child::run_exec`, which
-                    // neither allocates nor locks, and never returns.
-                    let (pid, child_pidfd) = unsafe { child::clone3(0, Some(cgroup_fd)) }
-                        .map_err(|e| format!("cannot create the process: {e}"))?;
-                    if pid == 0 {
-                        child::run_exec(plan, &fds, &ptrs);
+                    // neither allocates nor locks, writes only its stack,
+                    // and never returns; `plan`, `fds` and `ptrs` live in
+                    // this thread, which sleeps until the child has
+                    // executed the process or exited.
+                    let (pid, child_pidfd) = unsafe {
+                        child::spawn_vfork(0, Some(cgroup_fd), &ids, &mut || {
+                            child::run_exec(plan, &fds, &ptrs)
+                        })
                     }
+                    .map_err(|e| format!("cannot create the process: {e}"))?;
                     Ok((pid, child_pidfd, watch.watch(pid)))
                 },
             )
