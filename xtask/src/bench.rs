@@ -27,6 +27,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             boot(root, runs, args.get(2).map(String::as_str).unwrap_or(""))
         }
         Some("profile") => profile(root, args.get(1).map(String::as_str).unwrap_or("")),
+        Some("floor") => {
+            let budget_ms = match args.get(1) {
+                Some(n) => n.parse().context("milliseconds per figure")?,
+                None => 1000,
+            };
+            crate::bench_floor::run(root, budget_ms)
+        }
         Some("restore") => {
             let runs = match args.get(1) {
                 Some(n) => n.parse().context("number of runs")?,
@@ -85,7 +92,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, podman, engines, net, shim)"
+                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, floor, fs, podman, engines, net, shim)"
             )
         }
     }

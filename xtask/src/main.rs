@@ -13,7 +13,8 @@
 //! cargo xtask bench profile [CMDLINE]    one boot with the rip sampler, top kernel functions
 //! cargo xtask bench restore [N]          template restore to agent ready vs a cold boot
 //! cargo xtask bench density [N]          N idle sandboxes: memory, idle CPU, start slowdown
-//! cargo xtask bench run [N]              `vessel run true` vs `runc run`, and 10 concurrent
+//! cargo xtask bench run [N]              run, create, start, exec: vessel vs runc, and 10 concurrent
+//! cargo xtask bench floor [BUDGET_MS]    syscall, faults, FUSE, fork, exec in a container vs the host
 //! cargo xtask bench fs [MiB]             file read throughput: guest DAX, guest no DAX, host
 //! cargo xtask bench podman [N]           `podman run --rm IMG true`, vessel vs runc, same podman
 //! cargo xtask bench engines [N]          podman, docker and ctr `run --rm true`: vessel vs runc, one run
@@ -23,6 +24,7 @@
 
 mod bench;
 mod bench_engines;
+mod bench_floor;
 mod bench_fs;
 mod bench_net;
 mod bench_podman;
@@ -38,7 +40,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|podman|engines|net|shim]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|floor|fs|podman|engines|net|shim]>";
 
 fn main() {
     if let Err(e) = run() {
