@@ -11,6 +11,8 @@
 //! cargo xtask lint         rustfmt --check and clippy -D warnings
 //! cargo xtask bench boot [N [CMDLINE]]   cold-boot N times and print the median breakdown
 //! cargo xtask bench profile [CMDLINE]    one boot with the rip sampler, top kernel functions
+//! cargo xtask bench profile run          rip profile of one `vessel run true` (template clone)
+//! cargo xtask bench profile exec         rip profile of one `vessel exec ID true`, exec window only
 //! cargo xtask bench restore [N]          template restore to agent ready vs a cold boot
 //! cargo xtask bench density [N]          N idle sandboxes: memory, idle CPU, start slowdown
 //! cargo xtask bench run [N]              run, create, start, exec: vessel vs runc, and 10 concurrent
@@ -28,6 +30,7 @@ mod bench_floor;
 mod bench_fs;
 mod bench_net;
 mod bench_podman;
+mod bench_profile;
 mod bench_run;
 mod bench_shim;
 mod build;
