@@ -19,7 +19,7 @@ use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench_run::{write_bundle, write_config, Cli, Scratch};
+use crate::bench_run::{loadavg, write_bundle, write_config, Cli, Scratch};
 use crate::{build, initramfs};
 
 /// The figures `vessel-floor` prints: its name, what it measures, and what
@@ -116,6 +116,7 @@ pub fn run(root: &Path, budget_ms: u64) -> Result<()> {
 
     eprintln!("bench floor: building the VM template (one cold boot)");
     vessel.timed(&["template", "build", "--rebuild"])?;
+    let load_before = loadavg();
     eprintln!("bench floor: on the host");
     let host = std::process::Command::new(&floor)
         .arg(&rootfs)
@@ -140,6 +141,7 @@ pub fn run(root: &Path, budget_ms: u64) -> Result<()> {
             String::from_utf8_lossy(&guest.stderr).trim()
         );
     }
+    let load_after = loadavg();
     let host = parse(&String::from_utf8_lossy(&host.stdout));
     let guest = parse(&String::from_utf8_lossy(&guest.stdout));
 
@@ -149,6 +151,7 @@ pub fn run(root: &Path, budget_ms: u64) -> Result<()> {
     println!();
     println!("floor: basic kernel operations in a vessel container (guest kernel emulated) vs the same static binary on the host");
     println!("method: vessel-floor ({size_kib} KiB, musl) loops over each operation for about {budget_ms} ms (or until fresh material runs out), mean per operation; container run with `vessel run` (rootfs = virtio-fs share, no DAX; {DATA_MIB} MiB floor.dat), host run directly on the bundle's rootfs directory first; file faults touch one page per 64 KiB (fault-around) with MADV_RANDOM, one fault each; cold = after POSIX_FADV_DONTNEED in the running kernel (container: host page cache warm; host: read from disk); sequential = every page in order with read-ahead, time per page; stat uses a new missing name each time; vfork+exec is posix_spawn (musl: CLONE_VM|CLONE_VFORK) of vessel-floor --noop");
+    println!("host load average (1/5/15 min) before: {load_before}, after: {load_after}");
     println!(
         "{:<40} {:>12} {:>10} {:>9}  C prototype (container)",
         "per operation (µs)", "container", "host", "ratio"
@@ -186,6 +189,8 @@ pub fn run(root: &Path, budget_ms: u64) -> Result<()> {
     let json = serde_json::json!({
         "benchmark": "floor",
         "budget_ms": budget_ms,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
         "data_mib": DATA_MIB,
         "binary_kib": size_kib,
         "figures": json,

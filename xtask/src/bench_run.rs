@@ -56,6 +56,14 @@ impl Drop for Scratch {
     }
 }
 
+/// The host's 1, 5 and 15 minute load averages (`/proc/loadavg`): other
+/// work on this host moves every figure, and the guest kernel's most.
+pub(crate) fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// The bundle's `config.json`: what `runc spec` gives, minus the terminal,
 /// with the root read-only and `args` as the process.
 fn config(args: &[&str]) -> serde_json::Value {
@@ -358,6 +366,7 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
     let sleep_b = sleep_bundle.to_string_lossy().into_owned();
     let timed_run = |cli: &Cli, id: &str| cli.timed(&["run", "--bundle", &b, id]);
 
+    let load_before = loadavg();
     eprintln!("bench run: building the VM template (one cold boot)");
     let template_ms = vessel.timed(&["template", "build", "--rebuild"])?;
     let template_dax_ms = dax.timed(&["template", "build", "--rebuild"])?;
@@ -385,6 +394,7 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
     eprintln!("bench run: {CONCURRENT} concurrent run, vessel then runc");
     let (each, batch_ms) = concurrent(&vessel, &b, "c")?;
     let (runc_each, runc_batch_ms) = concurrent(&runc, &b, "rc-c")?;
+    let load_after = loadavg();
 
     let pick = |l: &[Lifecycle], f: fn(&Lifecycle) -> f64| l.iter().map(f).collect::<Vec<_>>();
     let (vc, rc) = (pick(&vl, |l| l.create_ms), pick(&rl, |l| l.create_ms));
@@ -402,6 +412,7 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
     println!();
     println!("run: busybox bundles, vessel (VM restored from a template) vs runc, same bundles, same invocation");
     println!("method: CLI spawn -> exit, median of {runs} alternating rounds after one warm-up each; start -> stopped polls `state` every 10 ms; exec goes into a running `sleep 1000` container of each runtime; then {CONCURRENT} `run` started at once (vessel, then runc)");
+    println!("host load average (1/5/15 min) before: {load_before}, after: {load_after}");
     println!(
         "{:<44} {:>10.1}",
         "vessel template build, one cold boot (ms)", template_ms
@@ -466,7 +477,7 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
         mc / mv,
         mrcc / mr
     );
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "benchmark": "run",
         "runs": runs,
         "template_build_ms": template_ms,
@@ -510,6 +521,9 @@ pub fn run(root: &Path, runs: usize) -> Result<()> {
             "concurrent_met": batch_ratio <= 6.0,
         },
     });
+    // Outside the macro, which reaches its recursion limit.
+    json["loadavg_before"] = load_before.into();
+    json["loadavg_after"] = load_after.into();
     let out = root.join("target/vessel/bench-run.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("writing {}", out.display()))?;
