@@ -26,7 +26,18 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             };
             boot(root, runs, args.get(2).map(String::as_str).unwrap_or(""))
         }
-        Some("profile") => profile(root, args.get(1).map(String::as_str).unwrap_or("")),
+        Some("profile") => match args.get(1).map(String::as_str) {
+            Some("run") => crate::bench_profile::run(root),
+            Some("exec") => crate::bench_profile::exec(root),
+            cmdline => profile(root, cmdline.unwrap_or("")),
+        },
+        Some("floor") => {
+            let budget_ms = match args.get(1) {
+                Some(n) => n.parse().context("milliseconds per figure")?,
+                None => 1000,
+            };
+            crate::bench_floor::run(root, budget_ms)
+        }
         Some("restore") => {
             let runs = match args.get(1) {
                 Some(n) => n.parse().context("number of runs")?,
@@ -85,7 +96,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (available: boot, profile, restore, density, run, fs, podman, engines, net, shim)"
+                "unknown benchmark {other:?} (available: boot, profile [run|exec|CMDLINE], restore, density, run, floor, fs, podman, engines, net, shim)"
             )
         }
     }
@@ -219,7 +230,8 @@ fn boot(root: &Path, runs: usize, cmdline: &str) -> Result<()> {
 /// `bench profile [CMDLINE]`: one cold boot with the VMM's rip sampler
 /// (1 kHz per vCPU), symbolized with the kernel build's System.map. Shows
 /// where guest time goes, including early boot that `initcall_debug` cannot
-/// time.
+/// time. `bench profile run` and `bench profile exec` profile the container
+/// path instead (xtask/src/bench_profile.rs).
 fn profile(root: &Path, cmdline: &str) -> Result<()> {
     let a = build::all(root)?;
     let map_path = a.kernel.with_file_name("System.map");
@@ -238,36 +250,54 @@ fn profile(root: &Path, cmdline: &str) -> Result<()> {
         .ok_or_else(|| anyhow!("VM did not stop"))?;
     let text =
         std::fs::read_to_string(&out).with_context(|| format!("reading {}", out.display()))?;
-    let mut by_symbol: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
-    let mut samples = 0u64;
-    for line in text.lines() {
-        let mut it = line.split_whitespace();
-        let (Some(rip), Some(count)) = (it.next(), it.next()) else {
-            continue;
-        };
-        let (Ok(rip), Ok(count)) = (u64::from_str_radix(rip, 16), count.parse::<u64>()) else {
-            continue;
-        };
-        samples += count;
-        *by_symbol.entry(symbolize(&symbols, rip)).or_default() += count;
-    }
-    let mut rows: Vec<_> = by_symbol.into_iter().collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+    let (rows, samples) = by_symbol(&symbols, parse_histogram(&text));
     println!("boot profile: {samples} samples of guest rip (1 per ms per vCPU), agent ready after {total_ms:.0} ms");
     println!("method: vessel-vmm --profile-rip interrupts KVM_RUN with a signal every 1 ms and reads rip; symbols from {}", map_path.display());
-    println!("{:>7} {:>6}  symbol", "samples", "share");
-    for (sym, n) in rows.iter().take(50) {
-        println!(
-            "{n:>7} {:>5.1}%  {sym}",
-            100.0 * *n as f64 / samples.max(1) as f64
-        );
-    }
+    print_rows(&rows, samples, 50);
     println!("raw histogram: {}", out.display());
     Ok(())
 }
 
+/// The `<rip hex> <count>` lines of a `--profile-rip` histogram.
+pub(crate) fn parse_histogram(text: &str) -> impl Iterator<Item = (u64, u64)> + '_ {
+    text.lines().filter_map(|line| {
+        let mut it = line.split_whitespace();
+        let rip = u64::from_str_radix(it.next()?, 16).ok()?;
+        let count = it.next()?.parse().ok()?;
+        Some((rip, count))
+    })
+}
+
+/// Samples `(rip, count)` summed per symbol, highest count first, and their
+/// total.
+pub(crate) fn by_symbol(
+    symbols: &[(u64, String)],
+    samples: impl IntoIterator<Item = (u64, u64)>,
+) -> (Vec<(&str, u64)>, u64) {
+    let mut counts: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    let mut total = 0;
+    for (rip, count) in samples {
+        total += count;
+        *counts.entry(symbolize(symbols, rip)).or_default() += count;
+    }
+    let mut rows: Vec<_> = counts.into_iter().collect();
+    rows.sort_by_key(|r| (std::cmp::Reverse(r.1), r.0));
+    (rows, total)
+}
+
+/// The `top` rows of [`by_symbol`] with their share of `total`.
+pub(crate) fn print_rows(rows: &[(&str, u64)], total: u64, top: usize) {
+    println!("{:>7} {:>6}  symbol", "samples", "share");
+    for (sym, n) in rows.iter().take(top) {
+        println!(
+            "{n:>7} {:>5.1}%  {sym}",
+            100.0 * *n as f64 / total.max(1) as f64
+        );
+    }
+}
+
 /// Text symbols of a System.map, sorted by address.
-fn load_system_map(path: &Path) -> Result<Vec<(u64, String)>> {
+pub(crate) fn load_system_map(path: &Path) -> Result<Vec<(u64, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
             "reading {} (build the kernel with `cargo xtask kernel`)",
@@ -288,9 +318,12 @@ fn load_system_map(path: &Path) -> Result<Vec<(u64, String)>> {
     Ok(syms)
 }
 
+/// Guest user-space samples are reported under this name.
+pub(crate) const USER_SPACE: &str = "[guest user space]";
+
 fn symbolize(symbols: &[(u64, String)], rip: u64) -> &str {
     if rip < 0xffff_8000_0000_0000 {
-        return "[guest user space]";
+        return USER_SPACE;
     }
     match symbols.partition_point(|(a, _)| *a <= rip) {
         0 => "[unknown kernel address]",

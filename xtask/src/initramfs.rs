@@ -143,6 +143,12 @@ pub fn write_newc(entries: &[Entry]) -> Result<Vec<u8>> {
 /// returns `target/x86_64-unknown-linux-musl/release/vessel-agent`. The
 /// agent's build script strips its symbols.
 pub fn build_agent(workspace_root: &Path) -> Result<PathBuf> {
+    build_static(workspace_root, "vessel-agent", "vessel-agent")
+}
+
+/// Builds `package` in release mode for the musl target (installed first if
+/// needed) and returns the static binary `bin` it produced.
+pub fn build_static(workspace_root: &Path, package: &str, bin: &str) -> Result<PathBuf> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
@@ -163,18 +169,19 @@ pub fn build_agent(workspace_root: &Path) -> Result<PathBuf> {
         "build",
         "--release",
         "-p",
-        "vessel-agent",
+        package,
         "--target",
         AGENT_TARGET,
     ]))?;
-    let agent = workspace_root
+    let out = workspace_root
         .join("target")
         .join(AGENT_TARGET)
-        .join("release/vessel-agent");
-    if !agent.is_file() {
-        bail!("cargo did not produce {}", agent.display());
+        .join("release")
+        .join(bin);
+    if !out.is_file() {
+        bail!("cargo did not produce {}", out.display());
     }
-    Ok(agent)
+    Ok(out)
 }
 
 /// Writes the initramfs with `agent` as /init to `out`, atomically (a

@@ -11,9 +11,12 @@
 //! cargo xtask lint         rustfmt --check and clippy -D warnings
 //! cargo xtask bench boot [N [CMDLINE]]   cold-boot N times and print the median breakdown
 //! cargo xtask bench profile [CMDLINE]    one boot with the rip sampler, top kernel functions
+//! cargo xtask bench profile run          rip profile of one `vessel run true` (template clone)
+//! cargo xtask bench profile exec         rip profile of one `vessel exec ID true`, exec window only
 //! cargo xtask bench restore [N]          template restore to agent ready vs a cold boot
 //! cargo xtask bench density [N]          N idle sandboxes: memory, idle CPU, start slowdown
-//! cargo xtask bench run [N]              `vessel run true` vs `runc run`, and 10 concurrent
+//! cargo xtask bench run [N]              run, create, start, exec: vessel vs runc, and 10 concurrent
+//! cargo xtask bench floor [BUDGET_MS]    syscall, faults, FUSE, fork, exec in a container vs the host
 //! cargo xtask bench fs [MiB]             file read throughput: guest DAX, guest no DAX, host
 //! cargo xtask bench podman [N]           `podman run --rm IMG true`, vessel vs runc, same podman
 //! cargo xtask bench engines [N]          podman, docker and ctr `run --rm true`: vessel vs runc, one run
@@ -23,9 +26,11 @@
 
 mod bench;
 mod bench_engines;
+mod bench_floor;
 mod bench_fs;
 mod bench_net;
 mod bench_podman;
+mod bench_profile;
 mod bench_run;
 mod bench_shim;
 mod build;
@@ -38,7 +43,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|fs|podman|engines|net|shim]>";
+const USAGE: &str = "usage: cargo xtask <kernel|initramfs|build|install [--prefix P]|demo|test|lint|bench [boot|profile|restore|density|run|floor|fs|podman|engines|net|shim]>";
 
 fn main() {
     if let Err(e) = run() {
