@@ -61,10 +61,11 @@ fn run() {
     net::loopback_up();
     net::tune_tcp();
     // Before the snapshot of a template: what every container's cgroup
-    // needs is then done once.
+    // and capability bounding set need is then done once.
     if let Err(e) = container::cgroup::prepare() {
         init::log_fmt(format_args!("cgroups: {e}"));
     }
+    container::spawner::prepare();
     let Some(listener) = listen(debug) else {
         init::log("fatal: no vsock listener, powering off");
         return;

@@ -1,10 +1,11 @@
 //! Processes of running containers through the `vessel` binary, like an
 //! engine drives runc: `exec` (stdout and stderr apart, exit status,
 //! stdin, `--env`, `--cwd`, `--user`, `--detach --pid-file`), `ps`, exec
-//! into an unknown container, and terminal containers: `create
+//! into an unknown container, a container of a few hundred system calls
+//! stopped within 10 s of `start`, and terminal containers: `create
 //! --console-socket` (the test receives the pty master with SCM_RIGHTS,
 //! types into it, reads the answer, resizes it) and `exec --tty
-//! --console-socket --detach`. Two container starts in all; at the end no
+//! --console-socket --detach`. Four container starts in all; at the end no
 //! VMM or monitor of the test runs and `--root` is empty.
 //!
 //! Needs Debian's `busybox-static` (`/bin/busybox`).
@@ -427,6 +428,40 @@ fn exec_ps_and_terminals() {
     drop(master);
     assert!(out.contains("/dev/pts/"), "{out:?}");
     assert!(out.contains("25 70"), "{out:?}");
+
+    // A container doing a few hundred system calls (shell built-ins
+    // only: open, write, read, close and dup2 per round) reaches `stopped`
+    // well within 10 s of `start`: engines and harnesses built around runc
+    // wait a few seconds for a state change (issue 17).
+    let b_calls = bundle(
+        &env,
+        "b-calls",
+        &[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 60 ]; do echo $i > /tmp/n; read x < /tmp/n; i=$((x+1)); done; \
+             [ $i = 60 ]",
+        ],
+        false,
+    );
+    let calls_pf = env.tmp.join("calls.pid");
+    let (st, err) = env.detached(&[
+        "create",
+        "--bundle",
+        &b_calls,
+        "--pid-file",
+        &calls_pf.to_string_lossy(),
+        "calls",
+    ]);
+    assert!(st.success(), "create: {err}");
+    let calls_pid = read_pid(&calls_pf);
+    let t = Instant::now();
+    env.ok(&["start", "calls"]);
+    // The pid in --pid-file exits with the container's status.
+    assert_eq!(reap(calls_pid, Duration::from_secs(10)), 0);
+    eprintln!("start -> exited, ~600 system calls: {:?}", t.elapsed());
+    assert_eq!(env.state("calls")["status"], "stopped");
+    env.ok(&["delete", "calls"]);
 
     // A terminal container without a console socket cannot be detached.
     let (st, err) = env.detached(&["create", "--bundle", &b, "tty2"]);

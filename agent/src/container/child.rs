@@ -159,8 +159,8 @@ pub const REPORT_ERROR: u32 = 2;
 /// Report kind: everything applied, `execve` comes next. EOF without it
 /// means the child died before (e.g. a signal).
 pub const REPORT_EXEC: u32 = 3;
-/// Report kind: an init in a new user namespace runs and waits for the
-/// agent's id maps (the agent learns its pid then).
+/// Report kind: the init runs (its first words: the agent learns its pid
+/// then); in a new user namespace it now waits for the agent's id maps.
 pub const REPORT_STARTED: u32 = 4;
 
 /// What the child writes on the status pipe.
@@ -203,6 +203,7 @@ impl Report {
 }
 
 /// Descriptors the child uses (all open in the parent at clone time).
+#[derive(Clone, Copy)]
 pub struct ChildFds {
     /// Becomes fds 0, 1, 2.
     pub stdio: [RawFd; 3],
@@ -227,6 +228,9 @@ pub struct ChildFds {
     /// setns), so `tty` and `ttyname` work inside, and sends the master
     /// back over it; if it cannot, it keeps the agent's pty (`stdio`).
     pub pty_sock: Option<RawFd>,
+    /// The bounding set the child starts with (its thread's, see
+    /// `spawner`): it drops only what of it the spec leaves out.
+    pub bounding: u64,
 }
 
 /// argv and envp as NULL-terminated pointer arrays into a
@@ -684,13 +688,6 @@ fn apply_limits(st: RawFd, p: &ProcessPlan) {
 /// (mount points, device files) creates files as the container's root
 /// rather than as an unmapped id.
 fn become_userns_root(st: RawFd, sync: RawFd) {
-    report(
-        st,
-        Report {
-            kind: REPORT_STARTED,
-            ..Report::default()
-        },
-    );
     let mut b = [0u8; 1];
     // SAFETY: reads one byte into a stack buffer from a descriptor we hold.
     let n = unsafe { libc::read(sync, b.as_mut_ptr().cast(), 1) };
@@ -751,6 +748,13 @@ const USERNS_BIND_FALLBACKS: [(&CStr, &CStr); 3] = [
 pub fn run_init(plan: &InitPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     let st = fds.status;
     super::trace::mark("child");
+    report(
+        st,
+        Report {
+            kind: REPORT_STARTED,
+            ..Report::default()
+        },
+    );
     if let Some(sync) = fds.userns_sync {
         become_userns_root(st, sync);
     }
@@ -1016,9 +1020,11 @@ pub fn run_exec(plan: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs) -> ! {
     run_process(plan, fds, ptrs, !fds.userns)
 }
 
-fn drop_bounding(st: RawFd, caps: &CapSets) {
+/// Drops from the bounding set what the spec leaves out of `held` (the
+/// set this process starts with).
+fn drop_bounding(st: RawFd, caps: &CapSets, held: u64) {
     for cap in 0..=CAP_LAST {
-        if caps.bounding & (1u64 << cap) == 0 {
+        if held & !caps.bounding & (1u64 << cap) != 0 {
             // SAFETY: prctl with integer arguments.
             let r =
                 unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
@@ -1198,7 +1204,7 @@ fn run_process(p: &ProcessPlan, fds: &ChildFds, ptrs: &ExecPtrs, limits: bool) -
         load_seccomp(st, p);
     }
     if let Some(caps) = &p.caps {
-        drop_bounding(st, caps);
+        drop_bounding(st, caps, fds.bounding);
     }
     super::trace::mark("bounding");
     // Raw system calls, not libc's wrappers: musl applies setgroups and

@@ -22,6 +22,7 @@ pub mod child;
 pub mod oci;
 pub mod resources;
 pub mod seccomp;
+pub mod spawner;
 pub mod spec;
 pub mod stats;
 pub mod stdio;
@@ -528,6 +529,7 @@ impl Containers {
         let process = spec::parse_process(req.process).map_err(from_spec)?;
         let mut plan = spec::process_plan(&process).map_err(from_spec)?;
         plan.seccomp = c.seccomp.clone();
+        let plan = Arc::new(plan);
         let mut inner = c.lock();
         if c.status(&inner) != ContainerStatus::Running {
             return Err(reply(
@@ -862,6 +864,7 @@ fn spawn_init(
         userns: plan.userns.is_some(),
         userns_sync: sync_r.as_ref().map(AsRawFd::as_raw_fd),
         pty_sock: pty_child.as_ref().map(AsRawFd::as_raw_fd),
+        bounding: spawner::FULL_BOUNDING,
     };
     let term_conn = taken.terminal.take();
     // What the child reads or inherits stays with the holder thread, which
@@ -878,7 +881,8 @@ fn spawn_init(
     let mut watch = reaper.lock();
     let holder = {
         let (plan, ids, clone_error) = (plan.clone(), ids.clone(), clone_error.clone());
-        move || {
+        move |bounding| {
+            let fds = ChildFds { bounding, ..fds };
             let result = enter(&joins).and_then(|()| {
                 let ptrs = ExecPtrs::new(&plan.process);
                 trace::mark("clone");
@@ -903,14 +907,11 @@ fn spawn_init(
             drop(held);
         }
     };
-    std::thread::Builder::new()
-        .name("init-holder".into())
-        .stack_size(EXEC_THREAD_STACK)
-        .spawn(holder)
+    spawner::spawn(bounding_of(&plan.process), EXEC_THREAD_STACK, holder)
         .map_err(|e| internal(format!("cannot start a thread: {e}")))?;
     let mut status = File::from(status_r);
-    // The first report (or EOF) comes after the clone, when the pid is
-    // stored.
+    // The first report (the init's STARTED, or EOF) comes after the clone,
+    // when the pid is stored.
     let first = read_report(&mut status);
     let pid = ids.pid.load(Ordering::Acquire);
     if pid <= 0 {
@@ -928,19 +929,22 @@ fn spawn_init(
     // SAFETY: clone3 stored a new pidfd that nothing else owns (the holder
     // only wrote it).
     let pidfd = unsafe { OwnedFd::from_raw_fd(ids.pidfd.load(Ordering::Acquire)) };
-    let report = match (&plan.userns, sync_w, first) {
-        (Some(ns), Some(sync_w), Ok(Some(r))) if r.kind == REPORT_STARTED => {
-            match set_up_userns(pid, ns, &plan.process).and_then(|()| {
-                File::from(sync_w)
-                    .write_all(&[1])
-                    .map_err(|e| format!("cannot release the container process: {e}"))
-            }) {
-                // Dropping the sync pipe unread made the child exit.
-                Err(e) => Err(internal(e)),
-                Ok(()) => read_report(&mut status),
+    let report = match first {
+        Ok(Some(r)) if r.kind == REPORT_STARTED => match (&plan.userns, sync_w) {
+            (Some(ns), Some(sync_w)) => {
+                match set_up_userns(pid, ns, &plan.process).and_then(|()| {
+                    File::from(sync_w)
+                        .write_all(&[1])
+                        .map_err(|e| format!("cannot release the container process: {e}"))
+                }) {
+                    // Dropping the sync pipe unread made the child exit.
+                    Err(e) => Err(internal(e)),
+                    Ok(()) => read_report(&mut status),
+                }
             }
-        }
-        (_, _, first) => first,
+            _ => read_report(&mut status),
+        },
+        other => other,
     };
     let failure = match report {
         Ok(Some(r)) if r.kind == REPORT_READY => None,
@@ -968,6 +972,13 @@ fn spawn_init(
         start_w,
         OwnedFd::from(status),
     ))
+}
+
+/// The bounding set `p` keeps (all when it sets no capabilities).
+fn bounding_of(p: &ProcessPlan) -> u64 {
+    p.caps
+        .as_ref()
+        .map_or(spawner::FULL_BOUNDING, |c| c.bounding)
 }
 
 /// Enters the namespaces a container joins (ipc, uts, network and cgroup
@@ -1113,7 +1124,7 @@ fn relay_terminal(
 /// until it has executed.
 fn spawn_exec(
     c: &Container,
-    plan: &ProcessPlan,
+    plan: &Arc<ProcessPlan>,
     mut taken: stdio::Taken,
 ) -> Result<Proc, ErrorReply> {
     let reaper = Reaper::get().map_err(internal)?;
@@ -1129,50 +1140,59 @@ fn spawn_exec(
         userns: c.userns,
         userns_sync: None,
         pty_sock: pty_sock.as_ref().map(|(_, c)| c.as_raw_fd()),
+        bounding: spawner::FULL_BOUNDING,
     };
     let pidfd = c.pidfd.as_raw_fd();
     let pid_ns = c.pid_ns;
     let cgroup_fd = c.cgroup.fd();
     // A thread of its own enters the pid namespace (for its children
     // only) and ends: no other thread's children land in the container.
-    let spawned = std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .stack_size(EXEC_THREAD_STACK)
-            .spawn_scoped(
-                s,
-                || -> Result<(libc::pid_t, RawFd, Arc<ExitCell>), String> {
-                    if pid_ns {
-                        // SAFETY: setns on the pidfd we hold; CLONE_NEWPID only
-                        // changes where this thread's children are created.
-                        if unsafe { libc::setns(pidfd, libc::CLONE_NEWPID) } != 0 {
-                            return Err(format!(
-                                "cannot enter the pid namespace: {}",
-                                std::io::Error::last_os_error()
-                            ));
-                        }
+    // What the child uses stays open here until the thread has answered,
+    // which is after the child executed the process or exited.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let job = {
+        let plan = plan.clone();
+        move |bounding| {
+            let fds = ChildFds { bounding, ..fds };
+            let spawned = (|| -> Result<(libc::pid_t, RawFd, Arc<ExitCell>), String> {
+                if pid_ns {
+                    // SAFETY: setns on the pidfd the caller holds open;
+                    // CLONE_NEWPID only changes where this thread's
+                    // children are created.
+                    if unsafe { libc::setns(pidfd, libc::CLONE_NEWPID) } != 0 {
+                        return Err(format!(
+                            "cannot enter the pid namespace: {}",
+                            std::io::Error::last_os_error()
+                        ));
                     }
-                    let ptrs = ExecPtrs::new(plan);
-                    // Held until the pid is watched: the reaper cannot
-                    // reap the process before (its status would be lost).
-                    let mut watch = reaper.lock();
-                    let ids = child::SpawnIds::default();
-                    // SAFETY: the child runs only `child::run_exec`, which
-                    // neither allocates nor locks, writes only its stack,
-                    // and never returns; `plan`, `fds` and `ptrs` live in
-                    // this thread, which sleeps until the child has
-                    // executed the process or exited.
-                    let (pid, child_pidfd) = unsafe {
-                        child::spawn_vfork(0, Some(cgroup_fd), &ids, &mut || {
-                            child::run_exec(plan, &fds, &ptrs)
-                        })
-                    }
-                    .map_err(|e| format!("cannot create the process: {e}"))?;
-                    Ok((pid, child_pidfd, watch.watch(pid)))
-                },
-            )
-            .map_err(|e| format!("cannot start a thread: {e}"))
-            .and_then(|h| h.join().map_err(|_| "exec thread panicked".to_string())?)
-    });
+                }
+                let ptrs = ExecPtrs::new(&plan);
+                // Held until the pid is watched: the reaper cannot reap
+                // the process before (its status would be lost).
+                let mut watch = reaper.lock();
+                let ids = child::SpawnIds::default();
+                // SAFETY: the child runs only `child::run_exec`, which
+                // neither allocates nor locks, writes only its stack, and
+                // never returns; `plan`, `fds` and `ptrs` live in this
+                // thread, which sleeps until the child has executed the
+                // process or exited.
+                let (pid, child_pidfd) = unsafe {
+                    child::spawn_vfork(0, Some(cgroup_fd), &ids, &mut || {
+                        child::run_exec(&plan, &fds, &ptrs)
+                    })
+                }
+                .map_err(|e| format!("cannot create the process: {e}"))?;
+                Ok((pid, child_pidfd, watch.watch(pid)))
+            })();
+            let _ = tx.send(spawned);
+        }
+    };
+    let spawned = spawner::spawn(bounding_of(plan), EXEC_THREAD_STACK, job)
+        .map_err(|e| format!("cannot start a thread: {e}"))
+        .and_then(|()| {
+            rx.recv()
+                .map_err(|_| "the exec thread ended without an answer".to_string())?
+        });
     let (pid, child_pidfd, exit) = spawned.map_err(internal)?;
     // SAFETY: clone3 stored a new pidfd that nothing else owns; we only
     // need it closed.
