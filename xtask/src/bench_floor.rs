@@ -5,7 +5,8 @@
 //! into a busybox bundle's read-only rootfs next to `floor.dat` (16 MiB,
 //! written and synced by xtask). It runs once directly on the host (ROOT =
 //! the rootfs directory: the reference), then once as the process of `vessel
-//! run` (ROOT = `/`, the rootfs is the virtio-fs share with `rootfs_dax_mib = 0`: every file read is a FUSE request; the VM comes
+//! run` (ROOT = `/`, the rootfs is the virtio-fs share with
+//! `rootfs_dax_mib = 0`: every file read is a FUSE request; the VM comes
 //! from a template built first). Between the two, xtask reads `floor.dat`
 //! on the host, so the container's cold file faults find it in the host's
 //! page cache. Each figure loops over one operation until BUDGET_MS (default
