@@ -274,12 +274,12 @@ const VFORK_STACK: usize = 256 * 1024;
 /// # Safety
 ///
 /// `child` must not return (it executes a program or `_exit`s; a return
-/// exits with 127). It runs in the agent's memory while the agent's other threads go
-/// on: it must follow this module's rules (no allocation, no locks, no
-/// unwinding) and write nothing but its own stack, the calling thread's
-/// `errno` (that thread sleeps) and the descriptors it owns. Everything it
-/// reads must stay alive until this returns, which the sleeping caller
-/// ensures.
+/// exits with 127). It runs in the agent's memory while the agent's other
+/// threads go on: it must follow this module's rules (no allocation, no
+/// locks, no unwinding) and write nothing but its own stack, the calling
+/// thread's `errno` (that thread sleeps) and the descriptors it owns.
+/// Everything it reads must stay alive until this returns, which the
+/// sleeping caller ensures.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn spawn_vfork(
     flags: u64,
