@@ -29,6 +29,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Some("profile") => match args.get(1).map(String::as_str) {
             Some("run") => crate::bench_profile::run(root),
             Some("exec") => crate::bench_profile::exec(root),
+            Some("steps") => crate::bench_profile::steps(root),
             cmdline => profile(root, cmdline.unwrap_or("")),
         },
         Some("floor") => {
@@ -96,7 +97,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (available: boot, profile [run|exec|CMDLINE], restore, density, run, floor, fs, podman, engines, net, shim)"
+                "unknown benchmark {other:?} (available: boot, profile [run|exec|steps|CMDLINE], restore, density, run, floor, fs, podman, engines, net, shim)"
             )
         }
     }
@@ -230,7 +231,7 @@ fn boot(root: &Path, runs: usize, cmdline: &str) -> Result<()> {
 /// `bench profile [CMDLINE]`: one cold boot with the VMM's rip sampler
 /// (1 kHz per vCPU), symbolized with the kernel build's System.map. Shows
 /// where guest time goes, including early boot that `initcall_debug` cannot
-/// time. `bench profile run` and `bench profile exec` profile the container
+/// time. `bench profile run`, `exec` and `steps` profile the container
 /// path instead (xtask/src/bench_profile.rs).
 fn profile(root: &Path, cmdline: &str) -> Result<()> {
     let a = build::all(root)?;

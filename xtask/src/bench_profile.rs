@@ -1,5 +1,6 @@
-//! `cargo xtask bench profile run|exec`: where guest time goes in one
-//! `vessel run true` and in one `vessel exec ID true`.
+//! `cargo xtask bench profile run|exec|steps`: where guest time goes in
+//! one `vessel run true` and in one `vessel exec ID true`, and the guest's
+//! own step timeline of one create + start (`steps`, see [`steps`]).
 //!
 //! Method: a configuration with `profile_dir = DIR`, so every VMM samples
 //! its guest's rip (1 per ms per vCPU) and writes `DIR/<container id>.rip`
@@ -240,4 +241,87 @@ pub fn exec(root: &Path) -> Result<()> {
     print_profile(&s.symbols, samples);
     println!("raw (whole VM life): {} (and .seq)", kept.display());
     Ok(())
+}
+
+/// `bench profile steps`: the guest's own timeline of one `create` and
+/// `start` of `true`. The template is built with `guest_cmdline =
+/// "vessel.debug printk.devkmsg=on"`, so the agent and the container's
+/// child write `vessel-step NAME MICROSECONDS` lines (guest CLOCK_BOOTTIME)
+/// to /dev/kmsg, which the sandbox's `serial.log` keeps; the table shows
+/// each step's guest time since the one before. Printing to the serial
+/// console costs guest time too (about a millisecond a line here).
+pub fn steps(root: &Path) -> Result<()> {
+    let a = build::all(root)?;
+    let dir = Scratch::new("profile-steps");
+    let bundle = dir.0.join("bundle");
+    write_bundle(&bundle, &["true"])?;
+    let bundle = bundle.to_string_lossy().into_owned();
+    let config = write_config(
+        &a,
+        &dir.0,
+        "config.toml",
+        "guest_cmdline = \"vessel.debug printk.devkmsg=on\"\n",
+    )?;
+    let vessel = Cli::vessel(root, &dir.0, &config);
+    eprintln!("bench profile steps: building the VM template (one cold boot)");
+    vessel.timed(&["template", "build", "--rebuild"])?;
+    vessel.timed(&["run", "--bundle", &bundle, "warm"])?;
+    let create_ms = vessel.timed(&["create", "--bundle", &bundle, "steps"])?;
+    let t = Instant::now();
+    vessel.timed(&["start", "steps"])?;
+    let stopped_ms = vessel.wait_for("steps", "stopped", t);
+    let log = dir.0.join("vessel-root/steps/serial.log");
+    let text = std::fs::read(&log).with_context(|| format!("reading {}", log.display()));
+    vessel.remove("steps");
+    let stopped_ms = stopped_ms?;
+    let steps = parse_steps(&String::from_utf8_lossy(&text?));
+    if steps.is_empty() {
+        bail!("no vessel-step lines in {}", log.display());
+    }
+    println!();
+    println!("profile steps: one `vessel create` ({create_ms:.0} ms) and `start` -> `stopped` ({stopped_ms:.0} ms) of `true`, guest time per step");
+    println!("method: template built with guest_cmdline = \"vessel.debug printk.devkmsg=on\"; the agent and the container's child write `vessel-step NAME µs` (CLOCK_BOOTTIME) to /dev/kmsg at each point, read back from the sandbox's serial.log; a row is the time since the row before (each line itself costs ~1 ms of console output)");
+    println!("{:<14} {:>10} {:>10}", "step", "+ms", "total ms");
+    let first = steps[0].1;
+    let mut prev = first;
+    for (name, us) in &steps {
+        println!(
+            "{name:<14} {:>10.1} {:>10.1}",
+            us.saturating_sub(prev) as f64 / 1000.0,
+            us.saturating_sub(first) as f64 / 1000.0
+        );
+        prev = *us;
+    }
+    Ok(())
+}
+
+/// The `vessel-step NAME US` lines of a serial log, in order.
+fn parse_steps(log: &str) -> Vec<(String, u64)> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("vessel-step ")? + "vessel-step ".len()..];
+            let mut it = rest.split_whitespace();
+            let name = it.next()?.to_string();
+            let us = it.next()?.parse().ok()?;
+            Some((name, us))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_lines_are_found_in_a_serial_log() {
+        let log = "[   13.1] vessel-step create 12565991\nvessel-agent: connection accepted\n\
+                   [   13.2] vessel-step parsed 12754270\nvessel-step broken x\n";
+        assert_eq!(
+            parse_steps(log),
+            vec![
+                ("create".to_string(), 12_565_991),
+                ("parsed".to_string(), 12_754_270)
+            ]
+        );
+    }
 }

@@ -13,6 +13,7 @@
 //! cargo xtask bench profile [CMDLINE]    one boot with the rip sampler, top kernel functions
 //! cargo xtask bench profile run          rip profile of one `vessel run true` (template clone)
 //! cargo xtask bench profile exec         rip profile of one `vessel exec ID true`, exec window only
+//! cargo xtask bench profile steps        the guest's step timeline of one create + start (vessel-step)
 //! cargo xtask bench restore [N]          template restore to agent ready vs a cold boot
 //! cargo xtask bench density [N]          N idle sandboxes: memory, idle CPU, start slowdown
 //! cargo xtask bench run [N]              run, create, start, exec: vessel vs runc, and 10 concurrent
