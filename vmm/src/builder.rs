@@ -1198,7 +1198,13 @@ impl Microvm {
         let (tx, rx) = mpsc::channel::<VcpuStop>();
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for vcpu in std::mem::take(&mut self.vcpus) {
-            match VcpuHandle::spawn(vcpu, tx.clone(), self.stop_evt.clone(), false) {
+            match VcpuHandle::spawn(
+                vcpu,
+                tx.clone(),
+                self.stop_evt.clone(),
+                false,
+                self.host.vcpu_slice(),
+            ) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     return VmOutcome::EventLoop(format!("cannot start a vCPU thread: {e}"));

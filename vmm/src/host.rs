@@ -41,6 +41,9 @@ pub enum HostKind {
 /// memory is swapped.
 pub const PVM_CMDLINE: &str = "clocksource=kvm-clock no-kvmapf rodata=off noxsave nopti clearcpuid=smap,smep,popcnt,fsgsbase,invpcid,pcid,pku,umip,rdpid,clflushopt,clwb,avx,avx2,avx512f,bmi1,bmi2,erms,fsrm,movbe,rtm,hle,cx16";
 
+/// vCPU threads' time slice on PVM hosts (the most the kernel allows).
+pub const PVM_VCPU_SLICE: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl HostKind {
     /// Detects the host kind: `kvm_pvm` loaded, or no VMX/SVM in CPUID, means PVM.
     pub fn detect() -> HostKind {
@@ -67,6 +70,16 @@ impl HostKind {
             "pvm" => Some(Some(HostKind::Pvm)),
             "hardware" | "vmx" | "svm" => Some(Some(HostKind::Hardware)),
             _ => None,
+        }
+    }
+
+    /// The host scheduler time slice vCPU threads ask for: long on PVM
+    /// hosts, where switching between guests' vCPU threads is expensive
+    /// (`vstate::vcpu_thread::request_slice`); the default elsewhere.
+    pub fn vcpu_slice(self) -> Option<std::time::Duration> {
+        match self {
+            HostKind::Hardware => None,
+            HostKind::Pvm => Some(PVM_VCPU_SLICE),
         }
     }
 
