@@ -229,7 +229,8 @@ struct SchedAttr {
 /// Asks the host's fair scheduler (EEVDF, Linux 6.12+) for time slices of
 /// `slice` for the calling thread: `sched_setattr` with `SCHED_OTHER` and
 /// `sched_runtime`, a per-thread attribute any process may set for itself
-/// (the kernel clamps it to 0.1–100 ms); no host-wide setting changes.
+/// (the kernel clamps it to 0.1–100 ms); the thread keeps its nice value,
+/// and no host-wide setting changes.
 ///
 /// On PVM hosts a switch between two guests' vCPU threads is expensive:
 /// with more running vCPUs than cores, 8 concurrent `vessel run` took
@@ -237,9 +238,21 @@ struct SchedAttr {
 /// ideal on 2 cores: 10.5 s). Older kernels ignore the runtime of a fair
 /// thread or refuse it (EINVAL): either way nothing else changes.
 pub fn request_slice(slice: std::time::Duration) -> std::io::Result<()> {
+    // sched_setattr sets the nice value too: keep the thread's own (on
+    // Linux PRIO_PROCESS with 0 means the calling thread).
+    // SAFETY: getpriority with plain integers; errno is cleared first, as
+    // -1 is also a valid answer.
+    let nice = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    if nice == -1 && std::io::Error::last_os_error().raw_os_error() != Some(0) {
+        return Err(std::io::Error::last_os_error());
+    }
     let attr = SchedAttr {
         size: std::mem::size_of::<SchedAttr>() as u32,
         policy: libc::SCHED_OTHER as u32,
+        nice,
         runtime: u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX),
         ..SchedAttr::default()
     };
