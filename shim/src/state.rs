@@ -334,17 +334,26 @@ impl Store {
     /// [`StateError::Exists`] when the id is taken (atomically: mkdir).
     pub fn create(&self, id: &str) -> Result<(PathBuf, Lock), StateError> {
         let dir = self.dir(id)?;
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(&self.root)
-            .map_err(io("creating", &self.root))?;
-        match fs::DirBuilder::new().mode(0o711).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(StateError::Exists(id.to_string()))
+        // Another process may remove the (empty) root between the two
+        // mkdirs: a shim v2 that ends removes its namespace's root if no
+        // container is left. Once `dir` exists the root is not empty.
+        let mut attempts = 0;
+        loop {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(&self.root)
+                .map_err(io("creating", &self.root))?;
+            match fs::DirBuilder::new().mode(0o711).create(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(StateError::Exists(id.to_string()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 10 => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(io("creating", &dir)(e)),
             }
-            Err(e) => return Err(io("creating", &dir)(e)),
         }
         let lock = self.lock_dir(&dir)?;
         Ok((dir, lock))
