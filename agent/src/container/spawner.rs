@@ -117,19 +117,14 @@ pub fn spawn(
     stack: usize,
     job: impl FnOnce(u64) + Send + 'static,
 ) -> std::io::Result<()> {
+    let mut job: Job = Box::new(job);
     if wanted & !DEFAULT_BOUNDING == 0 {
         if let Some(Some(factory)) = FACTORY.get() {
             let tx = factory.lock().unwrap_or_else(PoisonError::into_inner);
-            match tx.send((Box::new(job), stack)) {
+            match tx.send((job, stack)) {
                 Ok(()) => return Ok(()),
                 // The factory is gone: a thread of our own.
-                Err(back) => {
-                    let (job, stack) = back.0;
-                    return std::thread::Builder::new()
-                        .stack_size(stack)
-                        .spawn(move || job(FULL_BOUNDING))
-                        .map(drop);
-                }
+                Err(back) => job = back.0 .0,
             }
         }
     }
