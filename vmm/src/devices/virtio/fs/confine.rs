@@ -15,6 +15,10 @@
 //!   kept);
 //! - answers `ENOSYS` to what it does not forward: extended attributes,
 //!   ioctl, POSIX locks (handled by the guest kernel), bmap, poll;
+//! - on read-only shares answers a LOOKUP of a missing name with a negative
+//!   entry the guest may cache ([`ConfinedFs::with_negative_entries`]), so
+//!   a `$PATH` search or a loader's library search does not ask again for
+//!   every name that is not there;
 //! - forwards the DAX SETUPMAPPING/REMOVEMAPPING requests (the window
 //!   handler checks every range), refusing writable mappings on read-only
 //!   shares with `EROFS` (the passthrough would open the file `O_RDWR`).
@@ -65,12 +69,30 @@ fn strip_privileges(mode: u32, is_dir: bool) -> u32 {
 pub struct ConfinedFs<F> {
     inner: F,
     read_only: bool,
+    /// How long the guest may cache that a name does not exist; `None`:
+    /// it may not (`ENOENT`, asked again next time).
+    negative: Option<Duration>,
 }
 
 impl<F: FileSystem> ConfinedFs<F> {
     /// Wraps `inner`; with `read_only` every write-type request fails with `EROFS`.
     pub fn new(inner: F, read_only: bool) -> Self {
-        ConfinedFs { inner, read_only }
+        ConfinedFs {
+            inner,
+            read_only,
+            negative: None,
+        }
+    }
+
+    /// Answers LOOKUPs of missing names with a negative entry valid for
+    /// `timeout`, which the guest caches (a negative dentry) instead of
+    /// asking again. Only for shares nothing else changes while the guest
+    /// uses them: a name created on the host stays invisible to the guest
+    /// for `timeout` (one the guest creates itself replaces the cached
+    /// entry at once).
+    pub fn with_negative_entries(mut self, timeout: Duration) -> Self {
+        self.negative = Some(timeout);
+        self
     }
 
     /// The wrapped filesystem.
@@ -114,7 +136,14 @@ where
         if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
             return Err(err(libc::EINVAL));
         }
-        self.inner.lookup(ctx, parent, name)
+        match (self.inner.lookup(ctx, parent, name), self.negative) {
+            (Err(e), Some(timeout)) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Entry {
+                inode: 0,
+                entry_timeout: timeout,
+                ..Entry::default()
+            }),
+            (result, _) => result,
+        }
     }
 
     fn forget(&self, ctx: &Context, inode: Self::Inode, count: u64) {

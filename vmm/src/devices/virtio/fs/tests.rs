@@ -27,7 +27,7 @@ use fuse_backend_rs::abi::virtio_fs::{
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use super::dax::{DaxHandler, DaxWindow, DAX_CHUNK};
-use super::device::{new_server, passthrough_config, VirtioFs};
+use super::device::{new_server, passthrough_config, VirtioFs, READ_ONLY_TIMEOUT};
 use super::worker::{process_queue, restrict_thread, BadRequests, FsServer};
 use super::{FsError, ShareConfig};
 use crate::devices::virtio::{device_type, Interrupt, VirtioDevice};
@@ -630,6 +630,28 @@ fn extended_attributes_and_ioctls_are_not_served() {
         g.call(Opcode::Getxattr, f, &body).unwrap_err(),
         libc::ENOSYS
     );
+}
+
+#[test]
+fn read_only_shares_answer_missing_names_with_cacheable_negative_entries() {
+    let l = Layout::new("negative");
+    std::fs::write(l.share.join("there"), b"x").unwrap();
+    // Read-only: a missing name is a negative entry (node 0) the guest may
+    // cache for the read-only timeout; an existing one is trusted as long.
+    let mut g = Guest::new(&l.share, true);
+    let missing = g.lookup(ROOT, "missing").unwrap();
+    assert_eq!(missing.nodeid, 0);
+    assert_eq!(missing.entry_valid, READ_ONLY_TIMEOUT.as_secs());
+    let there = g.lookup(ROOT, "there").unwrap();
+    assert_ne!(there.nodeid, 0);
+    assert_eq!(there.entry_valid, READ_ONLY_TIMEOUT.as_secs());
+    assert_eq!(there.attr_valid, READ_ONLY_TIMEOUT.as_secs());
+    // Names that are refused stay errors, negative caching or not.
+    assert_eq!(g.lookup(ROOT, "..").unwrap_err(), libc::EINVAL);
+    // Read-write: ENOENT, nothing cached, the passthrough's 5 s timeouts.
+    let mut g = Guest::new(&l.share, false);
+    assert_eq!(g.lookup(ROOT, "missing").unwrap_err(), libc::ENOENT);
+    assert_eq!(g.lookup(ROOT, "there").unwrap().entry_valid, 5);
 }
 
 #[test]
