@@ -65,7 +65,7 @@ fn run() {
     if let Err(e) = container::cgroup::prepare() {
         init::log_fmt(format_args!("cgroups: {e}"));
     }
-    container::spawner::prepare();
+    container::spawner::prepare(container::EXEC_THREAD_STACK);
     let Some(listener) = listen(debug) else {
         init::log("fatal: no vsock listener, powering off");
         return;

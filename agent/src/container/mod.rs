@@ -54,7 +54,7 @@ use spec::{InitPlan, ProcessPlan, SpecError};
 
 /// Stack of the short-lived thread that creates an exec's process (it
 /// enters the container's pid namespace for its children only).
-const EXEC_THREAD_STACK: usize = 128 * 1024;
+pub const EXEC_THREAD_STACK: usize = 128 * 1024;
 
 fn reply(code: ErrorCode, message: impl Into<String>) -> ErrorReply {
     ErrorReply {
@@ -882,6 +882,8 @@ fn spawn_init(
     let holder = {
         let (plan, ids, clone_error) = (plan.clone(), ids.clone(), clone_error.clone());
         move |bounding| {
+            // A thread that joined namespaces is not reused.
+            let reusable = joins.is_empty();
             let fds = ChildFds { bounding, ..fds };
             let result = enter(&joins).and_then(|()| {
                 let ptrs = ExecPtrs::new(&plan.process);
@@ -905,6 +907,7 @@ fn spawn_init(
             // The status pipe's last write end: the agent sees EOF after
             // a failure, or once the process runs.
             drop(held);
+            reusable
         }
     };
     spawner::spawn(bounding_of(&plan.process), EXEC_THREAD_STACK, holder)
@@ -1185,6 +1188,7 @@ fn spawn_exec(
                 Ok((pid, child_pidfd, watch.watch(pid)))
             })();
             let _ = tx.send(spawned);
+            !pid_ns || spawner::restore_pid_ns()
         }
     };
     let spawned = spawner::spawn(bounding_of(plan), EXEC_THREAD_STACK, job)
