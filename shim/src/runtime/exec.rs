@@ -3,8 +3,8 @@
 //! An exec reaches the container's VM through the sandbox's vsock socket
 //! (like `start` and `kill`): it attaches the new process's stdio streams,
 //! sends `ExecProcess` (the agent joins the container's namespaces and
-//! cgroup), relays stdio, waits with `WaitProcess` on a connection of its
-//! own, and exits with the process's status (128+N after signal N).
+//! cgroup), relays stdio, waits with `WaitProcess` on the same connection,
+//! and exits with the process's status (128+N after signal N).
 //!
 //! In the foreground, [`Runtime::exec`] does that itself and forwards
 //! HUP/INT/QUIT/TERM/USR1/USR2 to the process. Detached, it starts an
@@ -186,6 +186,10 @@ struct Session {
     exec_id: String,
     pid: i32,
     relays: super::stdio::Relays,
+    /// The connection `ExecProcess` went over; `WaitProcess` goes over it
+    /// too (a new connection costs a vsock handshake and an agent thread
+    /// hand-over: 30–40 ms of guest time on PVM hosts).
+    agent: vessel_proto::client::AgentClient,
 }
 
 /// Attaches stdio, starts the exec, relays. `console`: where a terminal
@@ -238,21 +242,36 @@ fn start_exec(
         exec_id: exec_id.into(),
         pid,
         relays,
+        agent: c,
     })
 }
 
 impl Session {
     /// Waits for the process; its status (255 if the sandbox went away).
-    fn wait(self) -> i32 {
-        let r = vessel_proto::client::AgentClient::connect(
-            &self.uds,
-            vessel_proto::AGENT_PORT,
-            Duration::from_secs(10),
-        )
-        .and_then(|mut c| {
-            c.set_timeout(None)?;
-            c.wait_process(&self.id, Some(&self.exec_id))
-        });
+    fn wait(mut self) -> i32 {
+        let mut r = self
+            .agent
+            .set_timeout(None)
+            .and_then(|()| self.agent.wait_process(&self.id, Some(&self.exec_id)));
+        if let Err(e) = &r {
+            // The connection broke before the answer: once more on a new
+            // one (the agent keeps an exec's status until a wait was
+            // answered).
+            tracing::debug!(
+                "{}: waiting for exec {}: {e}; reconnecting",
+                self.id,
+                self.exec_id
+            );
+            r = vessel_proto::client::AgentClient::connect(
+                &self.uds,
+                vessel_proto::AGENT_PORT,
+                Duration::from_secs(10),
+            )
+            .and_then(|mut c| {
+                c.set_timeout(None)?;
+                c.wait_process(&self.id, Some(&self.exec_id))
+            });
+        }
         let status = match r {
             Ok(exit) => exit.status,
             Err(e) => {
