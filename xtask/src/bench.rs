@@ -30,6 +30,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             Some("run") => crate::bench_profile::run(root),
             Some("exec") => crate::bench_profile::exec(root),
             Some("steps") => crate::bench_profile::steps(root),
+            Some("restore") => crate::bench_profile::restore(root),
             cmdline => profile(root, cmdline.unwrap_or("")),
         },
         Some("floor") => {
@@ -97,7 +98,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
         Some(other) => {
             bail!(
-                "unknown benchmark {other:?} (available: boot, profile [run|exec|steps|CMDLINE], restore, density, run, floor, fs, podman, engines, net, shim)"
+                "unknown benchmark {other:?} (available: boot, profile [run|exec|steps|restore|CMDLINE], restore, density, run, floor, fs, podman, engines, net, shim)"
             )
         }
     }
@@ -341,26 +342,26 @@ pub(crate) fn smaps_kib(pid: u32, field: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// `bench restore [N]`: one cold boot (the reference, same run), a snapshot
-/// of it, then N restores one after another, each timed from spawning
-/// `vessel-vmm --restore` to the agent's first answer on a new connection.
-/// Also each clone's memory from smaps_rollup right after that answer.
-fn restore(root: &Path, runs: usize) -> Result<()> {
-    if runs == 0 {
-        bail!("need at least one run");
-    }
-    let a = build::all(root)?;
-    let snap = root.join("target/vessel/bench-template");
-    let _ = std::fs::remove_dir_all(&snap);
+/// A template made by [`build_template`]: its cold boot, how long the
+/// guest took to settle, and the snapshot.
+pub(crate) struct BuiltTemplate {
+    pub cold_ms: f64,
+    pub settle: Duration,
+    pub snapshot_ms: f64,
+}
+
+/// Cold-boots a VM and snapshots it into `snap` (replaced), as `vessel
+/// template build` does: one Ping, no open connection, a guest that has
+/// settled.
+pub(crate) fn build_template(a: &vessel_tests::Artifacts, snap: &Path) -> Result<BuiltTemplate> {
+    let _ = std::fs::remove_dir_all(snap);
     let opts = VmOptions {
         api_sock: true,
         ..VmOptions::default()
     };
-    let mut template = VmProcess::spawn(&a, &opts).context("cannot start vessel-vmm")?;
+    let mut template = VmProcess::spawn(a, &opts).context("cannot start vessel-vmm")?;
     let client = template.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
     let cold_ms = template.started.elapsed().as_secs_f64() * 1000.0;
-    // As `vessel template build` does: one Ping, no open connection, and a
-    // guest that has settled.
     let settle =
         vessel_shim::sandbox::settle_for_snapshot(template.pid(), client, Duration::from_secs(30))?;
     let t = Instant::now();
@@ -378,6 +379,28 @@ fn restore(root: &Path, runs: usize) -> Result<()> {
     template
         .wait_exit(Duration::from_secs(60))
         .ok_or_else(|| anyhow!("template did not stop"))?;
+    Ok(BuiltTemplate {
+        cold_ms,
+        settle,
+        snapshot_ms,
+    })
+}
+
+/// `bench restore [N]`: one cold boot (the reference, same run), a snapshot
+/// of it, then N restores one after another, each timed from spawning
+/// `vessel-vmm --restore` to the agent's first answer on a new connection.
+/// Also each clone's memory from smaps_rollup right after that answer.
+fn restore(root: &Path, runs: usize) -> Result<()> {
+    if runs == 0 {
+        bail!("need at least one run");
+    }
+    let a = build::all(root)?;
+    let snap = root.join("target/vessel/bench-template");
+    let BuiltTemplate {
+        cold_ms,
+        settle,
+        snapshot_ms,
+    } = build_template(&a, &snap)?;
 
     let mut total = Vec::new();
     let mut setup = Vec::new();
@@ -481,27 +504,7 @@ const IDLE_STEADY_S: u64 = 30;
 fn density(root: &Path, n: usize) -> Result<()> {
     let a = build::all(root)?;
     let snap = root.join("target/vessel/bench-density-template");
-    let _ = std::fs::remove_dir_all(&snap);
-    let opts = VmOptions {
-        api_sock: true,
-        ..VmOptions::default()
-    };
-    let mut template = VmProcess::spawn(&a, &opts).context("cannot start vessel-vmm")?;
-    let client = template.wait_ready(BOOT_TIMEOUT).map_err(|e| anyhow!(e))?;
-    vessel_shim::sandbox::settle_for_snapshot(template.pid(), client, Duration::from_secs(30))?;
-    let answer = template
-        .api(&format!("snapshot {}", snap.display()))
-        .context("snapshot request")?;
-    if !answer.starts_with("OK") {
-        bail!("snapshot failed: {answer}");
-    }
-    template
-        .connect()
-        .and_then(|mut c| c.shutdown())
-        .context("template shutdown")?;
-    template
-        .wait_exit(Duration::from_secs(60))
-        .ok_or_else(|| anyhow!("template did not stop"))?;
+    build_template(&a, &snap)?;
 
     let probe = |base: u32| -> Result<Vec<f64>> {
         let mut t = Vec::new();

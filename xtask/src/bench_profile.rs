@@ -1,6 +1,8 @@
-//! `cargo xtask bench profile run|exec|steps`: where guest time goes in
-//! one `vessel run true` and in one `vessel exec ID true`, and the guest's
-//! own step timeline of one create + start (`steps`, see [`steps`]).
+//! `cargo xtask bench profile run|exec|steps|restore`: where guest time
+//! goes in one `vessel run true` and in one `vessel exec ID true`, the
+//! guest's own step timeline of one create + start (`steps`, see
+//! [`steps`]), and a template restore up to the agent's first answer
+//! (`restore`, see [`restore`]).
 //!
 //! Method: a configuration with `profile_dir = DIR`, so every VMM samples
 //! its guest's rip (1 per ms per vCPU) and writes `DIR/<container id>.rip`
@@ -24,7 +26,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use vessel_tests::VmProcess;
 
 use crate::bench::{by_symbol, load_system_map, parse_histogram, print_rows, USER_SPACE};
 use crate::bench_run::{start_sleeper, write_bundle, write_config, Cli, Scratch};
@@ -240,6 +243,49 @@ pub fn exec(root: &Path) -> Result<()> {
     }
     print_profile(&s.symbols, samples);
     println!("raw (whole VM life): {} (and .seq)", kept.display());
+    Ok(())
+}
+
+/// `bench profile restore`: where the guest's time goes between a
+/// template restore and the agent's first answer (what `bench restore`
+/// times). One template, one profiled restore + Ping, then shutdown; the
+/// samples up to the answer are kept.
+pub fn restore(root: &Path) -> Result<()> {
+    let a = build::all(root)?;
+    let symbols = load_system_map(&a.kernel.with_file_name("System.map"))?;
+    let dir = Scratch::new("profile-restore");
+    let snap = dir.0.join("template");
+    eprintln!("bench profile restore: building the template (one cold boot)");
+    crate::bench::build_template(&a, &snap)?;
+    let rip = dir.0.join("restore.rip");
+    let args = ["--profile-rip".to_string(), rip.display().to_string()];
+    let mut vm =
+        VmProcess::restore_with_args(&a, &snap, 3000, &args).context("cannot start the clone")?;
+    let mut c = vm
+        .connect_and_ping(Duration::from_secs(60))
+        .map_err(|e| anyhow!(e))?;
+    let ms = vm.started.elapsed().as_secs_f64() * 1000.0;
+    c.shutdown().context("clone shutdown")?;
+    vm.wait_exit(Duration::from_secs(60))
+        .ok_or_else(|| anyhow!("the clone did not stop"))?;
+    let seq = dir.0.join("restore.rip.seq");
+    let text =
+        std::fs::read_to_string(&seq).with_context(|| format!("reading {}", seq.display()))?;
+    let kept = keep(root, &rip, "profile-restore.rip")?;
+    let samples: Vec<(u64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (t, rip) = l.split_once(' ')?;
+            Some((t.parse::<f64>().ok()?, u64::from_str_radix(rip, 16).ok()?))
+        })
+        .filter(|(t, _)| *t <= ms)
+        .map(|(_, rip)| (rip, 1))
+        .collect();
+    println!();
+    println!("profile restore: one `vessel-vmm --restore` of a fresh template, {ms:.0} ms from spawn to the agent's first answer (Ping on a new connection)");
+    println!("method: the clone runs with --profile-rip (guest rip every 1 ms per vCPU, on the VMM's clock from its start); kept: the samples up to the answer; symbols from the kernel's System.map");
+    print_profile(&symbols, samples);
+    println!("raw (whole clone life): {} (and .seq)", kept.display());
     Ok(())
 }
 
