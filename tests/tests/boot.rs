@@ -3,8 +3,9 @@
 //! kernel, not the host's), two concurrent host connections work, a reply
 //! larger than one vsock packet (a 100 KiB `ReadFile`) arrives intact, malformed
 //! input gets an error and leaves the agent alive, the balloon is bound
-//! with free page reporting, `Shutdown` ends the VMM with status 0, and
-//! nothing is left behind.
+//! with free page reporting, every VMM thread runs under the system call
+//! filter, `Shutdown` ends the VMM with status 0, and nothing is left
+//! behind.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -61,6 +62,22 @@ fn boot_ping_concurrency_shutdown_cleanup() {
         "uname came from the host kernel"
     );
     assert_eq!(pong.agent_version, env!("CARGO_PKG_VERSION"));
+
+    // The system call filter is loaded on every thread (vmm/src/seccomp.rs):
+    // filter mode, no_new_privs, on the vCPU threads too.
+    if std::env::var_os("VESSEL_VMM_SECCOMP").is_none() {
+        for task in std::fs::read_dir(format!("/proc/{vmm_pid}/task")).expect("tasks") {
+            let task = task.expect("task").path();
+            let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            assert!(
+                status.contains("\nSeccomp:\t2\n") && status.contains("\nNoNewPrivs:\t1\n"),
+                "thread {} ({}) runs without the filter:\n{status}",
+                task.display(),
+                comm.trim()
+            );
+        }
+    }
 
     // Two concurrent host connections, used at the same time from two threads.
     let mut a = vm.connect().expect("second connection");

@@ -12,6 +12,7 @@ pub mod builder;
 pub mod devices;
 pub mod host;
 pub mod profiler;
+pub mod seccomp;
 pub mod snapshot;
 pub mod timeline;
 pub mod vstate;

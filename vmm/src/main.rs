@@ -17,6 +17,7 @@ use vessel_vmm::builder::{
 use vessel_vmm::devices::virtio::fs::ShareConfig;
 use vessel_vmm::devices::virtio::net::NetConfig;
 use vessel_vmm::host::HostKind;
+use vessel_vmm::seccomp::Mode as SeccompMode;
 use vessel_vmm::timeline;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -120,6 +121,15 @@ struct Args {
     /// write the histogram (`<rip> <count>` lines) to this file at exit.
     #[arg(long)]
     profile_rip: Option<PathBuf>,
+    /// The system call filter loaded before the guest runs (see
+    /// vmm/src/seccomp.rs): `kill` (a call outside the allowlist kills the
+    /// VMM), `log` (allowed, logged as audit type=1326) or `off`. Default:
+    /// `$VESSEL_VMM_SECCOMP`, else `kill`.
+    #[arg(long, value_enum)]
+    seccomp: Option<SeccompMode>,
+    /// The same as `--seccomp off`: for debugging only.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {
@@ -211,6 +221,22 @@ fn run(args: Args) -> anyhow::Result<i32> {
     if profile.is_some() {
         vessel_vmm::profiler::enable()
             .map_err(|e| anyhow::anyhow!("cannot enable the rip sampler: {e}"))?;
+    }
+    // Set-up is done: from here on the guest's input is parsed.
+    let mode = if args.no_seccomp {
+        SeccompMode::Off
+    } else {
+        match (args.seccomp, std::env::var("VESSEL_VMM_SECCOMP")) {
+            (Some(m), _) => m,
+            (None, Ok(v)) => SeccompMode::from_str(&v, true)
+                .map_err(|e| anyhow::anyhow!("VESSEL_VMM_SECCOMP={v:?}: {e}"))?,
+            (None, Err(_)) => SeccompMode::Kill,
+        }
+    };
+    vessel_vmm::seccomp::install(mode)
+        .map_err(|e| anyhow::anyhow!("cannot load the system call filter: {e}"))?;
+    if mode != SeccompMode::Kill {
+        tracing::warn!(?mode, "system call filter not enforcing");
     }
     let outcome = vm.run();
     if let Some(path) = &profile {
