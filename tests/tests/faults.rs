@@ -25,6 +25,18 @@ fn vmm_of(env: &CliEnv, id: &str) -> i32 {
     pids[0]
 }
 
+/// `vessel VERB --bundle BUNDLE --pid-file F ID` (`VERB`: `run -d` or
+/// `create`), which must succeed; the monitor's pid from `F`.
+fn launch(env: &CliEnv, verb: &str, bundle: &str, id: &str) -> i32 {
+    let pf = env.tmp.join(format!("{id}.pid"));
+    let pf_arg = pf.to_string_lossy().into_owned();
+    let mut args: Vec<&str> = verb.split(' ').collect();
+    args.extend(["--bundle", bundle, "--pid-file", &pf_arg, id]);
+    let (st, err) = env.detached(&args);
+    assert!(st.success(), "{verb} {id}: {err}");
+    read_pid(Path::new(&pf))
+}
+
 fn kill9(pid: i32) {
     // SAFETY: kill with a pid and a signal number only.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {pid}");
@@ -95,18 +107,7 @@ fn killed_vmms_and_monitors_leave_a_stopped_container_and_nothing_else() {
     let pid_file = |id: &str| env.tmp.join(format!("{id}.pid"));
 
     // 1. The VMM of a running container dies.
-    let pf = pid_file("vmm-running");
-    let (st, err) = env.detached(&[
-        "run",
-        "-d",
-        "--bundle",
-        &b,
-        "--pid-file",
-        &pf.to_string_lossy(),
-        "vmm-running",
-    ]);
-    assert!(st.success(), "run -d: {err}");
-    let monitor = read_pid(Path::new(&pf));
+    let monitor = launch(&env, "run -d", &b, "vmm-running");
     assert_eq!(env.state("vmm-running")["status"], "running");
     kill9(vmm_of(&env, "vmm-running"));
     assert_eq!(reap(monitor, Duration::from_secs(60)), 137);
@@ -115,18 +116,7 @@ fn killed_vmms_and_monitors_leave_a_stopped_container_and_nothing_else() {
     check_gone(&env, "vmm-running");
 
     // 2. The monitor of a running container dies: its VMM goes too.
-    let pf = pid_file("monitor-running");
-    let (st, err) = env.detached(&[
-        "run",
-        "-d",
-        "--bundle",
-        &b,
-        "--pid-file",
-        &pf.to_string_lossy(),
-        "monitor-running",
-    ]);
-    assert!(st.success(), "run -d: {err}");
-    let monitor = read_pid(Path::new(&pf));
+    let monitor = launch(&env, "run -d", &b, "monitor-running");
     let vmm = vmm_of(&env, "monitor-running");
     kill9(monitor);
     assert_eq!(reap(monitor, Duration::from_secs(60)), 137);
@@ -141,18 +131,7 @@ fn killed_vmms_and_monitors_leave_a_stopped_container_and_nothing_else() {
     check_gone(&env, "monitor-running");
 
     // 3. The VMM dies during an exec: the exec ends too, non-zero.
-    let pf = pid_file("vmm-exec");
-    let (st, err) = env.detached(&[
-        "run",
-        "-d",
-        "--bundle",
-        &b,
-        "--pid-file",
-        &pf.to_string_lossy(),
-        "vmm-exec",
-    ]);
-    assert!(st.success(), "run -d: {err}");
-    let monitor = read_pid(Path::new(&pf));
+    let monitor = launch(&env, "run -d", &b, "vmm-exec");
     // `--pid-file` is written once the exec's process runs in the guest.
     let exec_pf = pid_file("vmm-exec-process");
     let mut exec = env
@@ -194,17 +173,7 @@ fn killed_vmms_and_monitors_leave_a_stopped_container_and_nothing_else() {
     check_gone(&env, "vmm-exec");
 
     // 4. The VMM of a created (never started) container dies.
-    let pf = pid_file("vmm-created");
-    let (st, err) = env.detached(&[
-        "create",
-        "--bundle",
-        &b,
-        "--pid-file",
-        &pf.to_string_lossy(),
-        "vmm-created",
-    ]);
-    assert!(st.success(), "create: {err}");
-    let monitor = read_pid(Path::new(&pf));
+    let monitor = launch(&env, "create", &b, "vmm-created");
     kill9(vmm_of(&env, "vmm-created"));
     reap(monitor, Duration::from_secs(60));
     wait_stopped(&env, "vmm-created", Duration::from_secs(30));
