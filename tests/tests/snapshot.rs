@@ -4,7 +4,8 @@
 //! packets whose source CID is not the clone's, so an answer proves the
 //! guest re-read its new CID after the transport reset), reseed their RNGs
 //! with different host entropy and check they diverge, shut everything
-//! down with status 0 and check nothing is left behind.
+//! down with status 0, check the template's memory file is byte for byte
+//! what it was before the clones ran, and check nothing is left behind.
 //!
 //! Prints the headline figures: restore (process start) -> first
 //! successful ping, and each clone's private memory (Private_Dirty of
@@ -79,6 +80,8 @@ fn snapshot_restore_two_clones() {
     let mem_file = snap_dir.join("memory");
     let mem_len = std::fs::metadata(&mem_file).expect("memory file").len();
     assert_eq!(mem_len, 128 << 20);
+    // What the clones start from; they must never write to it.
+    let template_memory = std::fs::read(&mem_file).expect("read the memory file");
     // The template keeps running after the snapshot.
     assert_eq!(template.api("status").unwrap(), "OK running");
     assert_eq!(tclient.ping().expect("template ping after snapshot"), pong);
@@ -180,6 +183,13 @@ fn snapshot_restore_two_clones() {
     for (mut vm, mut c, _) in clones {
         shutdown_and_check(&mut vm, &mut c);
     }
+    // The clones ran (and wrote their guest memory) on a copy-on-write
+    // mapping: the template's memory file is byte for byte unchanged.
+    assert!(
+        std::fs::read(&mem_file).expect("read the memory file again") == template_memory,
+        "a clone wrote into the template's memory file"
+    );
+    drop(template_memory);
     // The snapshot itself stays (it is the template); remove it.
     std::fs::remove_dir_all(&snap_dir).expect("remove snapshot");
     assert!(!Path::new(&snap_dir).exists());
